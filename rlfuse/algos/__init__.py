@@ -1,0 +1,25 @@
+"""The math of each algorithm: advantages, token losses, KL and aggregation, as pure functions and configs.
+
+Depends on ``rlfuse.kernels`` only, never on ``rlfuse.engine``.
+"""
+
+from rlfuse.algos.advantages import compute_advantages, group_advantages
+from rlfuse.algos.configs import (
+    ALGO_CONFIGS,
+    DAPOConfig,
+    DrGRPOConfig,
+    GRPOConfig,
+    GSPOConfig,
+    PolicyLossConfig,
+    ROVERConfig,
+    TOPRConfig,
+    get_config,
+)
+from rlfuse.algos.losses import aggregate_loss, kl_penalty, masked_mean
+from rlfuse.algos.policy_loss import policy_loss
+
+__all__ = [
+    "ALGO_CONFIGS", "DAPOConfig", "DrGRPOConfig", "GRPOConfig", "GSPOConfig", "PolicyLossConfig", "ROVERConfig",
+    "TOPRConfig", "aggregate_loss", "compute_advantages", "get_config", "group_advantages", "kl_penalty",
+    "masked_mean", "policy_loss",
+]

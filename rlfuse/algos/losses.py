@@ -1,0 +1,138 @@
+"""Token-level policy losses of GRPO, Dr. GRPO, DAPO, GSPO, TOPR and ROVER, their KL penalty and aggregation.
+
+Pure PyTorch, the reference every fused kernel must match. Shapes: B sequences, T completion positions.
+Each token loss is registered by ``config.loss_type`` in :data:`TOKEN_LOSSES`.
+"""
+
+from __future__ import annotations
+
+from typing import Callable, Dict, Optional, Tuple
+
+import torch
+
+from rlfuse.algos.configs import PolicyLossConfig
+
+
+def masked_mean(values: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
+    """Mean of ``values`` over positions where the bool ``mask`` is True (0 when none is). Same shapes."""
+    return torch.where(mask, values, 0.0).sum() / mask.sum().clamp(min=1)
+
+
+def kl_penalty(logps: torch.Tensor, ref_logps: torch.Tensor, kl_estimator: str) -> torch.Tensor:
+    """Per-token estimate of KL(pi || pi_ref) from sampled-token log-probs ("Approximating KL Divergence").
+
+    ``k1`` = logp - ref, ``k2`` = ½(logp - ref)², ``k3`` = exp(ref - logp) - (ref - logp) - 1.
+    Shapes: (B, T) float32 in, (B, T) float32 out; units are nats.
+    """
+    if kl_estimator == "k1":
+        return logps - ref_logps
+    if kl_estimator == "k2":
+        return 0.5 * (logps - ref_logps) ** 2
+    if kl_estimator == "k3":
+        delta = ref_logps - logps
+        return torch.exp(delta) - delta - 1.0
+    raise ValueError(f"kl_estimator must be 'k1', 'k2' or 'k3', got {kl_estimator!r}")
+
+
+def aggregate_loss(token_losses: torch.Tensor, mask: torch.Tensor, loss_agg_mode: str) -> torch.Tensor:
+    """Reduce (B, T) token losses under the bool (B, T) ``mask`` to a scalar.
+
+    - ``token-mean``: sum(l·m) / sum(m) (DAPO);
+    - ``seq-mean-token-mean``: mean over sequences of sum_t(l·m) / sum_t(m) (GRPO);
+    - ``seq-mean-token-sum``: mean over sequences of sum_t(l·m);
+    - ``seq-mean-token-sum-norm``: sum(l·m) / (B·T), T the padded length (Dr. GRPO).
+
+    Sequence means run over the sequences that have at least one unmasked token; an all-masked batch
+    gives 0. Masked positions never contribute, even if they hold NaN.
+    """
+    losses = torch.where(mask, token_losses, 0.0)
+    if loss_agg_mode == "token-mean":
+        return losses.sum() / mask.sum().clamp(min=1)
+    if loss_agg_mode == "seq-mean-token-sum-norm":
+        return losses.sum() / max(losses.numel(), 1)
+    tokens_per_seq = mask.sum(-1)
+    if loss_agg_mode == "seq-mean-token-mean":
+        seq_losses = losses.sum(-1) / tokens_per_seq.clamp(min=1)
+    elif loss_agg_mode == "seq-mean-token-sum":
+        seq_losses = losses.sum(-1)
+    else:
+        raise ValueError(f"unknown loss_agg_mode {loss_agg_mode!r}")
+    return seq_losses.sum() / (tokens_per_seq > 0).sum().clamp(min=1)
+
+
+def sequence_log_ratio(log_ratio: torch.Tensor, mask: torch.Tensor, normalize: bool) -> torch.Tensor:
+    """Per-sequence log ratio (B, 1): masked mean over tokens (GSPO) or masked sum (trajectory ratio)."""
+    total = torch.where(mask, log_ratio, 0.0).sum(-1, keepdim=True)
+    return total / mask.sum(-1, keepdim=True).clamp(min=1) if normalize else total
+
+
+TokenLossOut = Tuple[torch.Tensor, torch.Tensor, torch.Tensor]
+
+
+def ppo_clip_token_loss(logps, old_logps, advantages, mask, config, vocab_mean, old_vocab_mean) -> TokenLossOut:
+    """PPO clipped surrogate max(-A·r, -A·clip(r, 1-eps_low, 1+eps_high)), optional dual clip at -A·c.
+
+    r = exp(logp - old_logp) at ``importance_sampling_level="token"`` (GRPO, Dr. GRPO, DAPO). At
+    ``"sequence"`` it is GSPO-token's exp(logp - sg(logp) + sg(log s)), with log s the masked mean of
+    logp - old_logp ("Group Sequence Policy Optimization", eq. 10). Returns (loss, clipped, ratio), (B, T).
+    """
+    log_ratio = logps - old_logps
+    if config.importance_sampling_level == "sequence":
+        seq = sequence_log_ratio(log_ratio, mask, normalize=True)
+        log_ratio = logps - logps.detach() + seq.detach()
+    ratio = torch.exp(log_ratio)
+    unclipped = -advantages * ratio
+    clipped_loss = -advantages * torch.clamp(ratio, 1.0 - config.epsilon_low, 1.0 + config.epsilon_high)
+    loss = torch.maximum(unclipped, clipped_loss)
+    clipped = clipped_loss > unclipped
+    if config.clip_ratio_c is not None:
+        cap = -advantages * config.clip_ratio_c
+        dual = (advantages < 0) & (loss > cap)
+        loss = torch.where(dual, cap, loss)
+        clipped = clipped | dual
+    return loss, clipped, ratio
+
+
+def topr_token_loss(logps, old_logps, advantages, mask, config, vocab_mean, old_vocab_mean) -> TokenLossOut:
+    """TOPR: -sg(alpha)·A·logp, alpha = 1 where A >= 0 and clamp(r, 0, 1) where A < 0.
+
+    "Tapered Off-Policy REINFORCE", eq. 7. r is the token ratio exp(logp - old_logp), or at
+    ``importance_sampling_level="sequence"`` the trajectory ratio exp(sum_t (logp - old_logp)).
+    ``clipped`` marks tokens whose ratio was truncated (A < 0 and r < 1).
+    """
+    log_ratio = logps - old_logps
+    if config.importance_sampling_level == "sequence":
+        log_ratio = sequence_log_ratio(log_ratio, mask, normalize=False).expand_as(logps)
+    ratio = torch.exp(log_ratio).detach()
+    negative = advantages < 0
+    alpha = torch.where(negative, ratio.clamp(0.0, 1.0), torch.ones_like(ratio))
+    loss = -alpha * advantages * logps
+    return loss, negative & (ratio < 1.0), ratio
+
+
+def rover_token_loss(logps, old_logps, advantages, mask, config, vocab_mean, old_vocab_mean) -> TokenLossOut:
+    """ROVER: (Q_t - sg(target_t))², Q_t = rho·(logp_t - old_logp_t).
+
+    target_t = A + rho·(V̄_θ(s_{t+1}) - V̄_old(s_{t+1}))·m_{t+1}, with V̄ the vocabulary mean of the
+    log-probs at the next position and 0 past the last one ("Random Policy Valuation is Enough for LLM
+    Reasoning with Verifiable Rewards"). A is the GRPO-normalized reward.
+    """
+    if vocab_mean is None or old_vocab_mean is None:
+        raise ValueError(
+            "ROVER needs vocab_mean and old_vocab_mean (B, T); get them from "
+            "token_logprobs(..., return_vocab_mean=True) for the current and the old policy"
+        )
+    q = config.rho * (logps - old_logps)
+    next_value = torch.zeros_like(q)
+    next_mask = mask[:, 1:].to(q.dtype)
+    next_value[:, :-1] = config.rho * (vocab_mean[:, 1:] - old_vocab_mean[:, 1:]) * next_mask
+    target = (advantages + next_value).detach()
+    ratio = torch.exp(logps - old_logps).detach()
+    return (q - target) ** 2, torch.zeros_like(mask), ratio
+
+
+TOKEN_LOSSES: Dict[str, Callable[..., TokenLossOut]] = {
+    "ppo_clip": ppo_clip_token_loss,
+    "topr": topr_token_loss,
+    "rover": rover_token_loss,
+}

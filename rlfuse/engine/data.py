@@ -1,0 +1,103 @@
+"""GSM8K-format data: read JSONL (``question``, ``answer`` ending in ``#### N``) and build chat prompts."""
+
+from __future__ import annotations
+
+import json
+import os
+from dataclasses import dataclass
+from pathlib import Path
+from typing import List, Optional
+
+INSTRUCTION = "Answer briefly, and end with a last line '#### <number>' holding only the final number."
+
+
+@dataclass(frozen=True)
+class Example:
+    """One problem: its ``question`` and the ``gold`` final answer (the text after ``####``)."""
+
+    question: str
+    gold: str
+
+
+def gold_answer(answer: str) -> str:
+    """The final answer after the last ``####`` of a GSM8K solution, with thousands separators removed.
+
+    Raises:
+        ValueError: the solution has no ``####``.
+    """
+    if "####" not in answer:
+        raise ValueError("the answer has no '#### N' final line")
+    return answer.rsplit("####", 1)[1].strip().replace(",", "")
+
+
+def read_jsonl(path: str | os.PathLike) -> List[Example]:
+    """Read a GSM8K-format JSONL file, one ``{"question": ..., "answer": "... #### N"}`` object per line.
+
+    Raises:
+        FileNotFoundError: the file does not exist.
+        ValueError: a line that is not a JSON object with string ``question`` and ``answer`` fields ending in
+            ``#### N`` (the message gives the file and line number), or a file with no examples.
+    """
+    path = Path(path)
+    if not path.is_file():
+        raise FileNotFoundError(f"data file {path} does not exist; pass --data with a GSM8K-format JSONL or 'gsm8k'")
+    examples = []
+    with path.open(encoding="utf-8") as handle:
+        for number, line in enumerate(handle, start=1):
+            if not line.strip():
+                continue
+            try:
+                record = json.loads(line)
+                if not isinstance(record, dict):
+                    raise ValueError("not a JSON object")
+                question, answer = record.get("question"), record.get("answer")
+                if not isinstance(question, str) or not isinstance(answer, str):
+                    raise ValueError("needs string fields 'question' and 'answer'")
+                examples.append(Example(question.strip(), gold_answer(answer)))
+            except ValueError as error:  # json.JSONDecodeError is a ValueError
+                raise ValueError(f"{path}, line {number}: malformed GSM8K record: {error}") from None
+    if not examples:
+        raise ValueError(f"{path} holds no examples")
+    return examples
+
+
+def shared_gsm8k_path(split: str) -> Optional[Path]:
+    """The workspace copy of GSM8K ``split`` (``train``/``test``), if one exists.
+
+    Looks in ``$RLFUSE_DATA_DIR/gsm8k``, then ``../shared/data/gsm8k`` beside the working directory and
+    beside the source checkout.
+    """
+    roots = []
+    if os.environ.get("RLFUSE_DATA_DIR"):
+        roots.append(Path(os.environ["RLFUSE_DATA_DIR"]))
+    roots.append(Path.cwd().parent / "shared" / "data")
+    roots.append(Path(__file__).resolve().parents[3] / "shared" / "data")
+    for root in roots:
+        candidate = root / "gsm8k" / f"{split}.jsonl"
+        if candidate.is_file():
+            return candidate
+    return None
+
+
+def load_gsm8k(data: str, split: str = "train") -> List[Example]:
+    """Examples from ``data``: a JSONL path, or ``gsm8k`` (the shared copy if present, else ``openai/gsm8k``).
+
+    Raises:
+        FileNotFoundError, ValueError: as :func:`read_jsonl`.
+    """
+    if data != "gsm8k":
+        return read_jsonl(data)
+    local = shared_gsm8k_path(split)
+    if local is not None:
+        return read_jsonl(local)
+    from datasets import load_dataset  # only when no local copy exists
+
+    rows = load_dataset("openai/gsm8k", "main", split=split)
+    return [Example(row["question"].strip(), gold_answer(row["answer"])) for row in rows]
+
+
+def build_prompt(tokenizer, question: str) -> List[int]:
+    """Token ids of ``question`` plus :data:`INSTRUCTION` through the tokenizer's chat template."""
+    messages = [{"role": "user", "content": f"{question}\n{INSTRUCTION}"}]
+    text = tokenizer.apply_chat_template(messages, add_generation_prompt=True, tokenize=False)
+    return tokenizer(text, add_special_tokens=False)["input_ids"]

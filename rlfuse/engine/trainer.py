@@ -1,0 +1,202 @@
+"""The RL training loop: sample, score, compute advantages and log-probs, update, log, checkpoint."""
+
+from __future__ import annotations
+
+import copy
+import dataclasses
+import random
+import time
+from datetime import datetime
+from pathlib import Path
+from typing import Dict, List, Optional
+
+import numpy as np
+import torch
+from tqdm.auto import tqdm
+
+from rlfuse.algos import compute_advantages, policy_loss
+from rlfuse.engine.args import TrainArgs
+from rlfuse.engine.checkpoint import find_checkpoint, load_training_state, save_checkpoint
+from rlfuse.engine.data import Example, build_prompt, load_gsm8k
+from rlfuse.engine.metrics import METRICS_FILE, MetricsLog
+from rlfuse.engine.model import load_model_and_tokenizer, resolve_dtype
+from rlfuse.engine.rewards import gsm8k_rewards
+from rlfuse.engine.rollout import HFRollout, RolloutBatch
+from rlfuse.kernels import token_logprobs
+
+
+def completion_logprobs(model, batch: RolloutBatch, temperature: float, return_entropy: bool = False,
+                        return_vocab_mean: bool = False):
+    """Log-probs (B, T) float32 of ``batch.completion_ids`` under ``model`` at ``temperature``.
+
+    Runs one forward over prompt + completion, keeps only the T logits that predict completion tokens,
+    and returns :func:`rlfuse.kernels.token_logprobs` of them.
+    """
+    input_ids = torch.cat([batch.prompt_ids, batch.completion_ids], dim=1)
+    attention_mask = torch.cat([batch.prompt_mask, batch.completion_mask.long()], dim=1)
+    position_ids = (attention_mask.cumsum(-1) - 1).clamp(min=0)
+    num_completion = batch.completion_ids.shape[1]
+    logits = model(input_ids=input_ids, attention_mask=attention_mask, position_ids=position_ids,
+                   logits_to_keep=num_completion + 1).logits[:, :-1]
+    return token_logprobs(logits, batch.completion_ids, temperature, return_entropy, return_vocab_mean)
+
+
+def step_examples(examples: List[Example], step: int, per_step: int, seed: int) -> List[Example]:
+    """The prompts of 1-based ``step``: consecutive slices of a seeded shuffle, reshuffled every epoch.
+
+    Depends only on (step, seed), so a resumed run sees the same prompts as an uninterrupted one.
+    """
+    chosen = []
+    for position in range((step - 1) * per_step, step * per_step):
+        epoch, index = divmod(position, len(examples))
+        order = torch.randperm(len(examples), generator=torch.Generator().manual_seed(seed * 100003 + epoch))
+        chosen.append(examples[int(order[index])])
+    return chosen
+
+
+class Trainer:
+    """Runs :class:`TrainArgs` end to end; ``train()`` returns the output folder."""
+
+    def __init__(self, args: TrainArgs):
+        args.validate()
+        self.args = args
+        self.config = args.loss_config()
+        self.device = args.torch_device()
+        self.output_dir = Path(args.output_dir or f"runs/{args.algo}-{datetime.now():%Y%m%d-%H%M%S}")
+        checkpoint = self._prepare_output_dir()
+        self.train_examples = load_gsm8k(args.data, "train")
+        self._seed(args.seed)
+        dtype = resolve_dtype(args.dtype, self.device)
+        source = str(checkpoint) if checkpoint else args.model
+        self.model, self.tokenizer = load_model_and_tokenizer(source, dtype, str(self.device))
+        self.ref_model = None
+        if self.config.beta > 0:
+            self.ref_model = self.model if checkpoint is None else load_model_and_tokenizer(args.model, dtype, str(self.device))[0]
+            self.ref_model = copy.deepcopy(self.ref_model).eval().requires_grad_(False)
+        self.optimizer = torch.optim.AdamW(self.model.parameters(), lr=args.learning_rate, weight_decay=0.0)
+        self.rollout = HFRollout(self.model, self.tokenizer)
+        self.log = MetricsLog(self.output_dir)
+        self.start_step = 0
+        if checkpoint is not None:
+            state = load_training_state(checkpoint, self.optimizer)
+            self.start_step = int(state["step"])
+            self.log.truncate(self.start_step)
+        self.eval_examples: Optional[List[Example]] = None
+
+    def _prepare_output_dir(self) -> Optional[Path]:
+        if self.args.resume:
+            checkpoint = find_checkpoint(self.output_dir)
+            if checkpoint is None:
+                raise ValueError(f"--resume: {self.output_dir} holds no checkpoint; start a new run without --resume")
+            return checkpoint
+        if find_checkpoint(self.output_dir) or (self.output_dir / METRICS_FILE).exists():
+            raise ValueError(
+                f"{self.output_dir} already holds a run; pass --resume to continue it, or choose another --output-dir"
+            )
+        self.output_dir.mkdir(parents=True, exist_ok=True)
+        return None
+
+    @staticmethod
+    def _seed(seed: int) -> None:
+        random.seed(seed)
+        np.random.seed(seed)
+        torch.manual_seed(seed)
+
+    def train(self) -> Path:
+        """Run steps ``start_step + 1 .. args.steps``; checkpoint every ``save_every`` steps and at the end."""
+        args = self.args
+        bar = tqdm(total=args.steps, initial=self.start_step, desc=f"{args.algo}", unit="step")
+        for step in range(self.start_step + 1, args.steps + 1):
+            record = self.step(step)
+            if args.eval_every and (step % args.eval_every == 0 or step == args.steps):
+                record["eval_accuracy"] = self.evaluate()
+            self.log.append(record)
+            if step % args.save_every == 0 or step == args.steps:
+                state = {"step": step, "args": dataclasses.asdict(args), "config": dataclasses.asdict(self.config)}
+                save_checkpoint(self.output_dir, self.model, self.tokenizer, self.optimizer, state)
+            bar.set_postfix(reward=f"{record['reward_mean']:.3f}", acc=f"{record['accuracy']:.2f}",
+                            tok_s=f"{record['tokens_per_s']:.0f}")
+            bar.update(1)
+        bar.close()
+        return self.output_dir
+
+    def step(self, step: int) -> Dict[str, object]:
+        """One RL step on ``prompts_per_step`` prompts × G samples; returns its metrics record."""
+        args, config = self.args, self.config
+        start = time.perf_counter()
+        examples = step_examples(self.train_examples, step, args.prompts_per_step, args.seed)
+        prompts = [build_prompt(self.tokenizer, ex.question) for ex in examples]
+        batch = self.rollout.generate(prompts, args.num_generations, args.max_new_tokens, args.temperature)
+        texts = self.tokenizer.batch_decode(batch.completion_ids, skip_special_tokens=True)
+        golds = [ex.gold for ex in examples for _ in range(args.num_generations)]
+        scored = gsm8k_rewards(texts, golds, args.format_reward, incorrect_reward=config.incorrect_reward)
+        rewards = torch.tensor(scored.rewards, dtype=torch.float32)
+        advantages = compute_advantages(rewards, args.num_generations, config).to(self.device)
+        time_rollout = time.perf_counter() - start
+
+        start = time.perf_counter()
+        rover = config.loss_type == "rover"
+        old = ref_logps = None
+        with torch.no_grad():
+            if args.num_iterations > 1:
+                old = completion_logprobs(self.model, batch, args.temperature, return_vocab_mean=rover)
+            if self.ref_model is not None:
+                ref_logps = completion_logprobs(self.ref_model, batch, args.temperature)
+        time_logprobs = time.perf_counter() - start
+
+        start = time.perf_counter()
+        for _ in range(args.num_iterations):
+            out = completion_logprobs(self.model, batch, args.temperature, True, rover)
+            # With one update per batch the sampling policy is the current one: old = current, detached.
+            old_logps = out.logps.detach() if old is None else old.logps
+            old_vocab_mean = None
+            if rover:
+                old_vocab_mean = out.vocab_mean.detach() if old is None else old.vocab_mean
+            loss, metrics = policy_loss(out.logps, old_logps, advantages, batch.completion_mask, config=config,
+                                        ref_logps=ref_logps, vocab_mean=out.vocab_mean, old_vocab_mean=old_vocab_mean)
+            self.optimizer.zero_grad(set_to_none=True)
+            loss.backward()
+            grad_norm = torch.nn.utils.clip_grad_norm_(self.model.parameters(), args.max_grad_norm)
+            self.optimizer.step()
+        time_update = time.perf_counter() - start
+
+        mask = batch.completion_mask
+        entropy = (out.entropy.detach() * mask).sum() / mask.sum().clamp(min=1)
+        elapsed = time_rollout + time_logprobs + time_update
+        return {
+            "step": step,
+            "loss": loss.item(),
+            "reward_mean": rewards.mean().item(),
+            "reward_std": rewards.std().item() if rewards.numel() > 1 else 0.0,
+            "accuracy": float(np.mean(scored.correct)),
+            "format_rate": float(np.mean(scored.formatted)),
+            "completion_len_mean": mask.sum(1).float().mean().item(),
+            "kl": metrics["kl"].item() if metrics["kl"] is not None and config.beta > 0 else None,
+            "clip_frac": metrics["clip_frac"].item(),
+            "ratio_mean": metrics["ratio_mean"].item(),
+            "entropy": entropy.item(),
+            "grad_norm": grad_norm.item(),
+            "tokens_per_s": batch.num_completion_tokens / elapsed,
+            "time_rollout": time_rollout,
+            "time_logprobs": time_logprobs,
+            "time_update": time_update,
+        }
+
+    @torch.no_grad()
+    def evaluate(self, batch_size: int = 16) -> float:
+        """Greedy accuracy on the first ``eval_prompts`` questions of ``eval_data`` (test split)."""
+        if self.eval_examples is None:
+            self.eval_examples = load_gsm8k(self.args.eval_data, "test")[: self.args.eval_prompts]
+        correct = 0
+        for offset in range(0, len(self.eval_examples), batch_size):
+            chunk = self.eval_examples[offset: offset + batch_size]
+            prompts = [build_prompt(self.tokenizer, ex.question) for ex in chunk]
+            batch = self.rollout.generate(prompts, 1, self.args.max_new_tokens, 1.0, greedy=True)
+            texts = self.tokenizer.batch_decode(batch.completion_ids, skip_special_tokens=True)
+            correct += sum(gsm8k_rewards(texts, [ex.gold for ex in chunk]).correct)
+        return correct / len(self.eval_examples)
+
+
+def train(args: TrainArgs) -> Path:
+    """Build a :class:`Trainer` for ``args`` and run it; returns the output folder."""
+    return Trainer(args).train()

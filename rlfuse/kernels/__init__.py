@@ -1,0 +1,5 @@
+"""Fused ops and their plain-PyTorch references. Imports nothing from ``rlfuse.algos`` or ``rlfuse.engine``."""
+
+from rlfuse.kernels.logprobs import IGNORE_INDEX, TokenLogprobs, token_logprobs, token_logprobs_reference
+
+__all__ = ["IGNORE_INDEX", "TokenLogprobs", "token_logprobs", "token_logprobs_reference"]

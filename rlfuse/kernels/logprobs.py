@@ -1,0 +1,115 @@
+"""Per-token log-probabilities, entropy and vocabulary mean from logits: the plain-PyTorch reference.
+
+This is the CPU path and the oracle that every fused kernel of the same op is tested against.
+"""
+
+from __future__ import annotations
+
+from typing import NamedTuple, Optional
+
+import torch
+
+IGNORE_INDEX = -100
+
+
+class TokenLogprobs(NamedTuple):
+    """The outputs of :func:`token_logprobs` when any optional output is requested.
+
+    Fields are float32 tensors shaped like the targets; a field not requested is ``None``.
+    """
+
+    logps: torch.Tensor
+    entropy: Optional[torch.Tensor]
+    vocab_mean: Optional[torch.Tensor]
+
+
+def check_logits_targets(logits: torch.Tensor, targets: torch.Tensor, temperature: float) -> None:
+    """Validate the inputs of a log-prob op; raise ``TypeError``/``ValueError`` naming the argument.
+
+    Checks dtypes (floating logits, integer targets), shapes (``targets.shape == logits.shape[:-1]``),
+    devices, the temperature (finite, > 0) and that targets lie in ``[0, V)`` or equal ``ignore_index``
+    (-100). The range check reads the targets on the host, once.
+    """
+    if not isinstance(logits, torch.Tensor) or not logits.is_floating_point():
+        raise TypeError(f"logits must be a floating-point tensor (..., V), got {getattr(logits, 'dtype', type(logits))}")
+    if not isinstance(targets, torch.Tensor) or targets.is_floating_point() or targets.dtype == torch.bool:
+        raise TypeError(f"targets must be an integer tensor of token ids, got {getattr(targets, 'dtype', type(targets))}")
+    if logits.dim() < 1 or tuple(targets.shape) != tuple(logits.shape[:-1]):
+        raise ValueError(
+            f"targets shape {tuple(targets.shape)} must equal logits shape without its vocabulary dim "
+            f"{tuple(logits.shape[:-1])}; slice logits as logits[:, :-1] to align them with the next tokens"
+        )
+    if targets.device != logits.device:
+        raise ValueError(f"targets are on {targets.device} but logits on {logits.device}; move both to one device")
+    if not (temperature > 0 and temperature != float("inf")):
+        raise ValueError(f"temperature must be a finite number > 0, got {temperature}")
+    if targets.numel():
+        vocab_size = logits.shape[-1]
+        valid = targets != IGNORE_INDEX
+        if bool(((targets < 0) | (targets >= vocab_size))[valid].any()):
+            bad = targets[valid & ((targets < 0) | (targets >= vocab_size))][0].item()
+            raise ValueError(
+                f"targets hold token id {bad}, outside the vocabulary [0, {vocab_size}); "
+                f"use {IGNORE_INDEX} for positions to skip"
+            )
+
+
+def token_logprobs_reference(
+    logits: torch.Tensor,
+    targets: torch.Tensor,
+    temperature: float = 1.0,
+    return_entropy: bool = False,
+    return_vocab_mean: bool = False,
+):
+    """log_softmax(logits / temperature) at the targets, in float32, with optional entropy and vocab mean.
+
+    Args:
+        logits: (..., V) float32, bf16 or fp16; non-contiguous views such as ``logits[:, :-1]`` are fine.
+        targets: (...) int64 token ids in ``[0, V)``, or -100 (``ignore_index``) for positions to skip.
+        temperature: divides the logits before the softmax (sampling temperature), > 0.
+        return_entropy: also return H = -sum_v p_v log p_v, in nats.
+        return_vocab_mean: also return mean_v log_softmax(logits / temperature)_v, the value estimate
+            that ROVER (Random Policy Valuation) uses.
+
+    Returns:
+        ``logps`` (...) float32 when no optional output is requested; otherwise a :class:`TokenLogprobs`
+        whose unrequested fields are ``None``. Ignored positions give 0 in every output and no gradient.
+
+    Raises:
+        TypeError: logits not floating point, or targets not integer.
+        ValueError: shapes or devices that do not match, temperature <= 0, token ids out of range.
+    """
+    check_logits_targets(logits, targets, temperature)
+    keep = targets != IGNORE_INDEX
+    log_probs = torch.log_softmax(logits.float() / temperature, dim=-1)
+    logps = log_probs.gather(-1, torch.where(keep, targets, 0).long().unsqueeze(-1)).squeeze(-1)
+    logps = torch.where(keep, logps, 0.0)
+    if not (return_entropy or return_vocab_mean):
+        return logps
+    entropy = vocab_mean = None
+    if return_entropy:
+        probs = log_probs.exp()
+        # p·log p is 0 where p is 0 (logits of -inf), not NaN.
+        plogp = torch.where(probs > 0, probs * log_probs, 0.0)
+        entropy = torch.where(keep, -plogp.sum(-1), 0.0)
+    if return_vocab_mean:
+        vocab_mean = torch.where(keep, log_probs.mean(-1), 0.0)
+    return TokenLogprobs(logps, entropy, vocab_mean)
+
+
+def token_logprobs(
+    logits: torch.Tensor,
+    targets: torch.Tensor,
+    temperature: float = 1.0,
+    return_entropy: bool = False,
+    return_vocab_mean: bool = False,
+):
+    """Per-token log-probs of the targets under softmax(logits / temperature); see the reference.
+
+    Shapes: logits (..., V) any float dtype, targets (...) int64; outputs (...) float32. Dispatches to
+    :func:`token_logprobs_reference`, the plain-PyTorch path, which is also the CPU path.
+
+    Raises:
+        TypeError, ValueError: as :func:`token_logprobs_reference`.
+    """
+    return token_logprobs_reference(logits, targets, temperature, return_entropy, return_vocab_mean)
