@@ -57,14 +57,17 @@ def group_advantages(
         raise ValueError(f"estimator must be 'grpo' or 'rloo', got {estimator!r}")
     if num_generations == 1:
         return torch.zeros_like(rewards)
+    # Shift each group by its first reward before averaging: the same math, but a group of equal rewards
+    # centers to exactly 0 instead of a rounding residue that the std division would blow up.
     grouped = rewards.view(-1, num_generations)
+    grouped = grouped - grouped[:, :1]
     centered = grouped - grouped.mean(dim=1, keepdim=True)
     if estimator == "rloo":
         centered = centered * (num_generations / (num_generations - 1))
     if scale == "group":
         centered = centered / (grouped.std(dim=1, keepdim=True) + eps)
     elif scale == "batch":
-        centered = centered / (rewards.std() + eps)
+        centered = centered / ((rewards - rewards[:1]).std() + eps)
     return centered.reshape(-1)
 
 

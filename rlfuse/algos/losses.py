@@ -124,8 +124,7 @@ def rover_token_loss(logps, old_logps, advantages, mask, config, vocab_mean, old
         )
     q = config.rho * (logps - old_logps)
     next_value = torch.zeros_like(q)
-    next_mask = mask[:, 1:].to(q.dtype)
-    next_value[:, :-1] = config.rho * (vocab_mean[:, 1:] - old_vocab_mean[:, 1:]) * next_mask
+    next_value[:, :-1] = torch.where(mask[:, 1:], config.rho * (vocab_mean[:, 1:] - old_vocab_mean[:, 1:]), 0.0)
     target = (advantages + next_value).detach()
     ratio = torch.exp(logps - old_logps).detach()
     return (q - target) ** 2, torch.zeros_like(mask), ratio

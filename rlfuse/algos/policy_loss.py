@@ -10,6 +10,10 @@ from rlfuse.algos.configs import PolicyLossConfig
 from rlfuse.algos.losses import TOKEN_LOSSES, aggregate_loss, kl_penalty, masked_mean
 
 
+def _masked(tensor: Optional[torch.Tensor], mask: torch.Tensor) -> Optional[torch.Tensor]:
+    return None if tensor is None else torch.where(mask, tensor, 0.0)
+
+
 def _check_like(name: str, tensor: Optional[torch.Tensor], logps: torch.Tensor) -> None:
     if tensor is None:
         return
@@ -85,7 +89,12 @@ def policy_loss(
     """
     check_policy_loss_inputs(logps, old_logps, advantages, completion_mask, config, ref_logps, vocab_mean, old_vocab_mean)
     mask = completion_mask.bool()
-    adv = advantages.unsqueeze(-1) if advantages.dim() == 1 else advantages
+    adv = advantages.unsqueeze(-1) if advantages.dim() == 1 else _masked(advantages, mask)
+    # Inputs are zeroed at masked positions first, so that padding holding NaN or inf can reach neither
+    # the loss nor, through 0·NaN in the backward, the gradients.
+    logps, old_logps, ref_logps, vocab_mean, old_vocab_mean = (
+        _masked(t, mask) for t in (logps, old_logps, ref_logps, vocab_mean, old_vocab_mean)
+    )
     token_loss, clipped, ratio = TOKEN_LOSSES[config.loss_type](
         logps, old_logps, adv.to(logps.dtype), mask, config, vocab_mean, old_vocab_mean
     )

@@ -37,7 +37,7 @@ class TrainArgs:
     temperature: float = 0.7
     """Sampling temperature; log-probs are computed at the same temperature (a 135M model babbles at 1.0)."""
 
-    learning_rate: float = 5e-6
+    learning_rate: float = 1e-5
     """AdamW learning rate."""
     beta: Optional[float] = None
     """KL penalty weight to the initial model (default: the algorithm's, 0 for all built-ins)."""

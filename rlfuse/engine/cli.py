@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import os
 import sys
 from typing import Optional, Sequence
 
@@ -13,15 +14,18 @@ from rlfuse.engine.args import TrainArgs
 def main(argv: Optional[Sequence[str]] = None) -> int:
     """Parse ``argv`` (default ``sys.argv[1:]``) and run the chosen subcommand; return the exit code.
 
-    Bad options or inputs end with a one-line error on stderr and exit code 2.
+    Bad options or inputs (``ValueError``, ``FileNotFoundError``) end with a one-line error on stderr and
+    exit code 2; ``RLFUSE_DEBUG=1`` re-raises them with their traceback.
     """
     args = tyro.extras.subcommand_cli_from_dict({"train": TrainArgs}, args=argv, prog="rlfuse")
     from rlfuse.engine.trainer import train  # heavy imports only once the options parsed
 
     try:
         output_dir = train(args)
-    except (ValueError, TypeError, FileNotFoundError) as error:
-        print(f"rlfuse: error: {error}", file=sys.stderr)
+    except (ValueError, FileNotFoundError) as error:
+        if os.environ.get("RLFUSE_DEBUG"):
+            raise
+        print(f"rlfuse: error: {error}  (set RLFUSE_DEBUG=1 for the traceback)", file=sys.stderr)
         return 2
     print(f"rlfuse: done. Outputs in {output_dir}/: metrics.jsonl, reward.png, checkpoint/")
     return 0

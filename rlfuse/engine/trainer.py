@@ -22,12 +22,12 @@ from rlfuse.engine.metrics import METRICS_FILE, MetricsLog
 from rlfuse.engine.model import load_model_and_tokenizer, resolve_dtype
 from rlfuse.engine.rewards import gsm8k_rewards
 from rlfuse.engine.rollout import HFRollout, RolloutBatch
-from rlfuse.kernels import token_logprobs
+from rlfuse.kernels import TokenLogprobs, token_logprobs
 
 
 def completion_logprobs(model, batch: RolloutBatch, temperature: float, return_entropy: bool = False,
                         return_vocab_mean: bool = False):
-    """Log-probs (B, T) float32 of ``batch.completion_ids`` under ``model`` at ``temperature``.
+    """:class:`TokenLogprobs` (B, T) float32 of ``batch.completion_ids`` under ``model`` at ``temperature``.
 
     Runs one forward over prompt + completion, keeps only the T logits that predict completion tokens,
     and returns :func:`rlfuse.kernels.token_logprobs` of them.
@@ -38,7 +38,8 @@ def completion_logprobs(model, batch: RolloutBatch, temperature: float, return_e
     num_completion = batch.completion_ids.shape[1]
     logits = model(input_ids=input_ids, attention_mask=attention_mask, position_ids=position_ids,
                    logits_to_keep=num_completion + 1).logits[:, :-1]
-    return token_logprobs(logits, batch.completion_ids, temperature, return_entropy, return_vocab_mean)
+    out = token_logprobs(logits, batch.completion_ids, temperature, return_entropy, return_vocab_mean)
+    return out if isinstance(out, TokenLogprobs) else TokenLogprobs(out, None, None)
 
 
 def step_examples(examples: List[Example], step: int, per_step: int, seed: int) -> List[Example]:
@@ -141,7 +142,7 @@ class Trainer:
             if args.num_iterations > 1:
                 old = completion_logprobs(self.model, batch, args.temperature, return_vocab_mean=rover)
             if self.ref_model is not None:
-                ref_logps = completion_logprobs(self.ref_model, batch, args.temperature)
+                ref_logps = completion_logprobs(self.ref_model, batch, args.temperature).logps
         time_logprobs = time.perf_counter() - start
 
         start = time.perf_counter()

@@ -89,8 +89,8 @@ def token_logprobs_reference(
     entropy = vocab_mean = None
     if return_entropy:
         probs = log_probs.exp()
-        # p·log p is 0 where p is 0 (logits of -inf), not NaN.
-        plogp = torch.where(probs > 0, probs * log_probs, 0.0)
+        # p·log p is 0 where p is 0 (logits of -inf); zeroing log p first keeps the gradient finite too.
+        plogp = probs * torch.where(probs > 0, log_probs, 0.0)
         entropy = torch.where(keep, -plogp.sum(-1), 0.0)
     if return_vocab_mean:
         vocab_mean = torch.where(keep, log_probs.mean(-1), 0.0)

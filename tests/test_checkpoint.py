@@ -1,0 +1,75 @@
+"""Checkpoints are atomic: a failure mid-write keeps the previous one, and RNG state round-trips."""
+
+import json
+from pathlib import Path
+
+import pytest
+import torch
+
+from rlfuse.engine import checkpoint as ckpt
+
+
+class TinyModel(torch.nn.Module):
+    def __init__(self):
+        super().__init__()
+        self.linear = torch.nn.Linear(3, 2)
+
+    def save_pretrained(self, folder):
+        torch.save(self.state_dict(), Path(folder) / "weights.pt")
+
+
+class TinyTokenizer:
+    def save_pretrained(self, folder):
+        (Path(folder) / "tokenizer.json").write_text("{}")
+
+
+def make(tmp_path):
+    model = TinyModel()
+    optimizer = torch.optim.AdamW(model.parameters(), lr=0.1)
+    model.linear(torch.randn(4, 3)).sum().backward()
+    optimizer.step()
+    return model, optimizer
+
+
+def test_save_and_load_round_trip(tmp_path):
+    model, optimizer = make(tmp_path)
+    torch.manual_seed(123)
+    path = ckpt.save_checkpoint(tmp_path, model, TinyTokenizer(), optimizer, {"step": 3})
+    expected = torch.rand(5)
+    assert ckpt.find_checkpoint(tmp_path) == path
+    fresh = torch.optim.AdamW(model.parameters(), lr=0.1)
+    state = ckpt.load_training_state(path, fresh)
+    assert state["step"] == 3
+    assert torch.equal(torch.rand(5), expected)  # RNG restored to the moment of saving
+    old_state = optimizer.state_dict()["state"][0]["exp_avg"]
+    assert torch.equal(fresh.state_dict()["state"][0]["exp_avg"], old_state)
+    assert not list(tmp_path.glob(".checkpoint-*"))  # no staging folder left behind
+
+
+def test_failed_write_keeps_previous_checkpoint(tmp_path, monkeypatch):
+    model, optimizer = make(tmp_path)
+    ckpt.save_checkpoint(tmp_path, model, TinyTokenizer(), optimizer, {"step": 1})
+
+    def crash(*args, **kwargs):
+        raise OSError("disk full")
+
+    monkeypatch.setattr(ckpt.torch, "save", crash)
+    with pytest.raises(OSError):
+        ckpt.save_checkpoint(tmp_path, model, TinyTokenizer(), optimizer, {"step": 2})
+    found = ckpt.find_checkpoint(tmp_path)
+    assert json.loads((found / ckpt.STATE_FILE).read_text())["step"] == 1
+    assert not list(tmp_path.glob(".checkpoint-*"))
+
+
+def test_crash_between_renames_falls_back_to_old(tmp_path):
+    model, optimizer = make(tmp_path)
+    path = ckpt.save_checkpoint(tmp_path, model, TinyTokenizer(), optimizer, {"step": 4})
+    path.rename(tmp_path / "checkpoint.old")  # the state after the first of the two renames
+    found = ckpt.find_checkpoint(tmp_path)
+    assert found == tmp_path / "checkpoint.old"
+    assert json.loads((found / ckpt.STATE_FILE).read_text())["step"] == 4
+
+
+def test_incomplete_folder_is_not_a_checkpoint(tmp_path):
+    (tmp_path / "checkpoint").mkdir()
+    assert ckpt.find_checkpoint(tmp_path) is None

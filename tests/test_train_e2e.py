@@ -1,0 +1,150 @@
+"""End to end on the real SmolLM2-135M-Instruct: every --algo trains 2 steps, checkpoints, and resumes."""
+
+import json
+import math
+import os
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pytest
+import torch
+from safetensors.torch import load_file
+
+from rlfuse.engine import trainer as trainer_mod
+from rlfuse.engine.checkpoint import find_checkpoint
+from rlfuse.engine.cli import main
+from rlfuse.engine.rewards import RewardResult
+
+ALGOS = ["grpo", "dr_grpo", "dapo", "gspo", "topr", "rover"]
+KEYS = {"step", "loss", "reward_mean", "reward_std", "accuracy", "format_rate", "completion_len_mean", "kl",
+        "clip_frac", "entropy", "grad_norm", "tokens_per_s", "time_rollout", "time_logprobs", "time_update"}
+TINY = ["--prompts-per-step", "2", "--num-generations", "2", "--max-new-tokens", "8", "--save-every", "1"]
+
+
+def read_metrics(folder):
+    return [json.loads(line) for line in (Path(folder) / "metrics.jsonl").read_text().splitlines()]
+
+
+def checkpoint_step(folder):
+    return json.loads((Path(folder) / "checkpoint" / "trainer_state.json").read_text())["step"]
+
+
+@pytest.fixture
+def noisy_rewards(monkeypatch):
+    """Real GSM8K rewards plus seeded noise: 8-token completions never solve a problem, and the
+    update path needs non-zero advantages to be exercised."""
+    real = trainer_mod.gsm8k_rewards
+    generator = torch.Generator().manual_seed(7)
+
+    def rewards(texts, golds, *args, **kwargs):
+        scored = real(texts, golds, *args, **kwargs)
+        noise = torch.rand(len(texts), generator=generator).tolist()
+        return RewardResult([r + n for r, n in zip(scored.rewards, noise)], scored.correct, scored.formatted)
+
+    monkeypatch.setattr(trainer_mod, "gsm8k_rewards", rewards)
+
+
+@pytest.mark.parametrize("algo", ALGOS)
+def test_algo_trains_checkpoints_and_resumes(algo, smollm2_dir, tmp_path, noisy_rewards):
+    out = tmp_path / algo
+    common = ["train", "--algo", algo, "--model", smollm2_dir, *TINY, "--output-dir", str(out)]
+    assert main([*common, "--steps", "2", "--eval-every", "2", "--eval-prompts", "2"]) == 0
+    records = read_metrics(out)
+    assert [r["step"] for r in records] == [1, 2]
+    for record in records:
+        assert KEYS <= record.keys()
+        assert record["kl"] is None  # beta is 0 for every built-in algorithm
+        for key, value in record.items():
+            if value is not None:
+                assert math.isfinite(value), (key, value)
+        assert record["grad_norm"] > 0 and record["tokens_per_s"] > 0
+    assert 0.0 <= records[1]["eval_accuracy"] <= 1.0
+    assert (out / "reward.png").stat().st_size > 1000
+    assert checkpoint_step(out) == 2
+    trained = load_file(out / "checkpoint" / "model.safetensors")
+    initial = load_file(Path(smollm2_dir) / "model.safetensors")
+    assert any(not torch.equal(trained[k], initial[k]) for k in initial)  # the update changed the weights
+
+    assert main([*common, "--steps", "3", "--resume"]) == 0
+    resumed = read_metrics(out)
+    assert [r["step"] for r in resumed] == [1, 2, 3]
+    assert resumed[:2] == records
+    assert checkpoint_step(out) == 3
+
+
+def test_kl_reference_and_multiple_iterations(smollm2_dir, tmp_path, noisy_rewards):
+    out = tmp_path / "kl"
+    args = ["train", "--algo", "grpo", "--model", smollm2_dir, *TINY, "--output-dir", str(out), "--steps", "1",
+            "--beta", "0.04", "--kl-estimator", "k3", "--num-iterations", "3"]
+    assert main(args) == 0
+    (record,) = read_metrics(out)
+    assert record["kl"] is not None and record["kl"] >= 0  # k3 is non-negative
+    assert record["time_logprobs"] > 0  # old and reference log-probs were computed
+    assert record["ratio_mean"] != 1.0  # the later iterations ran off the sampling policy
+
+
+def test_killed_run_resumes_to_the_same_result(smollm2_dir, tmp_path):
+    """Kill a run after its first checkpoint; the resumed run matches an uninterrupted one step for step."""
+    killed, whole = tmp_path / "killed", tmp_path / "whole"
+    args = ["--algo", "topr", "--model", smollm2_dir, *TINY, "--steps", "3"]
+    env = dict(os.environ, PYTHONUNBUFFERED="1")
+    proc = subprocess.Popen([sys.executable, "-m", "rlfuse", "train", *args, "--output-dir", str(killed)],
+                            stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, env=env)
+    deadline = time.time() + 600
+    while find_checkpoint(killed) is None and proc.poll() is None and time.time() < deadline:
+        time.sleep(0.2)
+    proc.send_signal(signal.SIGKILL)
+    stderr = proc.communicate()[1].decode(errors="replace")
+    assert find_checkpoint(killed) is not None, stderr[-2000:]
+    saved = checkpoint_step(killed)
+    assert saved < 3, "the run finished before it could be killed; nothing was tested"
+
+    assert main(["train", *args, "--output-dir", str(killed), "--resume"]) == 0
+    assert main(["train", *args, "--output-dir", str(whole)]) == 0
+    resumed, reference = read_metrics(killed), read_metrics(whole)
+    assert [r["step"] for r in resumed] == [1, 2, 3]
+    for a, b in zip(resumed, reference):
+        assert a["reward_mean"] == b["reward_mean"] and a["completion_len_mean"] == b["completion_len_mean"]
+        assert a["loss"] == pytest.approx(b["loss"], rel=1e-4, abs=1e-6)
+
+
+def test_gguf_alias_runs_one_step(tmp_path):
+    out = tmp_path / "alias"
+    assert main(["train", "--model", "smollm2-135m", *TINY, "--steps", "1", "--output-dir", str(out)]) == 0
+    assert checkpoint_step(out) == 1
+    config = json.loads((out / "checkpoint" / "config.json").read_text())
+    assert "quantization_config" not in config  # saved as plain float weights, loadable by any trainer
+
+
+@pytest.mark.parametrize(
+    "extra, message",
+    [
+        (["--num-generations", "1"], "num-generations 1"),
+        (["--data", "/no/such/file.jsonl"], "does not exist"),
+        (["--resume"], "resume"),
+        (["--steps", "0"], "--steps"),
+    ],
+)
+def test_bad_options_fail_clearly(extra, message, tmp_path, capsys):
+    argv = ["train", "--model", "smollm2-135m", "--output-dir", str(tmp_path / "x"), *extra]
+    assert main(argv) == 2
+    assert message in capsys.readouterr().err
+    assert not (tmp_path / "x" / "checkpoint").exists()
+
+
+def test_existing_run_is_not_overwritten(tmp_path, capsys):
+    out = tmp_path / "run"
+    out.mkdir()
+    (out / "metrics.jsonl").write_text('{"step": 1}\n')
+    assert main(["train", "--output-dir", str(out)]) == 2
+    assert "--resume" in capsys.readouterr().err
+    assert (out / "metrics.jsonl").read_text() == '{"step": 1}\n'
+
+
+def test_unknown_algo_is_rejected_by_the_cli():
+    with pytest.raises(SystemExit) as exit_info:
+        main(["train", "--algo", "ppo"])
+    assert exit_info.value.code == 2
