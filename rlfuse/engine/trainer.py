@@ -148,13 +148,16 @@ class Trainer:
         start = time.perf_counter()
         for _ in range(args.num_iterations):
             out = completion_logprobs(self.model, batch, args.temperature, True, rover)
+            # Entropy is only logged and V̄ enters ROVER's target under stop-gradient: detaching both
+            # frees their (B, T, V) autograd buffers before the backward.
+            logps, entropy = out.logps, out.entropy.detach()
+            vocab_mean = out.vocab_mean.detach() if rover else None
+            del out
             # With one update per batch the sampling policy is the current one: old = current, detached.
-            old_logps = out.logps.detach() if old is None else old.logps
-            old_vocab_mean = None
-            if rover:
-                old_vocab_mean = out.vocab_mean.detach() if old is None else old.vocab_mean
-            loss, metrics = policy_loss(out.logps, old_logps, advantages, batch.completion_mask, config=config,
-                                        ref_logps=ref_logps, vocab_mean=out.vocab_mean, old_vocab_mean=old_vocab_mean)
+            old_logps = logps.detach() if old is None else old.logps
+            old_vocab_mean = (vocab_mean if old is None else old.vocab_mean) if rover else None
+            loss, metrics = policy_loss(logps, old_logps, advantages, batch.completion_mask, config=config,
+                                        ref_logps=ref_logps, vocab_mean=vocab_mean, old_vocab_mean=old_vocab_mean)
             self.optimizer.zero_grad(set_to_none=True)
             loss.backward()
             grad_norm = torch.nn.utils.clip_grad_norm_(self.model.parameters(), args.max_grad_norm)
@@ -162,7 +165,7 @@ class Trainer:
         time_update = time.perf_counter() - start
 
         mask = batch.completion_mask
-        entropy = (out.entropy.detach() * mask).sum() / mask.sum().clamp(min=1)
+        entropy = (entropy * mask).sum() / mask.sum().clamp(min=1)
         elapsed = time_rollout + time_logprobs + time_update
         return {
             "step": step,
