@@ -27,7 +27,7 @@ def test_training_logprobs_match_sampler_scores(smollm2_dir):
     assert batch.completion_ids.shape[0] == 4 and batch.prompt_ids.shape[0] == 4
     assert torch.equal(batch.prompt_ids[0], batch.prompt_ids[1])  # contiguous groups of G
     with torch.no_grad():
-        logps = completion_logprobs(model, batch, temperature=0.7)
+        logps = completion_logprobs(model, batch, temperature=0.7).logps
         # Score each sequence alone, unpadded: the log-prob of token t given everything before it.
         for row in range(4):
             prompt = batch.prompt_ids[row][batch.prompt_mask[row].bool()]

@@ -64,16 +64,19 @@ class Trainer:
         self.config = args.loss_config()
         self.device = args.torch_device()
         self.output_dir = Path(args.output_dir or f"runs/{args.algo}-{datetime.now():%Y%m%d-%H%M%S}")
-        checkpoint = self._prepare_output_dir()
+        checkpoint = self._find_resume_checkpoint()
         self.train_examples = load_gsm8k(args.data, "train")
+        self.eval_examples = load_gsm8k(args.eval_data, "test")[: args.eval_prompts] if args.eval_every else []
         self._seed(args.seed)
         dtype = resolve_dtype(args.dtype, self.device)
         source = str(checkpoint) if checkpoint else args.model
         self.model, self.tokenizer = load_model_and_tokenizer(source, dtype, str(self.device))
         self.ref_model = None
-        if self.config.beta > 0:
-            self.ref_model = self.model if checkpoint is None else load_model_and_tokenizer(args.model, dtype, str(self.device))[0]
-            self.ref_model = copy.deepcopy(self.ref_model).eval().requires_grad_(False)
+        if self.config.beta > 0:  # the reference is the initial model, also when resuming
+            ref = copy.deepcopy(self.model) if checkpoint is None else load_model_and_tokenizer(args.model, dtype, str(self.device))[0]
+            self.ref_model = ref.eval().requires_grad_(False)
+        # Created only once every input has loaded, so a bad option leaves nothing behind.
+        self.output_dir.mkdir(parents=True, exist_ok=True)
         self.optimizer = torch.optim.AdamW(self.model.parameters(), lr=args.learning_rate, weight_decay=0.0)
         self.rollout = HFRollout(self.model, self.tokenizer)
         self.log = MetricsLog(self.output_dir)
@@ -82,9 +85,8 @@ class Trainer:
             state = load_training_state(checkpoint, self.optimizer)
             self.start_step = int(state["step"])
             self.log.truncate(self.start_step)
-        self.eval_examples: Optional[List[Example]] = None
 
-    def _prepare_output_dir(self) -> Optional[Path]:
+    def _find_resume_checkpoint(self) -> Optional[Path]:
         if self.args.resume:
             checkpoint = find_checkpoint(self.output_dir)
             if checkpoint is None:
@@ -94,7 +96,6 @@ class Trainer:
             raise ValueError(
                 f"{self.output_dir} already holds a run; pass --resume to continue it, or choose another --output-dir"
             )
-        self.output_dir.mkdir(parents=True, exist_ok=True)
         return None
 
     @staticmethod
@@ -189,8 +190,6 @@ class Trainer:
     @torch.no_grad()
     def evaluate(self, batch_size: int = 16) -> float:
         """Greedy accuracy on the first ``eval_prompts`` questions of ``eval_data`` (test split)."""
-        if self.eval_examples is None:
-            self.eval_examples = load_gsm8k(self.args.eval_data, "test")[: self.args.eval_prompts]
         correct = 0
         for offset in range(0, len(self.eval_examples), batch_size):
             chunk = self.eval_examples[offset: offset + batch_size]
