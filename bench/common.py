@@ -94,3 +94,72 @@ def print_table(rows: List[Dict], columns: List[str]) -> None:
     print("  ".join(col.ljust(w) for col, w in zip(columns, widths)))
     for r in cells:
         print("  ".join(c.ljust(w) for c, w in zip(r, widths)))
+
+
+_COPY_BANDWIDTH: Dict[str, float] = {}
+
+
+def pick_device(name) -> torch.device:
+    """``name`` as a device, or cuda when available, else cpu."""
+    return torch.device(name or ("cuda" if torch.cuda.is_available() else "cpu"))
+
+
+def measured_copy_bandwidth(device: torch.device) -> float:
+    """The device's copy bandwidth in GB/s, measured once per run (1 GiB on a GPU, 64 MiB on a CPU)."""
+    key = str(device)
+    if key not in _COPY_BANDWIDTH:
+        _COPY_BANDWIDTH[key] = copy_bandwidth_gbs(device, (1 << 30) if device.type == "cuda" else (64 << 20))
+    return _COPY_BANDWIDTH[key]
+
+
+def bench_impls(name, fn, logits, targets, weights, device, fwd_bytes, fwd_bwd_bytes, fields, repeats=5) -> Dict:
+    """Time ``fn(logits, targets) -> tuple of outputs`` forward and forward+backward; one result row.
+
+    The backward is driven by ``weights`` on outputs of its shape and by ones on the others (a scalar
+    loss). A failure is recorded in the row, not raised.
+    """
+    bandwidth = measured_copy_bandwidth(device)
+    leaf = logits.detach().requires_grad_(True)
+
+    def forward():
+        with torch.no_grad():
+            return fn(leaf, targets)
+
+    def forward_backward():
+        outs = fn(leaf, targets)
+        grads = [weights.to(o.dtype) if o.shape == weights.shape else torch.ones_like(o) for o in outs]
+        torch.autograd.backward(list(outs), grads)
+        leaf.grad = None
+        sync(device)
+
+    row = {"impl": name, **fields}
+    try:
+        t_fwd = median_time_s(forward, device, repeats=repeats)
+        t_fb = median_time_s(forward_backward, device, repeats=repeats)
+    except Exception as error:  # a peer that cannot run this shape is reported, not fatal
+        row["error"] = f"{type(error).__name__}: {error}"[:300]
+        return row
+    row.update({
+        "fwd_ms": t_fwd * 1e3,
+        "fwd_bwd_ms": t_fb * 1e3,
+        "fwd_bytes": fwd_bytes,
+        "fwd_bwd_bytes": fwd_bwd_bytes,
+        "fwd_gbs": fwd_bytes / t_fwd / 1e9,
+        "fwd_pct_copy_bw": 100 * fwd_bytes / t_fwd / 1e9 / bandwidth,
+        "fwd_bwd_gbs": fwd_bwd_bytes / t_fb / 1e9,
+        "fwd_bwd_pct_copy_bw": 100 * fwd_bwd_bytes / t_fb / 1e9 / bandwidth,
+        "peak_mem_bytes": peak_memory_bytes(forward_backward, device),
+    })
+    return row
+
+
+def report(name: str, device: torch.device, rows: List[Dict], out_dir: str) -> Path:
+    """Write the JSON (with the measured copy bandwidth) and print the table."""
+    bandwidth = measured_copy_bandwidth(device)
+    path = write_results(name, device, rows, {"copy_bandwidth_gbs": bandwidth}, out_dir)
+    print(f"{name} on {device_name(device)}; copy bandwidth {bandwidth:.1f} GB/s"
+          + ("" if device.type == "cuda" else " (CPU smoke run through the Triton interpreter: not a speed figure)"))
+    print_table(rows, ["impl", "n_tokens", "vocab", "fwd_ms", "fwd_bwd_ms", "fwd_pct_copy_bw",
+                       "fwd_bwd_pct_copy_bw", "peak_mem_bytes", "error"])
+    print(f"wrote {path}")
+    return path

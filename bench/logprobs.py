@@ -1,24 +1,30 @@
-"""Benchmark ``token_logprobs`` (log-prob + entropy), forward and forward+backward.
+"""Benchmark ``token_logprobs`` (log-prob + entropy): forward and forward+backward, against its peers.
 
-Reports, per shape: median time, the fewest bytes an implementation must move (read the logits once,
-write the outputs; backward also reads the logits again and writes d(logits)), achieved GB/s and its
-share of the copy bandwidth measured in the same run, and peak memory. Run ``python -m bench.logprobs``;
-on a machine without a GPU it runs a small smoke shape so that it stays alive in CI.
+Per shape: median time, the fewest bytes the op must move (forward reads the logits once and writes
+two floats per token; backward reads them once more and writes d(logits)), achieved GB/s and its share
+of the copy bandwidth measured in the same run, and peak memory. Peers, where installed: torch eager
+(the reference), torch.compile of it, and TRL's ``selective_log_softmax`` + ``entropy_from_logits``.
+``python -m bench.logprobs [--full]``; without a GPU it runs a smoke shape through Triton's interpreter.
 """
 
 from __future__ import annotations
 
+import os
 from dataclasses import dataclass
 from typing import Optional
 
 import torch
+
+if not torch.cuda.is_available():
+    os.environ.setdefault("TRITON_INTERPRET", "1")  # must precede the first triton import
+
 import tyro
 
-from bench.common import copy_bandwidth_gbs, median_time_s, peak_memory_bytes, print_table, sync, write_results
+from bench.common import bench_impls, pick_device, report
 from rlfuse.kernels import token_logprobs_reference
 
 FULL_SHAPES = [(n, v) for n in (8192, 32768) for v in (32000, 128256, 151936, 262144)]
-SMOKE_SHAPES = [(256, 32000), (256, 49152)]
+SMOKE_SHAPES = [(64, 4096)]
 
 
 @dataclass
@@ -26,63 +32,50 @@ class Args:
     """Benchmark options."""
 
     full: bool = False
-    """Run the full shapes (N = 8192, 32768 tokens x V = 32000 ... 262144) instead of the smoke shapes."""
+    """The full shapes (N = 8192, 32768 tokens x V = 32000 ... 262144) instead of the smoke shape."""
     device: Optional[str] = None
     """cuda or cpu (default: cuda when available)."""
     out_dir: str = "bench/results"
     """Where the JSON goes."""
 
 
-def bench_shape(n: int, v: int, device: torch.device, dtype: torch.dtype, bandwidth: float) -> dict:
-    """Time one (N, V) shape for the torch reference; returns a result row."""
-    logits = torch.randn(n, v, device=device, dtype=dtype).mul_(4).requires_grad_(True)
-    targets = torch.randint(0, v, (n,), device=device)
-    weights = torch.randn(n, device=device)
+def implementations(device: torch.device):
+    """name -> f(logits, targets) returning (logps, entropy); peers that are not installed are left out."""
+    from rlfuse.kernels.logprobs_triton import TokenLogprobsFunction
 
-    def forward():
-        with torch.no_grad():
-            return token_logprobs_reference(logits, targets, return_entropy=True)
-
-    def forward_backward():
-        out = token_logprobs_reference(logits, targets, return_entropy=True)
-        (out.logps * weights + out.entropy * weights).sum().backward()
-        logits.grad = None
-        sync(device)
-
-    elem = torch.finfo(dtype).bits // 8
-    fwd_bytes = n * v * elem + n * 8 + 2 * n * 4  # logits, targets, two float32 outputs
-    fwd_bwd_bytes = fwd_bytes + n * v * elem * 2  # backward re-reads the logits and writes d(logits)
-    t_fwd = median_time_s(forward, device)
-    t_fb = median_time_s(forward_backward, device)
-    return {
-        "impl": "torch-reference",
-        "n_tokens": n,
-        "vocab": v,
-        "dtype": str(dtype).replace("torch.", ""),
-        "fwd_ms": t_fwd * 1e3,
-        "fwd_bwd_ms": t_fb * 1e3,
-        "fwd_bytes": fwd_bytes,
-        "fwd_bwd_bytes": fwd_bwd_bytes,
-        "fwd_gbs": fwd_bytes / t_fwd / 1e9,
-        "fwd_pct_copy_bw": 100 * fwd_bytes / t_fwd / 1e9 / bandwidth,
-        "fwd_bwd_gbs": fwd_bwd_bytes / t_fb / 1e9,
-        "fwd_bwd_pct_copy_bw": 100 * fwd_bwd_bytes / t_fb / 1e9 / bandwidth,
-        "peak_mem_bytes": peak_memory_bytes(forward_backward, device),
+    impls = {
+        "rlfuse-triton": lambda x, y: TokenLogprobsFunction.apply(x, y, 1.0, False)[:2],
+        "torch-eager": lambda x, y: tuple(token_logprobs_reference(x, y, return_entropy=True)[:2]),
     }
+    if device.type == "cuda":
+        compiled = torch.compile(token_logprobs_reference)
+        impls["torch-compile"] = lambda x, y: tuple(compiled(x, y, return_entropy=True)[:2])
+        try:
+            from trl.trainer.utils import entropy_from_logits, selective_log_softmax
+
+            impls["trl"] = lambda x, y: (selective_log_softmax(x, y), entropy_from_logits(x))
+        except ImportError:
+            pass
+    return impls
 
 
 def main(args: Args) -> None:
-    """Run the benchmark and write ``bench/results/logprobs-<device>.json``."""
-    device = torch.device(args.device or ("cuda" if torch.cuda.is_available() else "cpu"))
-    dtype = torch.bfloat16
-    shapes = FULL_SHAPES if args.full else SMOKE_SHAPES
-    bandwidth = copy_bandwidth_gbs(device, (1 << 30) if device.type == "cuda" else (64 << 20))
-    rows = [bench_shape(n, v, device, dtype, bandwidth) for n, v in shapes]
-    path = write_results("logprobs", device, rows, {"copy_bandwidth_gbs": bandwidth}, args.out_dir)
-    print(f"copy bandwidth {bandwidth:.1f} GB/s on {device}")
-    print_table(rows, ["impl", "n_tokens", "vocab", "fwd_ms", "fwd_bwd_ms", "fwd_pct_copy_bw", "fwd_bwd_pct_copy_bw",
-                       "peak_mem_bytes"])
-    print(f"wrote {path}")
+    """Run every implementation on every shape; write ``bench/results/logprobs-<device>.json``."""
+    device = pick_device(args.device)
+    shapes = FULL_SHAPES if args.full and device.type == "cuda" else SMOKE_SHAPES
+    rows = []
+    for n, v in shapes:
+        gen = torch.Generator(device=device).manual_seed(0)
+        logits = (torch.randn(n, v, device=device, generator=gen) * 4).to(torch.bfloat16)
+        targets = torch.randint(0, v, (n,), device=device, generator=gen)
+        weights = torch.randn(n, device=device, generator=gen)
+        elem = logits.element_size()
+        fwd_bytes = n * v * elem + n * 8 + 2 * n * 4
+        bwd_bytes = 2 * n * v * elem + 2 * n * 4
+        for name, fn in implementations(device).items():
+            rows.append(bench_impls(name, fn, logits, targets, weights, device, fwd_bytes, fwd_bytes + bwd_bytes,
+                                    {"n_tokens": n, "vocab": v, "dtype": "bfloat16"}))
+    report("logprobs", device, rows, args.out_dir)
 
 
 if __name__ == "__main__":

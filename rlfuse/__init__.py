@@ -16,6 +16,7 @@ from rlfuse.algos import (
     get_config,
     group_advantages,
     policy_loss,
+    policy_loss_from_logits,
 )
 from rlfuse.kernels import TokenLogprobs, token_logprobs
 
@@ -24,5 +25,5 @@ __version__ = "0.1.0"
 __all__ = [
     "ALGO_CONFIGS", "DAPOConfig", "DrGRPOConfig", "GRPOConfig", "GSPOConfig", "PolicyLossConfig", "ROVERConfig",
     "TOPRConfig", "TokenLogprobs", "compute_advantages", "get_config", "group_advantages", "policy_loss",
-    "token_logprobs",
+    "policy_loss_from_logits", "token_logprobs",
 ]

@@ -5,6 +5,7 @@ import os
 import pytest
 import torch
 
+os.environ.setdefault("TRITON_INTERPRET", "1")  # Triton kernels run on CPU tensors through the interpreter
 os.environ.setdefault("HF_HUB_OFFLINE", "1")  # tests never download weights or data
 os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
 

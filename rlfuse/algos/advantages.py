@@ -5,6 +5,7 @@ from __future__ import annotations
 import torch
 
 from rlfuse.algos.configs import PolicyLossConfig
+from rlfuse.kernels.dispatch import use_triton
 
 
 def check_rewards(rewards: torch.Tensor, num_generations: int) -> None:
@@ -20,7 +21,8 @@ def check_rewards(rewards: torch.Tensor, num_generations: int) -> None:
             f"the batch of {rewards.numel()} rewards is not a multiple of num_generations={num_generations}; "
             "rewards must come in contiguous groups of G samples of the same prompt"
         )
-    if torch.isnan(rewards).any():
+    # A host sync: done for CPU rewards (the engine's), skipped on an accelerator so the op stays async.
+    if not rewards.is_cuda and torch.isnan(rewards).any():
         raise ValueError("rewards contain NaN; fix the reward function before computing advantages")
 
 
@@ -44,7 +46,8 @@ def group_advantages(
         eps: added to the std before dividing.
 
     Returns:
-        (B,) float tensor of the rewards' dtype. A group of size 1 gets advantage 0.
+        (B,) float tensor of the rewards' dtype. A group of size 1 gets advantage 0. CUDA tensors (or
+        ``RLFUSE_BACKEND=triton``) run a Triton kernel with no host sync; NaN is then not checked.
 
     Raises:
         TypeError: rewards not a float tensor.
@@ -57,6 +60,10 @@ def group_advantages(
         raise ValueError(f"estimator must be 'grpo' or 'rloo', got {estimator!r}")
     if num_generations == 1:
         return torch.zeros_like(rewards)
+    if use_triton(rewards):
+        from rlfuse.kernels.advantages_triton import group_advantages_triton
+
+        return group_advantages_triton(rewards, num_generations, scale, estimator, eps)
     # Shift each group by its first reward before averaging: the same math, but a group of equal rewards
     # centers to exactly 0 instead of a rounding residue that the std division would blow up.
     grouped = rewards.view(-1, num_generations)

@@ -9,6 +9,8 @@ from typing import NamedTuple, Optional
 
 import torch
 
+from rlfuse.kernels.dispatch import use_triton
+
 IGNORE_INDEX = -100
 
 
@@ -103,13 +105,26 @@ def token_logprobs(
     temperature: float = 1.0,
     return_entropy: bool = False,
     return_vocab_mean: bool = False,
+    inplace_backward: bool = False,
 ):
-    """Per-token log-probs of the targets under softmax(logits / temperature); see the reference.
+    """Per-token log-probs of the targets under softmax(logits / temperature), fused.
 
-    Shapes: logits (..., V) any float dtype, targets (...) int64; outputs (...) float32. Dispatches to
-    :func:`token_logprobs_reference`, the plain-PyTorch path, which is also the CPU path.
+    Same contract as :func:`token_logprobs_reference`: logits (..., V) float32/bf16/fp16, also strided
+    views such as ``logits[:, :-1]``; targets (...) int64 (-100 skipped); outputs (...) float32. On CUDA
+    tensors (or with ``RLFUSE_BACKEND=triton``) one Triton pass over the logits computes all three outputs
+    with an online softmax, and the backward writes d(logits) in one more pass for any mix of their
+    gradients. ``inplace_backward=True`` writes d(logits) into the logits' own storage (the logits must not
+    be needed afterwards); the torch path ignores it.
 
     Raises:
-        TypeError, ValueError: as :func:`token_logprobs_reference`.
+        TypeError, ValueError: as :func:`token_logprobs_reference`, and for a bad ``RLFUSE_BACKEND``.
     """
-    return token_logprobs_reference(logits, targets, temperature, return_entropy, return_vocab_mean)
+    if not use_triton(logits):
+        return token_logprobs_reference(logits, targets, temperature, return_entropy, return_vocab_mean)
+    check_logits_targets(logits, targets, temperature)
+    from rlfuse.kernels.logprobs_triton import TokenLogprobsFunction
+
+    logps, entropy, vocab_mean = TokenLogprobsFunction.apply(logits, targets, float(temperature), inplace_backward)
+    if not (return_entropy or return_vocab_mean):
+        return logps
+    return TokenLogprobs(logps, entropy if return_entropy else None, vocab_mean if return_vocab_mean else None)

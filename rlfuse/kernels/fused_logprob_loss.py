@@ -1,0 +1,73 @@
+"""A loss of per-token log-probs computed straight from logits, with d(logits) formed in the forward.
+
+The forward makes two passes over the logits and nothing else touches the (N, V) data:
+1. the Triton stats kernel: log-prob, entropy, vocabulary mean and log-sum-exp per token (O(N) outputs);
+2. the caller's ``loss_fn`` on those (B, T) tensors, differentiated by autograd (cheap: no V dimension);
+   this is where sequence-level pieces (a sequence ratio, a next-state value, seq-mean aggregation) live;
+3. the Triton backward kernel: d(loss)/d(logits) from the per-token gradients, written once (into the
+   logits themselves with ``inplace_backward``).
+The autograd backward only scales that stored gradient by the incoming gradient.
+"""
+
+from __future__ import annotations
+
+from typing import Callable, Dict, Tuple
+
+import torch
+
+from rlfuse.kernels.logprobs_triton import logprobs_backward, logprobs_forward
+
+LossFn = Callable[[torch.Tensor, torch.Tensor, torch.Tensor], Tuple[torch.Tensor, Dict[str, torch.Tensor]]]
+
+
+class LogprobLossFunction(torch.autograd.Function):
+    """``apply(logits, targets, temperature, inplace_backward, loss_fn, aux) -> loss``; metrics land in ``aux``."""
+
+    @staticmethod
+    def forward(ctx, logits, targets, temperature, inplace_backward, loss_fn, aux):
+        logps, entropy, vmean, lse, view = logprobs_forward(logits, targets, temperature)
+        shape = targets.shape
+        with torch.enable_grad():
+            logps_leaf = logps.view(shape).detach().requires_grad_(True)
+            vmean_leaf = vmean.view(shape).detach().requires_grad_(True)
+            loss, metrics = loss_fn(logps_leaf, vmean_leaf, entropy.view(shape))
+            if ctx.needs_input_grad[0]:
+                g_logp, g_vmean = torch.autograd.grad(loss, (logps_leaf, vmean_leaf), allow_unused=True)
+        aux.update({k: (v.detach() if isinstance(v, torch.Tensor) else v) for k, v in metrics.items()})
+        if ctx.needs_input_grad[0]:
+            dlogits = view if inplace_backward else torch.empty_like(view)
+            logprobs_backward(view, targets, lse, entropy, g_logp, None, g_vmean, temperature, dlogits)
+            ctx.save_for_backward(dlogits)
+            ctx.shape = logits.shape
+        return loss.detach()
+
+    @staticmethod
+    def backward(ctx, grad_loss):
+        (dlogits,) = ctx.saved_tensors
+        # The usual upstream gradient is exactly 1 (loss.backward()): skip the extra pass over (N, V) then.
+        if not torch.equal(grad_loss, torch.ones_like(grad_loss)):
+            dlogits.mul_(grad_loss.to(dlogits.dtype))
+        return dlogits.reshape(ctx.shape), None, None, None, None, None
+
+
+def fused_logprob_loss(
+    logits: torch.Tensor, targets: torch.Tensor, loss_fn: LossFn, temperature: float = 1.0,
+    inplace_backward: bool = False,
+) -> Tuple[torch.Tensor, Dict[str, torch.Tensor]]:
+    """``loss_fn(logps, vocab_mean, entropy)`` of the targets' log-probs under softmax(logits / temperature).
+
+    Args:
+        logits: (..., V) float32/bf16/fp16, strided views allowed; the Triton kernels read it.
+        targets: (...) int64 token ids, -100 to skip.
+        loss_fn: maps three (...) float32 tensors (log-probs and vocabulary means carry gradient; entropy
+            does not) to ``(scalar loss, metrics dict)``.
+        temperature: divides the logits before the softmax.
+        inplace_backward: write d(logits) into the logits' storage (they must not be needed afterwards).
+
+    Returns:
+        ``(loss, metrics)``: the scalar float32 loss, differentiable w.r.t. ``logits``, and ``loss_fn``'s
+        metrics, detached.
+    """
+    aux: Dict[str, torch.Tensor] = {}
+    loss = LogprobLossFunction.apply(logits, targets, float(temperature), inplace_backward, loss_fn, aux)
+    return loss, aux

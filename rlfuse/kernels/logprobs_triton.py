@@ -1,0 +1,172 @@
+"""Triton kernels for per-token log-probs, entropy and vocabulary mean from logits, forward and backward.
+
+Forward: one program per row reads the row's logits once, with an online softmax over vocabulary
+blocks (running max m, sum of exponentials s, and the exponential-weighted sum of logits for the
+entropy), then writes four floats: log-prob, entropy, vocab mean and log-sum-exp.
+Backward: one more read of the row, one write of d(logits), for any mix of the three outputs' gradients.
+
+Math, with z = logits / T, lse = logsumexp(z), p = softmax(z), H the entropy, V the vocabulary size:
+    logp = z_y - lse,  H = lse - sum_v p_v z_v,  vmean = mean_v z_v - lse
+    dlogp/dz_v = [v = y] - p_v,  dH/dz_v = -p_v (log p_v + H),  dvmean/dz_v = 1/V - p_v
+"""
+
+from __future__ import annotations
+
+import torch
+import triton
+import triton.language as tl
+
+IGNORE_INDEX = -100
+
+
+@triton.jit
+def _row_stats(row_ptr, V, inv_temp, BLOCK_V: tl.constexpr):
+    """Online softmax over one row: returns (lse, sum_v p_v z_v, sum_v z_v) in float32."""
+    m = float("-inf")
+    s = 0.0
+    t = 0.0
+    zsum = 0.0
+    for start in range(0, V, BLOCK_V):
+        offs = start + tl.arange(0, BLOCK_V)
+        valid = offs < V
+        z = tl.load(row_ptr + offs, mask=valid, other=float("-inf")).to(tl.float32) * inv_temp
+        m_new = tl.maximum(m, tl.max(z, 0))
+        # While every logit seen is -inf, shift by 0 instead of -inf so that no -inf - -inf = NaN appears.
+        m_safe = tl.where(m_new == float("-inf"), 0.0, m_new)
+        alpha = tl.exp(m - m_safe)
+        e = tl.exp(z - m_safe)
+        s = s * alpha + tl.sum(e, 0)
+        t = t * alpha + tl.sum(e * tl.where(e > 0, z, 0.0), 0)
+        zsum += tl.sum(tl.where(valid, z, 0.0), 0)
+        m = m_new
+    m_safe = tl.where(m == float("-inf"), 0.0, m)
+    lse = m_safe + tl.log(s)
+    return lse, t / s, zsum
+
+
+@triton.jit
+def _logprobs_fwd_kernel(
+    logits_ptr, stride_b, stride_t, T, targets_ptr,
+    logps_ptr, entropy_ptr, vmean_ptr, lse_ptr,
+    V, inv_temp, ignore_index,
+    BLOCK_V: tl.constexpr,
+):
+    row = tl.program_id(0).to(tl.int64)
+    row_ptr = logits_ptr + (row // T) * stride_b + (row % T) * stride_t
+    target = tl.load(targets_ptr + row)
+    lse, mean_z, zsum = _row_stats(row_ptr, V, inv_temp, BLOCK_V)
+    keep = target != ignore_index
+    z_target = tl.load(row_ptr + tl.where(keep, target, 0)).to(tl.float32) * inv_temp
+    tl.store(logps_ptr + row, tl.where(keep, z_target - lse, 0.0))
+    tl.store(entropy_ptr + row, tl.where(keep, lse - mean_z, 0.0))
+    tl.store(vmean_ptr + row, tl.where(keep, zsum / V - lse, 0.0))
+    tl.store(lse_ptr + row, lse)
+
+
+@triton.jit
+def _logprobs_bwd_kernel(
+    logits_ptr, stride_b, stride_t, T, dlogits_ptr, dstride_b, dstride_t, targets_ptr,
+    lse_ptr, entropy_ptr, g_logp_ptr, g_entropy_ptr, g_vmean_ptr,
+    V, inv_temp, ignore_index,
+    HAS_G_LOGP: tl.constexpr, HAS_G_ENTROPY: tl.constexpr, HAS_G_VMEAN: tl.constexpr,
+    BLOCK_V: tl.constexpr,
+):
+    row = tl.program_id(0).to(tl.int64)
+    row_ptr = logits_ptr + (row // T) * stride_b + (row % T) * stride_t
+    drow_ptr = dlogits_ptr + (row // T) * dstride_b + (row % T) * dstride_t
+    target = tl.load(targets_ptr + row)
+    keep = target != ignore_index
+    lse = tl.load(lse_ptr + row)
+    g_logp = 0.0
+    g_entropy = 0.0
+    g_vmean = 0.0
+    if HAS_G_LOGP:
+        g_logp = tl.where(keep, tl.load(g_logp_ptr + row), 0.0)
+    if HAS_G_ENTROPY:
+        g_entropy = tl.where(keep, tl.load(g_entropy_ptr + row), 0.0)
+        entropy = tl.load(entropy_ptr + row)
+    if HAS_G_VMEAN:
+        g_vmean = tl.where(keep, tl.load(g_vmean_ptr + row), 0.0)
+    for start in range(0, V, BLOCK_V):
+        offs = start + tl.arange(0, BLOCK_V)
+        valid = offs < V
+        z = tl.load(row_ptr + offs, mask=valid, other=float("-inf")).to(tl.float32) * inv_temp
+        logp = z - lse
+        p = tl.exp(logp)
+        d = tl.where(offs == target, g_logp, 0.0) - (g_logp + g_vmean) * p + g_vmean / V
+        if HAS_G_ENTROPY:
+            d -= g_entropy * p * (tl.where(p > 0, logp, 0.0) + entropy)
+        tl.store(drow_ptr + offs, (d * inv_temp).to(dlogits_ptr.dtype.element_ty), mask=valid)
+
+
+def _as_3d(logits: torch.Tensor) -> torch.Tensor:
+    """A (B, T, V) view of (..., V) logits with unit stride over V (copying only when no view exists)."""
+    if logits.stride(-1) != 1:
+        logits = logits.contiguous()
+    if logits.dim() == 1:
+        return logits.view(1, 1, -1)
+    if logits.dim() == 2:
+        return logits.unsqueeze(0)
+    if logits.dim() == 3:
+        return logits
+    return logits.reshape(-1, logits.shape[-2], logits.shape[-1])
+
+
+def block_v(vocab_size: int) -> int:
+    """Vocabulary tile: a power of two of at most 4096 elements (1024 under the CPU interpreter)."""
+    cap = 4096 if torch.cuda.is_available() else 1024
+    return min(cap, triton.next_power_of_2(vocab_size))
+
+
+def logprobs_forward(logits: torch.Tensor, targets: torch.Tensor, temperature: float):
+    """Launch the forward kernel. Returns (logps, entropy, vmean, lse) float32 (N,) and the (B, T, V) view used."""
+    view = _as_3d(logits)
+    batch, seq, vocab = view.shape
+    n_rows = batch * seq
+    flat_targets = targets.reshape(-1).contiguous()
+    outs = [torch.empty(n_rows, device=logits.device, dtype=torch.float32) for _ in range(4)]
+    _logprobs_fwd_kernel[(n_rows,)](
+        view, view.stride(0), view.stride(1), seq, flat_targets, *outs,
+        vocab, 1.0 / temperature, IGNORE_INDEX, BLOCK_V=block_v(vocab), num_warps=8,
+    )
+    return (*outs, view)
+
+
+def logprobs_backward(view, targets, lse, entropy, g_logp, g_entropy, g_vmean, temperature, dlogits):
+    """Launch the backward kernel: write d(logits) for the given per-row output gradients into ``dlogits``.
+
+    ``view`` is the (B, T, V) logits view from :func:`logprobs_forward`; ``dlogits`` (B, T, V) may be ``view``
+    itself (in-place backward). Gradients are (N,) float32 tensors or None.
+    """
+    batch, seq, vocab = view.shape
+    dummy = lse
+    _logprobs_bwd_kernel[(batch * seq,)](
+        view, view.stride(0), view.stride(1), seq, dlogits, dlogits.stride(0), dlogits.stride(1),
+        targets.reshape(-1).contiguous(), lse, entropy,
+        dummy if g_logp is None else g_logp.reshape(-1).float().contiguous(),
+        dummy if g_entropy is None else g_entropy.reshape(-1).float().contiguous(),
+        dummy if g_vmean is None else g_vmean.reshape(-1).float().contiguous(),
+        vocab, 1.0 / temperature, IGNORE_INDEX,
+        HAS_G_LOGP=g_logp is not None, HAS_G_ENTROPY=g_entropy is not None, HAS_G_VMEAN=g_vmean is not None,
+        BLOCK_V=block_v(vocab), num_warps=8,
+    )
+    return dlogits
+
+
+class TokenLogprobsFunction(torch.autograd.Function):
+    """Autograd wrapper: ``apply(logits, targets, temperature, inplace_backward) -> (logps, entropy, vmean)``."""
+
+    @staticmethod
+    def forward(ctx, logits, targets, temperature, inplace_backward):
+        logps, entropy, vmean, lse, view = logprobs_forward(logits, targets, temperature)
+        ctx.save_for_backward(view, targets, lse, entropy)
+        ctx.temperature, ctx.inplace_backward, ctx.shape = temperature, inplace_backward, logits.shape
+        shape = targets.shape
+        return logps.view(shape), entropy.view(shape), vmean.view(shape)
+
+    @staticmethod
+    def backward(ctx, g_logp, g_entropy, g_vmean):
+        view, targets, lse, entropy = ctx.saved_tensors
+        dlogits = view if ctx.inplace_backward else torch.empty_like(view)
+        logprobs_backward(view, targets, lse, entropy, g_logp, g_entropy, g_vmean, ctx.temperature, dlogits)
+        return dlogits.reshape(ctx.shape), None, None, None
