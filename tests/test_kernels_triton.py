@@ -78,6 +78,22 @@ def test_token_logprobs_forward_backward(vocab, dtype, temperature):
     assert torch.count_nonzero(logits.grad[1, 2]) == 0  # ignored target: no gradient
 
 
+def test_token_logprobs_production_vocabularies():
+    """Real vocabulary sizes (SmolLM2, Llama 3, Qwen2.5, Gemma 3): many tiles and a ragged last one."""
+    for vocab in (49152, 128256, 151936, 262144):
+        master, gen = make_logits((2,), vocab, torch.bfloat16, seed=vocab)
+        targets = torch.randint(0, vocab, (2,), generator=gen)
+        logits = master.to(torch.bfloat16).requires_grad_(True)
+        out = token_logprobs(logits, targets, 1.0, return_entropy=True)
+        ref_leaf = master.clone().requires_grad_(True)
+        ref = oracle_logprobs(ref_leaf, targets, 1.0)
+        close(out.logps, ref[0], torch.bfloat16)
+        close(out.entropy, ref[1], torch.bfloat16)
+        (out.logps.sum() + out.entropy.sum()).backward()
+        (ref[0].sum() + ref[1].sum()).backward()
+        close(logits.grad, ref_leaf.grad, torch.bfloat16)
+
+
 @pytest.mark.parametrize("which", [(True, False, False), (False, True, False), (False, False, True), (True, True, False)])
 def test_token_logprobs_each_output_gradient(which):
     master, gen = make_logits((4, 3), 515, torch.float32, seed=3)

@@ -29,8 +29,9 @@ def check_logits_targets(logits: torch.Tensor, targets: torch.Tensor, temperatur
     """Validate the inputs of a log-prob op; raise ``TypeError``/``ValueError`` naming the argument.
 
     Checks dtypes (floating logits, integer targets), shapes (``targets.shape == logits.shape[:-1]``),
-    devices, the temperature (finite, > 0) and that targets lie in ``[0, V)`` or equal ``ignore_index``
-    (-100). The range check reads the targets on the host, once.
+    devices, the temperature (finite, > 0) and, for CPU tensors, that targets lie in ``[0, V)`` or equal
+    ``ignore_index`` (-100). On a GPU that check would cost a host sync, so the kernels instead return NaN
+    log-probs for out-of-range ids (never reading out of bounds).
     """
     if not isinstance(logits, torch.Tensor) or not logits.is_floating_point():
         raise TypeError(f"logits must be a floating-point tensor (..., V), got {getattr(logits, 'dtype', type(logits))}")
@@ -45,7 +46,7 @@ def check_logits_targets(logits: torch.Tensor, targets: torch.Tensor, temperatur
         raise ValueError(f"targets are on {targets.device} but logits on {logits.device}; move both to one device")
     if not (temperature > 0 and temperature != float("inf")):
         raise ValueError(f"temperature must be a finite number > 0, got {temperature}")
-    if targets.numel():
+    if targets.numel() and not targets.is_cuda:
         vocab_size = logits.shape[-1]
         valid = targets != IGNORE_INDEX
         if bool(((targets < 0) | (targets >= vocab_size))[valid].any()):

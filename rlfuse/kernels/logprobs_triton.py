@@ -56,8 +56,11 @@ def _logprobs_fwd_kernel(
     target = tl.load(targets_ptr + row)
     lse, mean_z, zsum = _row_stats(row_ptr, V, inv_temp, BLOCK_V)
     keep = target != ignore_index
-    z_target = tl.load(row_ptr + tl.where(keep, target, 0)).to(tl.float32) * inv_temp
-    tl.store(logps_ptr + row, tl.where(keep, z_target - lse, 0.0))
+    # Ids outside [0, V) were rejected on the host for CPU tensors; on a GPU (no host sync) they give NaN.
+    in_range = (target >= 0) & (target < V)
+    z_target = tl.load(row_ptr + tl.where(keep & in_range, target, 0)).to(tl.float32) * inv_temp
+    logp = tl.where(in_range, z_target - lse, float("nan"))
+    tl.store(logps_ptr + row, tl.where(keep, logp, 0.0))
     tl.store(entropy_ptr + row, tl.where(keep, lse - mean_z, 0.0))
     tl.store(vmean_ptr + row, tl.where(keep, zsum / V - lse, 0.0))
     tl.store(lse_ptr + row, lse)
