@@ -7,6 +7,7 @@ from rlfuse.algos import (
     ALGO_CONFIGS,
     DAPOConfig,
     DrGRPOConfig,
+    FusedLinearPolicyLoss,
     GRPOConfig,
     GSPOConfig,
     PolicyLossConfig,
@@ -18,12 +19,12 @@ from rlfuse.algos import (
     policy_loss,
     policy_loss_from_logits,
 )
-from rlfuse.kernels import TokenLogprobs, token_logprobs
+from rlfuse.kernels import TokenLogprobs, linear_token_logprobs, token_logprobs
 
 __version__ = "0.1.0"
 
 __all__ = [
-    "ALGO_CONFIGS", "DAPOConfig", "DrGRPOConfig", "GRPOConfig", "GSPOConfig", "PolicyLossConfig", "ROVERConfig",
+    "ALGO_CONFIGS", "DAPOConfig", "DrGRPOConfig", "FusedLinearPolicyLoss", "GRPOConfig", "GSPOConfig", "PolicyLossConfig", "ROVERConfig",
     "TOPRConfig", "TokenLogprobs", "compute_advantages", "get_config", "group_advantages", "policy_loss",
-    "policy_loss_from_logits", "token_logprobs",
+    "linear_token_logprobs", "policy_loss_from_logits", "token_logprobs",
 ]

@@ -16,11 +16,12 @@ from rlfuse.algos.configs import (
     get_config,
 )
 from rlfuse.algos.fused import policy_loss_from_logits
+from rlfuse.algos.fused_linear import FusedLinearPolicyLoss
 from rlfuse.algos.losses import aggregate_loss, kl_penalty, masked_mean
 from rlfuse.algos.policy_loss import policy_loss
 
 __all__ = [
-    "ALGO_CONFIGS", "DAPOConfig", "DrGRPOConfig", "GRPOConfig", "GSPOConfig", "PolicyLossConfig", "ROVERConfig",
+    "ALGO_CONFIGS", "DAPOConfig", "FusedLinearPolicyLoss", "DrGRPOConfig", "GRPOConfig", "GSPOConfig", "PolicyLossConfig", "ROVERConfig",
     "TOPRConfig", "aggregate_loss", "compute_advantages", "get_config", "group_advantages", "kl_penalty",
     "masked_mean", "policy_loss", "policy_loss_from_logits",
 ]

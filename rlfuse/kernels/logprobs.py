@@ -28,31 +28,37 @@ class TokenLogprobs(NamedTuple):
 def check_logits_targets(logits: torch.Tensor, targets: torch.Tensor, temperature: float) -> None:
     """Validate the inputs of a log-prob op; raise ``TypeError``/``ValueError`` naming the argument.
 
-    Checks dtypes (floating logits, integer targets), shapes (``targets.shape == logits.shape[:-1]``),
-    devices, the temperature (finite, > 0) and, for CPU tensors, that targets lie in ``[0, V)`` or equal
-    ``ignore_index`` (-100). On a GPU that check would cost a host sync, so the kernels instead return NaN
-    log-probs for out-of-range ids (never reading out of bounds).
+    Checks that the logits are floating point, then :func:`check_targets` against the logits' leading
+    shape, vocabulary size and device.
     """
     if not isinstance(logits, torch.Tensor) or not logits.is_floating_point():
         raise TypeError(f"logits must be a floating-point tensor (..., V), got {getattr(logits, 'dtype', type(logits))}")
+    if logits.dim() < 1:
+        raise ValueError("logits must have a vocabulary dimension (..., V)")
+    check_targets(targets, tuple(logits.shape[:-1]), logits.shape[-1], logits.device, temperature,
+                  "slice logits as logits[:, :-1] to align them with the next tokens")
+
+
+def check_targets(targets, leading_shape, vocab_size: int, device, temperature: float, hint: str = "") -> None:
+    """Check targets' dtype (integer), shape (``leading_shape``), device, the temperature (finite, > 0) and,
+    for CPU tensors, that ids lie in ``[0, vocab_size)`` or equal ``ignore_index`` (-100). On a GPU that
+    check would cost a host sync, so the kernels instead return NaN log-probs for out-of-range ids (never
+    reading out of bounds). Raises ``TypeError``/``ValueError``.
+    """
     if not isinstance(targets, torch.Tensor) or targets.is_floating_point() or targets.dtype == torch.bool:
         raise TypeError(f"targets must be an integer tensor of token ids, got {getattr(targets, 'dtype', type(targets))}")
-    if logits.dim() < 1 or tuple(targets.shape) != tuple(logits.shape[:-1]):
-        raise ValueError(
-            f"targets shape {tuple(targets.shape)} must equal logits shape without its vocabulary dim "
-            f"{tuple(logits.shape[:-1])}; slice logits as logits[:, :-1] to align them with the next tokens"
-        )
-    if targets.device != logits.device:
-        raise ValueError(f"targets are on {targets.device} but logits on {logits.device}; move both to one device")
+    if tuple(targets.shape) != tuple(leading_shape):
+        raise ValueError(f"targets shape {tuple(targets.shape)} must be {tuple(leading_shape)}; {hint}".rstrip("; "))
+    if targets.device != device:
+        raise ValueError(f"targets are on {targets.device} but the inputs on {device}; move them to one device")
     if not (temperature > 0 and temperature != float("inf")):
         raise ValueError(f"temperature must be a finite number > 0, got {temperature}")
     if targets.numel() and not targets.is_cuda:
-        vocab_size = logits.shape[-1]
         valid = targets != IGNORE_INDEX
-        if bool(((targets < 0) | (targets >= vocab_size))[valid].any()):
-            bad = targets[valid & ((targets < 0) | (targets >= vocab_size))][0].item()
+        outside = ((targets < 0) | (targets >= vocab_size)) & valid
+        if bool(outside.any()):
             raise ValueError(
-                f"targets hold token id {bad}, outside the vocabulary [0, {vocab_size}); "
+                f"targets hold token id {targets[outside][0].item()}, outside the vocabulary [0, {vocab_size}); "
                 f"use {IGNORE_INDEX} for positions to skip"
             )
 

@@ -1,0 +1,173 @@
+"""Log-probs and policy losses from hidden states and the LM head, on both paths (chunked PyTorch and
+Triton under the interpreter), against the materialized float64 reference; plus Liger-Kernel as a peer."""
+
+import pytest
+import torch
+
+from rlfuse import ALGO_CONFIGS, FusedLinearPolicyLoss, get_config, linear_token_logprobs, policy_loss
+from rlfuse.kernels import linear_token_logprobs_reference
+
+F64 = torch.float64
+TOL = {torch.float32: (1e-5, 1e-4), torch.bfloat16: (2e-2, 5e-2)}
+
+
+@pytest.fixture(params=["torch", "triton"])
+def backend(request, monkeypatch):
+    monkeypatch.setenv("RLFUSE_BACKEND", request.param)
+    return request.param
+
+
+def oracle(hidden, weight, bias, targets, temperature):
+    """float64 materialized logits -> (logps, entropy, vocab mean); -100 targets give 0."""
+    z = torch.nn.functional.linear(hidden.to(F64), weight.to(F64), None if bias is None else bias.to(F64))
+    log_probs = torch.log_softmax(z / temperature, dim=-1)
+    keep = targets != -100
+    logps = log_probs.gather(-1, torch.where(keep, targets, 0).unsqueeze(-1)).squeeze(-1)
+    entropy = -(log_probs.exp() * log_probs).sum(-1)
+    zero = torch.zeros((), dtype=F64)
+    return tuple(torch.where(keep, x, zero) for x in (logps, entropy, log_probs.mean(-1)))
+
+
+def make(batch, seq, size_h, vocab, dtype, seed, with_bias=True):
+    gen = torch.Generator().manual_seed(seed)
+    hidden = torch.randn(batch, seq + 1, size_h, generator=gen, dtype=F64).to(dtype).to(F64)
+    weight = (torch.randn(vocab, size_h, generator=gen, dtype=F64) * 3 / size_h ** 0.5).to(dtype).to(F64)
+    bias = torch.randn(vocab, generator=gen, dtype=F64).to(dtype).to(F64) if with_bias else None
+    targets = torch.randint(0, vocab, (batch, seq), generator=gen)
+    targets[0, 1] = -100
+    return hidden, weight, bias, targets, gen
+
+
+def close(actual, expected, dtype):
+    rtol, atol = TOL[dtype]
+    torch.testing.assert_close(actual.to(F64), expected.to(F64), rtol=rtol, atol=atol)
+
+
+@pytest.mark.parametrize("size_h, vocab", [(40, 301), (16, 64), (33, 1000)])  # not multiples of the tiles
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+@pytest.mark.parametrize("with_bias", [True, False])
+def test_values_and_gradients(backend, size_h, vocab, dtype, with_bias):
+    hidden, weight, bias, targets, gen = make(2, 9, size_h, vocab, dtype, seed=size_h + vocab, with_bias=with_bias)
+    leaves = [t.to(dtype).requires_grad_(True) if t is not None else None for t in (hidden, weight, bias)]
+    refs = [t.clone().requires_grad_(True) if t is not None else None for t in (hidden, weight, bias)]
+    # A strided slice, as h[:, P - 1:-1] in training.
+    out = linear_token_logprobs(leaves[0][:, :-1], leaves[1], targets, leaves[2], 0.7, True, True, chunk_size=5)
+    ref = oracle(refs[0][:, :-1], refs[1], refs[2], targets, 0.7)
+    for got, want in zip(out, ref):
+        assert got.dtype == torch.float32 and got.shape == targets.shape
+        close(got, want, dtype)
+    weights = [torch.randn(targets.shape, generator=gen, dtype=F64) for _ in range(3)]
+    sum((o.to(F64) * w).sum() for o, w in zip(out, weights)).backward()
+    sum((r * w).sum() for r, w in zip(ref, weights)).backward()
+    for leaf, ref_leaf in zip(leaves, refs):
+        if leaf is not None:
+            assert leaf.grad.dtype == dtype
+            close(leaf.grad, ref_leaf.grad, dtype)
+
+
+@pytest.mark.parametrize("which", [(True, False, False), (False, True, False), (False, False, True)])
+def test_each_output_alone(backend, which):
+    hidden, weight, bias, targets, gen = make(3, 4, 24, 130, torch.float32, seed=5)
+    leaves = [t.float().requires_grad_(True) for t in (hidden, weight, bias)]
+    refs = [t.clone().requires_grad_(True) for t in (hidden, weight, bias)]
+    out = linear_token_logprobs(leaves[0][:, 1:], leaves[1], targets, leaves[2], 1.0, True, True)
+    ref = oracle(refs[0][:, 1:], refs[1], refs[2], targets, 1.0)
+    sum(o.sum() for o, w in zip(out, which) if w).backward()
+    sum(r.sum() for r, w in zip(ref, which) if w).backward()
+    for leaf, ref_leaf in zip(leaves, refs):
+        close(leaf.grad, ref_leaf.grad, torch.float32)
+
+
+def test_tied_embedding_gets_both_gradients(backend):
+    """The LM head is the input embedding: its gradient is the sum of both uses."""
+    gen = torch.Generator().manual_seed(3)
+    vocab, size_h = 97, 24
+    table = torch.randn(vocab, size_h, generator=gen, dtype=F64) * 0.3
+    ids = torch.randint(0, vocab, (2, 6), generator=gen)
+    targets = torch.randint(0, vocab, (2, 5), generator=gen)
+    leaf, ref_leaf = table.float().requires_grad_(True), table.clone().requires_grad_(True)
+    hidden = torch.tanh(torch.nn.functional.embedding(ids, leaf))[:, :-1]
+    linear_token_logprobs(hidden, leaf, targets).sum().backward()
+    ref_hidden = torch.tanh(torch.nn.functional.embedding(ids, ref_leaf))[:, :-1]
+    oracle(ref_hidden, ref_leaf, None, targets, 1.0)[0].sum().backward()
+    close(leaf.grad, ref_leaf.grad, torch.float32)
+
+
+def test_flat_inputs_and_errors(backend):
+    hidden, weight, bias, targets, _ = make(1, 7, 16, 50, torch.float32, seed=1)
+    flat = linear_token_logprobs(hidden[0, :7].float(), weight.float(), targets[0])
+    close(flat, oracle(hidden[0, :7], weight, None, targets[0], 1.0)[0], torch.float32)
+    with pytest.raises(ValueError, match="hidden_states"):
+        linear_token_logprobs(hidden[..., :5].float(), weight.float(), targets)
+    with pytest.raises(TypeError, match="share a dtype"):
+        linear_token_logprobs(hidden[:, :-1].float(), weight.to(torch.bfloat16), targets)
+    with pytest.raises(ValueError, match="outside the vocabulary"):
+        linear_token_logprobs(hidden[:, :-1].float(), weight.float(), torch.full_like(targets, 50))
+    with pytest.raises(ValueError, match="targets shape"):
+        linear_token_logprobs(hidden.float(), weight.float(), targets)
+
+
+CONFIGS = [pytest.param(cls(), id=name) for name, cls in ALGO_CONFIGS.items()] + [
+    pytest.param(get_config("grpo", beta=0.05, kl_estimator="k3", clip_ratio_c=3.0), id="grpo-kl-dual"),
+    pytest.param(get_config("topr", importance_sampling_level="sequence"), id="topr-sequence"),
+]
+
+
+@pytest.mark.parametrize("config", CONFIGS)
+def test_fused_linear_policy_loss_matches_materialized(backend, config):
+    hidden, weight, bias, targets, gen = make(4, 6, 20, 150, torch.float32, seed=len(config.algo))
+    with torch.no_grad():
+        logps, _, vocab_mean = oracle(hidden[:, :-1], weight, bias, targets, 0.7)
+    old = (logps + 0.2 * torch.randn(logps.shape, generator=gen, dtype=F64)).float()
+    ref_logps = (logps + 0.1 * torch.randn(logps.shape, generator=gen, dtype=F64)).float()
+    old_vocab_mean = (vocab_mean + 0.05).float()
+    advantages = torch.randn(4, generator=gen)
+    mask = torch.rand(4, 6, generator=gen) > 0.2
+    mask[2] = False  # a fully masked row
+    leaves = [t.float().requires_grad_(True) for t in (hidden, weight, bias)]
+    loss, metrics = FusedLinearPolicyLoss(config, temperature=0.7, chunk_size=7)(
+        leaves[0][:, :-1], leaves[1], targets, old, advantages, mask, ref_logps=ref_logps,
+        old_vocab_mean=old_vocab_mean, bias=leaves[2])
+    refs = [t.clone().requires_grad_(True) for t in (hidden, weight, bias)]
+    r_logps, r_entropy, r_vmean = oracle(refs[0][:, :-1], refs[1], refs[2], targets, 0.7)
+    want, want_metrics = policy_loss(r_logps, old.to(F64), advantages.to(F64), mask, config=config,
+                                     ref_logps=ref_logps.to(F64), vocab_mean=r_vmean,
+                                     old_vocab_mean=old_vocab_mean.to(F64))
+    close(loss, want, torch.float32)
+    for name in ("clip_frac", "kl", "ratio_mean"):
+        close(metrics[name], want_metrics[name], torch.float32)
+    close(metrics["entropy"], r_entropy.detach()[mask].mean(), torch.float32)
+    loss.backward()
+    want.backward()
+    for leaf, ref_leaf in zip(leaves, refs):
+        close(leaf.grad, ref_leaf.grad, torch.float32)
+
+
+@pytest.mark.parametrize("algo, loss_type", [("grpo", "grpo"), ("dapo", "dapo"), ("dr_grpo", "dr_grpo")])
+def test_matches_liger_fused_linear_grpo_loss(algo, loss_type, monkeypatch):
+    """Same inputs, same loss and gradients as Liger-Kernel's LigerFusedLinearGRPOLoss (its CPU path)."""
+    chunked_loss = pytest.importorskip("liger_kernel.chunked_loss")
+    monkeypatch.setenv("RLFUSE_BACKEND", "torch")
+    config = get_config(algo)
+    hidden, weight, _, targets, gen = make(3, 5, 16, 50, torch.float32, seed=11)
+    targets[0, 1] = 3  # Liger has no ignore_index; the mask does the skipping
+    mask = torch.ones(3, 5, dtype=torch.long)
+    mask[1, 3:] = 0
+    advantages = torch.randn(3, generator=gen)
+    with torch.no_grad():
+        old = (oracle(hidden[:, :-1], weight, None, targets, 0.7)[0]
+               + 0.1 * torch.randn(3, 5, generator=gen, dtype=F64)).float()
+    liger = chunked_loss.LigerFusedLinearGRPOLoss(
+        beta=0.0, compiled=False, use_ref_model=False, epsilon_low=config.epsilon_low,
+        epsilon_high=config.epsilon_high, loss_type=loss_type, max_completion_length=5, temperature=0.7)
+    grads = []
+    for run in ("liger", "rlfuse"):
+        h, w = hidden[:, :-1].float().clone().requires_grad_(True), weight.float().clone().requires_grad_(True)
+        if run == "liger":
+            loss = liger(h, w, targets, mask, advantages, old_per_token_logps=old)[0]
+        else:
+            loss = FusedLinearPolicyLoss(config, temperature=0.7)(h, w, targets, old, advantages, mask)[0]
+        loss.backward()
+        grads.append((loss.detach(), h.grad, w.grad))
+    for ours, theirs in zip(grads[1], grads[0]):
+        torch.testing.assert_close(ours, theirs, rtol=1e-5, atol=1e-6)
