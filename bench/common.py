@@ -2,7 +2,9 @@
 
 from __future__ import annotations
 
+import contextlib
 import json
+import os
 import platform
 import statistics
 import time
@@ -163,3 +165,17 @@ def report(name: str, device: torch.device, rows: List[Dict], out_dir: str) -> P
                        "fwd_bwd_pct_copy_bw", "peak_mem_bytes", "error"])
     print(f"wrote {path}")
     return path
+
+
+@contextlib.contextmanager
+def backend(name: str):
+    """Force ``RLFUSE_BACKEND`` (``triton`` or ``torch``) for the duration of a call."""
+    previous = os.environ.get("RLFUSE_BACKEND")
+    os.environ["RLFUSE_BACKEND"] = name
+    try:
+        yield
+    finally:
+        if previous is None:
+            os.environ.pop("RLFUSE_BACKEND")
+        else:
+            os.environ["RLFUSE_BACKEND"] = previous

@@ -8,7 +8,6 @@ it, and Liger-Kernel's Triton GRPO loss. ``python -m bench.policy_loss [--full] 
 
 from __future__ import annotations
 
-import contextlib
 import os
 from dataclasses import dataclass
 from typing import Optional
@@ -20,7 +19,7 @@ if not torch.cuda.is_available():
 
 import tyro
 
-from bench.common import bench_impls, pick_device, report
+from bench.common import backend, bench_impls, pick_device, report
 from rlfuse.algos import get_config, policy_loss_from_logits
 
 FULL_SHAPES = [(b, 1024, v) for b in (8, 32) for v in (32000, 128256, 151936, 262144)]
@@ -39,20 +38,6 @@ class Args:
     """cuda or cpu (default: cuda when available)."""
     out_dir: str = "bench/results"
     """Where the JSON goes."""
-
-
-@contextlib.contextmanager
-def backend(name: str):
-    """Force ``RLFUSE_BACKEND`` for the duration of a call."""
-    previous = os.environ.get("RLFUSE_BACKEND")
-    os.environ["RLFUSE_BACKEND"] = name
-    try:
-        yield
-    finally:
-        if previous is None:
-            os.environ.pop("RLFUSE_BACKEND")
-        else:
-            os.environ["RLFUSE_BACKEND"] = previous
 
 
 def implementations(device, config, old_logps, advantages, mask):

@@ -34,3 +34,34 @@ def test_policy_loss_benchmark_smoke(tmp_path, monkeypatch, algo):
     for row in rows.values():
         assert "error" not in row, row
         assert row["fwd_bwd_ms"] > 0 and row["fwd_bwd_bytes"] == 2 * 16 * 300 * 2 + 16 * 13
+
+
+def test_linear_benchmark_smoke(tmp_path, monkeypatch):
+    from bench import linear
+
+    monkeypatch.setattr(linear, "SMOKE_SHAPES", [(32, 32, 200)])
+    # The memory check runs in its own process in the next test.
+    monkeypatch.setattr(linear, "memory_check", lambda: {"peak_extra_bytes": 0, "fp32_logits_bytes": 0})
+    linear.main(linear.Args(device="cpu", out_dir=str(tmp_path)))
+    rows = load_rows_plain(tmp_path, "linear")
+    assert set(rows) == {"rlfuse-fused-linear-triton", "rlfuse-fused-linear-torch-chunked", "materialized+rlfuse-logits"}
+    for row in rows.values():
+        assert "error" not in row, row
+        assert row["fwd_bwd_flops"] == 8 * 32 * 32 * 200 and row["fwd_bwd_tflops"] > 0
+
+
+def test_linear_memory_check_stays_far_below_fp32_logits():
+    """N = 4096 tokens, V = 131072: fp32 logits would take 2 GiB; the chunked path must not come near."""
+    import subprocess
+    import sys
+
+    out = subprocess.run([sys.executable, "-m", "bench.linear", "--memory-check"], capture_output=True, text=True,
+                         timeout=600, check=True)
+    check = json.loads(out.stdout.strip().splitlines()[-1])
+    assert check["fp32_logits_bytes"] == 4096 * 131072 * 4
+    assert 0 < check["peak_extra_bytes"] < check["fp32_logits_bytes"] / 4, check
+
+
+def load_rows_plain(folder, prefix):
+    (path,) = folder.glob(f"{prefix}-*.json")
+    return {row["impl"]: row for row in json.loads(path.read_text())["rows"]}

@@ -36,3 +36,16 @@ def test_training_logprobs_match_sampler_scores(smollm2_dir):
             logits = model(full).logits[0, len(prompt) - 1: -1].float() / 0.7
             expected = torch.log_softmax(logits, -1).gather(-1, completion[:, None])[:, 0]
             torch.testing.assert_close(logps[row][: len(completion)], expected, rtol=1e-4, atol=1e-4)
+
+
+def test_fused_linear_logprobs_equal_logits_path(smollm2_dir):
+    model, tokenizer = load_model_and_tokenizer(smollm2_dir)
+    rollout = HFRollout(model, tokenizer)
+    torch.manual_seed(1)
+    batch = rollout.generate([tokenizer("Count to three:")["input_ids"], tokenizer("Hi")["input_ids"]],
+                             num_generations=2, max_new_tokens=5, temperature=0.7)
+    with torch.no_grad():
+        via_logits = completion_logprobs(model, batch, 0.7, True, True, loss_impl="logits")
+        fused = completion_logprobs(model, batch, 0.7, True, True, loss_impl="fused_linear")
+    for a, b in zip(fused, via_logits):
+        torch.testing.assert_close(a, b, rtol=1e-4, atol=1e-4)

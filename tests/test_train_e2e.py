@@ -78,10 +78,10 @@ def test_algo_trains_checkpoints_and_resumes(algo, smollm2_dir, tmp_path, noisy_
     assert checkpoint_step(out) == 3
 
 
-def test_kl_reference_and_multiple_iterations(smollm2_dir, tmp_path, noisy_rewards):
+def test_kl_reference_and_multiple_iterations_on_the_logits_path(smollm2_dir, tmp_path, noisy_rewards):
     out = tmp_path / "kl"
     args = ["train", "--algo", "grpo", "--model", smollm2_dir, *TINY, "--output-dir", str(out), "--steps", "1",
-            "--beta", "0.04", "--kl-estimator", "k3", "--num-iterations", "3"]
+            "--beta", "0.04", "--kl-estimator", "k3", "--num-iterations", "3", "--loss-impl", "logits"]
     assert main(args) == 0
     (record,) = read_metrics(out)
     assert record["kl"] is not None and record["kl"] >= 0  # k3 is non-negative

@@ -15,7 +15,7 @@ import torch
 from rlfuse.algos.configs import PolicyLossConfig
 from rlfuse.algos.losses import masked_mean
 from rlfuse.algos.policy_loss import policy_loss
-from rlfuse.kernels.linear_logprobs import CHUNK_SIZE, linear_token_logprobs
+from rlfuse.kernels.linear_logprobs import linear_token_logprobs
 
 
 class FusedLinearPolicyLoss(torch.nn.Module):
@@ -24,10 +24,10 @@ class FusedLinearPolicyLoss(torch.nn.Module):
     Args:
         config: a :class:`PolicyLossConfig` (``GRPOConfig()``, ``DAPOConfig()``, ``ROVERConfig()``, ...).
         temperature: the sampling temperature; logits are divided by it.
-        chunk_size: tokens per chunk on the PyTorch (CPU) path.
+        chunk_size: tokens per chunk on the PyTorch (CPU) path (default: sized to the vocabulary).
     """
 
-    def __init__(self, config: PolicyLossConfig, temperature: float = 1.0, chunk_size: int = CHUNK_SIZE):
+    def __init__(self, config: PolicyLossConfig, temperature: float = 1.0, chunk_size: Optional[int] = None):
         super().__init__()
         if not isinstance(config, PolicyLossConfig):
             raise TypeError(f"config must be a PolicyLossConfig such as GRPOConfig(), got {type(config).__name__}")
@@ -38,7 +38,7 @@ class FusedLinearPolicyLoss(torch.nn.Module):
         hidden_states: torch.Tensor,
         lm_head_weight: torch.Tensor,
         targets: torch.Tensor,
-        old_logps: torch.Tensor,
+        old_logps: Optional[torch.Tensor],
         advantages: torch.Tensor,
         completion_mask: torch.Tensor,
         ref_logps: Optional[torch.Tensor] = None,
@@ -52,8 +52,9 @@ class FusedLinearPolicyLoss(torch.nn.Module):
                 slices such as ``h[:, P - 1:-1]`` are read in place).
             lm_head_weight: (V, H), the same dtype; tied embeddings receive this gradient too.
             targets: (B, T) int64 completion token ids.
-            old_logps, advantages, completion_mask, ref_logps: as :func:`rlfuse.algos.policy_loss`.
-            old_vocab_mean: (B, T) float32, ROVER only.
+            old_logps, advantages, completion_mask, ref_logps: as :func:`rlfuse.algos.policy_loss`;
+                ``old_logps=None`` means on-policy (one update per batch): the current log-probs, detached.
+            old_vocab_mean: (B, T) float32, ROVER only; None means on-policy, like ``old_logps``.
             bias: optional (V,) LM-head bias.
 
         Returns:
@@ -66,6 +67,10 @@ class FusedLinearPolicyLoss(torch.nn.Module):
         rover = self.config.loss_type == "rover"
         out = linear_token_logprobs(hidden_states, lm_head_weight, targets, bias, self.temperature,
                                     return_entropy=True, return_vocab_mean=rover, chunk_size=self.chunk_size)
+        if old_logps is None:
+            old_logps = out.logps.detach()
+        if rover and old_vocab_mean is None:
+            old_vocab_mean = out.vocab_mean.detach()
         loss, metrics = policy_loss(out.logps, old_logps, advantages, completion_mask, config=self.config,
                                     ref_logps=ref_logps, vocab_mean=out.vocab_mean, old_vocab_mean=old_vocab_mean)
         metrics["entropy"] = masked_mean(out.entropy.detach(), completion_mask.bool())

@@ -53,6 +53,9 @@ class TrainArgs:
     """Optimizer steps on each sampled batch (mu); above 1 the clip becomes active."""
     max_grad_norm: float = 1.0
     """Gradient clipping by global norm."""
+    loss_impl: Literal["fused_linear", "logits"] = "fused_linear"
+    """fused_linear: log-probs and loss from hidden states and the LM head, logits never materialized;
+    logits: the model's logits, then the log-prob op."""
     format_reward: float = 0.1
     """Reward added when a completion ends with exactly one '#### <number>' line."""
 

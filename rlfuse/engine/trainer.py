@@ -14,7 +14,7 @@ import numpy as np
 import torch
 from tqdm.auto import tqdm
 
-from rlfuse.algos import compute_advantages, policy_loss
+from rlfuse.algos import FusedLinearPolicyLoss, compute_advantages, policy_loss
 from rlfuse.engine.args import TrainArgs
 from rlfuse.engine.checkpoint import find_checkpoint, load_training_state, save_checkpoint
 from rlfuse.engine.data import Example, build_prompt, load_gsm8k
@@ -22,23 +22,51 @@ from rlfuse.engine.metrics import METRICS_FILE, MetricsLog
 from rlfuse.engine.model import load_model_and_tokenizer, resolve_dtype
 from rlfuse.engine.rewards import gsm8k_rewards
 from rlfuse.engine.rollout import HFRollout, RolloutBatch
-from rlfuse.kernels import TokenLogprobs, token_logprobs
+from rlfuse.kernels import TokenLogprobs, linear_token_logprobs, token_logprobs
 
 
-def completion_logprobs(model, batch: RolloutBatch, temperature: float, return_entropy: bool = False,
-                        return_vocab_mean: bool = False):
-    """:class:`TokenLogprobs` (B, T) float32 of ``batch.completion_ids`` under ``model`` at ``temperature``.
-
-    Runs one forward over prompt + completion, keeps only the T logits that predict completion tokens,
-    and returns :func:`rlfuse.kernels.token_logprobs` of them.
-    """
+def _forward_inputs(batch: RolloutBatch):
     input_ids = torch.cat([batch.prompt_ids, batch.completion_ids], dim=1)
     attention_mask = torch.cat([batch.prompt_mask, batch.completion_mask.long()], dim=1)
     position_ids = (attention_mask.cumsum(-1) - 1).clamp(min=0)
+    return {"input_ids": input_ids, "attention_mask": attention_mask, "position_ids": position_ids}
+
+
+def completion_hidden_states(model, batch: RolloutBatch):
+    """(hidden (B, T, H), lm_head weight (V, H), bias or None): the last hidden states that predict the T
+    completion tokens (a strided view, never copied) and the LM head, for the fused-linear loss.
+
+    Raises:
+        ValueError: a model whose logits are not a plain linear map of the hidden states (logit soft-capping
+            or scaling); use ``--loss-impl logits`` for it.
+    """
+    config = model.config
+    for name in ("final_logit_softcapping", "logit_scale", "logits_scaling"):
+        if getattr(config, name, None) not in (None, 1, 1.0):
+            raise ValueError(f"the model applies {name} to its logits, which the fused-linear loss does not; "
+                             "pass --loss-impl logits")
+    hidden = model.get_decoder()(**_forward_inputs(batch)).last_hidden_state
     num_completion = batch.completion_ids.shape[1]
-    logits = model(input_ids=input_ids, attention_mask=attention_mask, position_ids=position_ids,
-                   logits_to_keep=num_completion + 1).logits[:, :-1]
-    out = token_logprobs(logits, batch.completion_ids, temperature, return_entropy, return_vocab_mean)
+    head = model.get_output_embeddings()
+    return hidden[:, -num_completion - 1:-1], head.weight, head.bias
+
+
+def completion_logprobs(model, batch: RolloutBatch, temperature: float, return_entropy: bool = False,
+                        return_vocab_mean: bool = False, loss_impl: str = "logits") -> TokenLogprobs:
+    """:class:`TokenLogprobs` (B, T) float32 of ``batch.completion_ids`` under ``model`` at ``temperature``.
+
+    ``loss_impl="logits"`` runs the model to its logits (only the T positions that predict completion
+    tokens) and :func:`rlfuse.kernels.token_logprobs`; ``"fused_linear"`` stops at the hidden states and
+    uses :func:`rlfuse.kernels.linear_token_logprobs`, never materializing the logits.
+    """
+    if loss_impl == "fused_linear":
+        hidden, weight, bias = completion_hidden_states(model, batch)
+        out = linear_token_logprobs(hidden, weight, batch.completion_ids, bias, temperature, return_entropy,
+                                    return_vocab_mean)
+    else:
+        num_completion = batch.completion_ids.shape[1]
+        logits = model(**_forward_inputs(batch), logits_to_keep=num_completion + 1).logits[:, :-1]
+        out = token_logprobs(logits, batch.completion_ids, temperature, return_entropy, return_vocab_mean)
     return out if isinstance(out, TokenLogprobs) else TokenLogprobs(out, None, None)
 
 
@@ -79,6 +107,7 @@ class Trainer:
         self.output_dir.mkdir(parents=True, exist_ok=True)
         self.optimizer = torch.optim.AdamW(self.model.parameters(), lr=args.learning_rate, weight_decay=0.0)
         self.rollout = HFRollout(self.model, self.tokenizer)
+        self.fused_linear_loss = FusedLinearPolicyLoss(self.config, temperature=args.temperature)
         self.log = MetricsLog(self.output_dir)
         self.start_step = 0
         if checkpoint is not None:
@@ -141,24 +170,19 @@ class Trainer:
         old = ref_logps = None
         with torch.no_grad():
             if args.num_iterations > 1:
-                old = completion_logprobs(self.model, batch, args.temperature, return_vocab_mean=rover)
+                old = completion_logprobs(self.model, batch, args.temperature, return_vocab_mean=rover,
+                                          loss_impl=args.loss_impl)
             if self.ref_model is not None:
-                ref_logps = completion_logprobs(self.ref_model, batch, args.temperature).logps
+                ref_logps = completion_logprobs(self.ref_model, batch, args.temperature,
+                                                loss_impl=args.loss_impl).logps
         time_logprobs = time.perf_counter() - start
 
         start = time.perf_counter()
         for _ in range(args.num_iterations):
-            out = completion_logprobs(self.model, batch, args.temperature, True, rover)
-            # Entropy is only logged and V̄ enters ROVER's target under stop-gradient: detaching both
-            # frees their (B, T, V) autograd buffers before the backward.
-            logps, entropy = out.logps, out.entropy.detach()
-            vocab_mean = out.vocab_mean.detach() if rover else None
-            del out
-            # With one update per batch the sampling policy is the current one: old = current, detached.
-            old_logps = logps.detach() if old is None else old.logps
-            old_vocab_mean = (vocab_mean if old is None else old.vocab_mean) if rover else None
-            loss, metrics = policy_loss(logps, old_logps, advantages, batch.completion_mask, config=config,
-                                        ref_logps=ref_logps, vocab_mean=vocab_mean, old_vocab_mean=old_vocab_mean)
+            # None means on-policy: one update per batch, so the sampling policy is the current one.
+            old_logps = None if old is None else old.logps
+            old_vocab_mean = None if old is None else old.vocab_mean
+            loss, metrics = self._loss(batch, advantages, old_logps, ref_logps, old_vocab_mean)
             self.optimizer.zero_grad(set_to_none=True)
             loss.backward()
             grad_norm = torch.nn.utils.clip_grad_norm_(self.model.parameters(), args.max_grad_norm)
@@ -166,7 +190,6 @@ class Trainer:
         time_update = time.perf_counter() - start
 
         mask = batch.completion_mask
-        entropy = (entropy * mask).sum() / mask.sum().clamp(min=1)
         elapsed = time_rollout + time_logprobs + time_update
         return {
             "step": step,
@@ -179,13 +202,35 @@ class Trainer:
             "kl": metrics["kl"].item() if metrics["kl"] is not None and config.beta > 0 else None,
             "clip_frac": metrics["clip_frac"].item(),
             "ratio_mean": metrics["ratio_mean"].item(),
-            "entropy": entropy.item(),
+            "entropy": metrics["entropy"].item(),
             "grad_norm": grad_norm.item(),
             "tokens_per_s": batch.num_completion_tokens / elapsed,
             "time_rollout": time_rollout,
             "time_logprobs": time_logprobs,
             "time_update": time_update,
         }
+
+    def _loss(self, batch: RolloutBatch, advantages, old_logps, ref_logps, old_vocab_mean):
+        """The policy loss and its metrics (with ``entropy``) through ``--loss-impl``."""
+        config, temperature = self.config, self.args.temperature
+        rover = config.loss_type == "rover"
+        if self.args.loss_impl == "fused_linear":
+            hidden, weight, bias = completion_hidden_states(self.model, batch)
+            return self.fused_linear_loss(hidden, weight, batch.completion_ids, old_logps, advantages,
+                                          batch.completion_mask, ref_logps, old_vocab_mean, bias)
+        out = completion_logprobs(self.model, batch, temperature, True, rover)
+        # Entropy is only logged and V̄ enters ROVER's target under stop-gradient: detaching both frees
+        # their (B, T, V) autograd buffers before the backward.
+        logps, entropy = out.logps, out.entropy.detach()
+        vocab_mean = out.vocab_mean.detach() if rover else None
+        del out
+        if old_logps is None:
+            old_logps, old_vocab_mean = logps.detach(), vocab_mean
+        loss, metrics = policy_loss(logps, old_logps, advantages, batch.completion_mask, config=config,
+                                    ref_logps=ref_logps, vocab_mean=vocab_mean, old_vocab_mean=old_vocab_mean)
+        mask = batch.completion_mask
+        metrics["entropy"] = (entropy * mask).sum() / mask.sum().clamp(min=1)
+        return loss, metrics
 
     @torch.no_grad()
     def evaluate(self, batch_size: int = 16) -> float:

@@ -19,7 +19,12 @@ import torch
 from rlfuse.kernels.dispatch import use_triton
 from rlfuse.kernels.logprobs import IGNORE_INDEX, TokenLogprobs, check_targets, token_logprobs_reference
 
-CHUNK_SIZE = 1024
+CHUNK_ELEMENTS = 1 << 23  # logits per chunk on the PyTorch path: 32 MiB of fp32 per temporary
+
+
+def default_chunk_size(vocab_size: int) -> int:
+    """Tokens per chunk so that a chunk's fp32 logits hold at most :data:`CHUNK_ELEMENTS` values."""
+    return max(1, min(4096, CHUNK_ELEMENTS // max(vocab_size, 1)))
 
 
 def check_linear_inputs(hidden_states, weight, targets, bias, temperature) -> None:
@@ -123,7 +128,7 @@ def linear_token_logprobs(
     temperature: float = 1.0,
     return_entropy: bool = False,
     return_vocab_mean: bool = False,
-    chunk_size: int = CHUNK_SIZE,
+    chunk_size: Optional[int] = None,
 ):
     """log_softmax((hidden_states @ lm_head_weight.T + bias) / temperature) at the targets, never materialized.
 
@@ -134,7 +139,8 @@ def linear_token_logprobs(
         bias: optional (V,).
         temperature: divides the logits, > 0.
         return_entropy, return_vocab_mean: also return the entropy (nats) and mean_v log p_v.
-        chunk_size: tokens per chunk on the PyTorch path (its extra memory is O(chunk_size x V) floats).
+        chunk_size: tokens per chunk on the PyTorch path (its extra memory is O(chunk_size x V) floats);
+            default :func:`default_chunk_size`.
 
     Returns:
         ``logps`` shaped like ``targets``, float32, when no optional output is requested; otherwise a
@@ -154,7 +160,8 @@ def linear_token_logprobs(
         outs = LinearLogprobsFunction.apply(hidden_states, lm_head_weight, bias, flat_targets, float(temperature))
     else:
         outs = ChunkedLinearLogprobsFunction.apply(hidden_2d, lm_head_weight, bias, flat_targets,
-                                                   float(temperature), int(chunk_size))
+                                                   float(temperature),
+                                                   int(chunk_size or default_chunk_size(lm_head_weight.shape[0])))
     logps, entropy, vocab_mean = (out.view(targets.shape) for out in outs)
     if not (return_entropy or return_vocab_mean):
         return logps

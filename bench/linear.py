@@ -1,0 +1,173 @@
+"""Benchmark log-probs from hidden states and the LM head (``linear_token_logprobs``), forward and
+forward+backward, against the bare GEMM of the same FLOPs and the peers that are installed.
+
+Per shape: median time, FLOPs (2·M·H·V forward; 8·M·H·V forward+backward, the backward recomputing the
+logits), TFLOP/s and its percentage of a bare ``torch.matmul`` of the same FLOPs measured in the same run,
+and peak memory above inputs and gradients. Peers: materialized logits plus rlfuse's logits kernel,
+torch.compile of the reference, Liger-Kernel's ``LigerFusedLinearGRPOLoss``, Cut Cross-Entropy's
+``linear_cross_entropy`` (cross-entropy only).
+
+``python -m bench.linear [--full]``. Without a GPU it runs a smoke shape through Triton's interpreter and
+the memory check (``--memory-check``): N = 4096 tokens, V = 131072 must stay far below the 2 GiB that
+fp32 logits would take.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import resource
+from dataclasses import dataclass
+from typing import Optional
+
+import torch
+
+if not torch.cuda.is_available():
+    os.environ.setdefault("TRITON_INTERPRET", "1")  # must precede the first triton import
+
+import tyro
+
+from bench.common import backend, device_name, median_time_s, peak_memory_bytes, print_table, sync, write_results
+from rlfuse.kernels import linear_token_logprobs, token_logprobs
+
+FULL_SHAPES = [(m, h, v) for m in (8192, 32768) for h in (896, 2048, 4096) for v in (32000, 128256, 151936)]
+SMOKE_SHAPES = [(64, 64, 1000)]
+
+
+@dataclass
+class Args:
+    """Benchmark options."""
+
+    full: bool = False
+    """The full shapes (M = 8192, 32768 x H = 896 ... 4096 x V = 32000 ... 151936) instead of the smoke one."""
+    memory_check: bool = False
+    """Only the CPU memory check (N = 4096, V = 131072), printed as JSON."""
+    device: Optional[str] = None
+    """cuda or cpu (default: cuda when available)."""
+    out_dir: str = "bench/results"
+    """Where the JSON goes."""
+
+
+def implementations(device: torch.device):
+    """name -> f(hidden, weight, targets) returning (logps, entropy); missing peers are left out."""
+    def fused(name):
+        def run(h, w, y):
+            with backend(name):
+                return tuple(linear_token_logprobs(h, w, y, return_entropy=True)[:2])
+        return run
+
+    impls = {
+        "rlfuse-fused-linear-triton": fused("triton"),
+        "rlfuse-fused-linear-torch-chunked": fused("torch"),
+        "materialized+rlfuse-logits": lambda h, w, y: tuple(token_logprobs(h @ w.T, y, return_entropy=True)[:2]),
+    }
+    if device.type != "cuda":
+        return impls
+    reference = torch.compile(lambda h, w, y: tuple(token_logprobs(h @ w.T, y, return_entropy=True)[:2]))
+    impls["torch-compile"] = reference
+    try:
+        from liger_kernel.chunked_loss import LigerFusedLinearGRPOLoss
+
+        liger = LigerFusedLinearGRPOLoss(beta=0.0, use_ref_model=False, loss_type="dapo")
+
+        def liger_loss(h, w, y):
+            mask = torch.ones_like(y)
+            return (liger(h.view(1, *h.shape), w, y.view(1, -1), mask.view(1, -1), torch.ones(1, device=h.device))[0],)
+
+        impls["liger-fused-linear-grpo"] = liger_loss
+    except ImportError:
+        pass
+    try:
+        from cut_cross_entropy import linear_cross_entropy
+
+        impls["cce-linear-cross-entropy"] = lambda h, w, y: (linear_cross_entropy(h, w, y),)
+    except ImportError:
+        pass
+    return impls
+
+
+def gemm_tflops(m: int, h: int, v: int, device: torch.device, dtype: torch.dtype) -> float:
+    """Measured TFLOP/s of a bare (M, H) @ (H, V) matmul: the ceiling the fused kernels are judged by."""
+    a = torch.randn(m, h, device=device, dtype=dtype)
+    b = torch.randn(h, v, device=device, dtype=dtype)
+    return 2 * m * h * v / median_time_s(lambda: a @ b, device) / 1e12
+
+
+def bench_shape(name, fn, m, h, v, device, dtype, ceiling) -> dict:
+    """One implementation at one shape: a result row (an error is recorded, not raised)."""
+    gen = torch.Generator(device=device).manual_seed(0)
+    hidden = torch.randn(m, h, device=device, dtype=dtype, generator=gen).requires_grad_(True)
+    weight = (torch.randn(v, h, device=device, dtype=dtype, generator=gen) / h ** 0.5).requires_grad_(True)
+    targets = torch.randint(0, v, (m,), device=device, generator=gen)
+
+    def forward():
+        with torch.no_grad():
+            return fn(hidden, weight, targets)
+
+    def forward_backward():
+        sum(out.float().sum() for out in fn(hidden, weight, targets)).backward()
+        hidden.grad = weight.grad = None
+        sync(device)
+
+    row = {"impl": name, "m_tokens": m, "hidden": h, "vocab": v, "dtype": str(dtype).replace("torch.", "")}
+    try:
+        t_fwd, t_fb = median_time_s(forward, device), median_time_s(forward_backward, device)
+    except Exception as error:  # a peer that cannot run this shape is reported, not fatal
+        row["error"] = f"{type(error).__name__}: {error}"[:300]
+        return row
+    flops_fwd, flops_fb = 2 * m * h * v, 8 * m * h * v
+    grads_bytes = (hidden.numel() + weight.numel()) * hidden.element_size()
+    row.update({
+        "fwd_ms": t_fwd * 1e3, "fwd_bwd_ms": t_fb * 1e3, "fwd_flops": flops_fwd, "fwd_bwd_flops": flops_fb,
+        "fwd_tflops": flops_fwd / t_fwd / 1e12, "fwd_bwd_tflops": flops_fb / t_fb / 1e12,
+        "fwd_bwd_pct_gemm": 100 * flops_fb / t_fb / 1e12 / ceiling,
+        "peak_extra_mem_bytes": peak_memory_bytes(forward_backward, device) - grads_bytes
+        if device.type == "cuda" else -1,
+    })
+    return row
+
+
+def memory_check(n: int = 4096, h: int = 64, v: int = 131072) -> dict:
+    """Forward+backward on the CPU path; peak RSS growth beyond inputs and gradients, against fp32 logits."""
+    hidden = torch.randn(n, h).requires_grad_(True)
+    weight = (torch.randn(v, h) / h ** 0.5).requires_grad_(True)
+    targets = torch.randint(0, v, (n,))
+    inputs_and_grads = 2 * (hidden.numel() + weight.numel()) * 4
+    base = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024
+    out = linear_token_logprobs(hidden, weight, targets, return_entropy=True)
+    (out.logps.sum() + out.entropy.sum()).backward()
+    peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024
+    return {"n_tokens": n, "hidden": h, "vocab": v, "fp32_logits_bytes": n * v * 4,
+            "peak_extra_bytes": peak - base - inputs_and_grads // 2, "inputs_and_grads_bytes": inputs_and_grads}
+
+
+def main(args: Args) -> None:
+    """Run the benchmark (or only the memory check) and write ``bench/results/linear-<device>.json``."""
+    if args.memory_check:
+        print(json.dumps(memory_check()))
+        return
+    device = torch.device(args.device or ("cuda" if torch.cuda.is_available() else "cpu"))
+    dtype = torch.bfloat16 if device.type == "cuda" else torch.float32
+    shapes = FULL_SHAPES if args.full and device.type == "cuda" else SMOKE_SHAPES
+    rows, ceilings = [], {}
+    for m, h, v in shapes:
+        ceilings[f"{m}x{h}x{v}"] = ceiling = gemm_tflops(m, h, v, device, dtype)
+        for name, fn in implementations(device).items():
+            rows.append(bench_shape(name, fn, m, h, v, device, dtype, ceiling))
+    extra = {"gemm_tflops": ceilings}
+    if device.type == "cpu":
+        extra["memory_check"] = memory_check()
+    path = write_results("linear", device, rows, extra, args.out_dir)
+    print(f"linear on {device_name(device)}" + ("" if device.type == "cuda" else
+          " (CPU smoke run through the Triton interpreter: not a speed figure)"))
+    print_table(rows, ["impl", "m_tokens", "hidden", "vocab", "fwd_ms", "fwd_bwd_ms", "fwd_bwd_tflops",
+                       "fwd_bwd_pct_gemm", "peak_extra_mem_bytes", "error"])
+    if "memory_check" in extra:
+        check = extra["memory_check"]
+        print(f"memory check: {check['peak_extra_bytes'] / 2**20:.0f} MiB extra vs "
+              f"{check['fp32_logits_bytes'] / 2**20:.0f} MiB of fp32 logits")
+    print(f"wrote {path}")
+
+
+if __name__ == "__main__":
+    main(tyro.cli(Args))
