@@ -78,15 +78,24 @@ def test_algo_trains_checkpoints_and_resumes(algo, smollm2_dir, tmp_path, noisy_
     assert checkpoint_step(out) == 3
 
 
-def test_kl_reference_and_multiple_iterations_on_the_logits_path(smollm2_dir, tmp_path, noisy_rewards):
+def test_kl_reference_and_multiple_iterations_on_the_baseline_paths(smollm2_dir, tmp_path, noisy_rewards):
     out = tmp_path / "kl"
     args = ["train", "--algo", "grpo", "--model", smollm2_dir, *TINY, "--output-dir", str(out), "--steps", "1",
-            "--beta", "0.04", "--kl-estimator", "k3", "--num-iterations", "3", "--loss-impl", "logits"]
+            "--beta", "0.04", "--kl-estimator", "k3", "--num-iterations", "3", "--loss-impl", "logits",
+            "--rollout", "hf"]
     assert main(args) == 0
     (record,) = read_metrics(out)
     assert record["kl"] is not None and record["kl"] >= 0  # k3 is non-negative
     assert record["time_logprobs"] > 0  # old and reference log-probs were computed
     assert record["ratio_mean"] != 1.0  # the later iterations ran off the sampling policy
+
+
+def test_sampler_log_probs_serve_as_old_log_probs(smollm2_dir, tmp_path, noisy_rewards):
+    out = tmp_path / "sampler-old"
+    assert main(["train", "--algo", "rover", "--model", smollm2_dir, *TINY, "--output-dir", str(out),
+                 "--steps", "1", "--num-iterations", "2"]) == 0
+    (record,) = read_metrics(out)
+    assert math.isfinite(record["loss"]) and record["ratio_mean"] != 1.0  # the second update ran off-policy
 
 
 def test_killed_run_resumes_to_the_same_result(smollm2_dir, tmp_path):

@@ -53,6 +53,11 @@ class TrainArgs:
     """Optimizer steps on each sampled batch (mu); above 1 the clip becomes active."""
     max_grad_norm: float = 1.0
     """Gradient clipping by global norm."""
+    rollout: Literal["engine", "hf"] = "engine"
+    """engine: rlfuse's sampler on the policy's own weights, one prompt KV cache per group; hf: transformers
+    generate (the baseline)."""
+    recompute_old_logps: bool = False
+    """With --num-iterations above 1, recompute old log-probs by a forward instead of using the sampler's."""
     loss_impl: Literal["fused_linear", "logits"] = "fused_linear"
     """fused_linear: log-probs and loss from hidden states and the LM head, logits never materialized;
     logits: the model's logits, then the log-prob op."""

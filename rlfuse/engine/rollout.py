@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 from dataclasses import dataclass
-from typing import List, Protocol, Sequence
+from typing import List, Optional, Protocol, Sequence
 
 import torch
 
@@ -17,12 +17,17 @@ class RolloutBatch:
         prompt_mask: (B, P) int64, 1 on real prompt tokens.
         completion_ids: (B, T) int64, right-padded.
         completion_mask: (B, T) bool, True up to and including the first stop token.
+        logps: (B, T) float32 log-probs of the sampled tokens under softmax(logits / temperature), when
+            the sampler recorded them (None otherwise).
+        vocab_mean: (B, T) float32 vocabulary means of those log-probs, likewise.
     """
 
     prompt_ids: torch.Tensor
     prompt_mask: torch.Tensor
     completion_ids: torch.Tensor
     completion_mask: torch.Tensor
+    logps: Optional[torch.Tensor] = None
+    vocab_mean: Optional[torch.Tensor] = None
 
     @property
     def num_completion_tokens(self) -> int:

@@ -22,6 +22,7 @@ from rlfuse.engine.metrics import METRICS_FILE, MetricsLog
 from rlfuse.engine.model import load_model_and_tokenizer, resolve_dtype
 from rlfuse.engine.rewards import gsm8k_rewards
 from rlfuse.engine.rollout import HFRollout, RolloutBatch
+from rlfuse.engine.sampler import SharedPrefixSampler
 from rlfuse.kernels import TokenLogprobs, linear_token_logprobs, token_logprobs
 
 
@@ -106,7 +107,7 @@ class Trainer:
         # Created only once every input has loaded, so a bad option leaves nothing behind.
         self.output_dir.mkdir(parents=True, exist_ok=True)
         self.optimizer = torch.optim.AdamW(self.model.parameters(), lr=args.learning_rate, weight_decay=0.0)
-        self.rollout = HFRollout(self.model, self.tokenizer)
+        self.rollout = self._make_rollout()
         self.fused_linear_loss = FusedLinearPolicyLoss(self.config, temperature=args.temperature)
         self.log = MetricsLog(self.output_dir)
         self.start_step = 0
@@ -114,6 +115,14 @@ class Trainer:
             state = load_training_state(checkpoint, self.optimizer)
             self.start_step = int(state["step"])
             self.log.truncate(self.start_step)
+
+    def _make_rollout(self):
+        if self.args.rollout == "hf":
+            return HFRollout(self.model, self.tokenizer)
+        try:
+            return SharedPrefixSampler(self.model, self.tokenizer)
+        except ValueError as error:
+            raise ValueError(f"--rollout engine: {error}; pass --rollout hf for this model") from None
 
     def _find_resume_checkpoint(self) -> Optional[Path]:
         if self.args.resume:
@@ -169,7 +178,9 @@ class Trainer:
         rover = config.loss_type == "rover"
         old = ref_logps = None
         with torch.no_grad():
-            if args.num_iterations > 1:
+            if args.num_iterations > 1 and batch.logps is not None and not args.recompute_old_logps:
+                old = TokenLogprobs(batch.logps, None, batch.vocab_mean)  # recorded by the sampler: free
+            elif args.num_iterations > 1:
                 old = completion_logprobs(self.model, batch, args.temperature, return_vocab_mean=rover,
                                           loss_impl=args.loss_impl)
             if self.ref_model is not None:

@@ -1,0 +1,138 @@
+"""A compact Llama-family decoder (Llama 2/3, Mistral, Qwen2/2.5, Qwen3, SmolLM2) over a transformers
+model's own parameters: nothing is copied, so the optimizer's updates are what rollout samples from.
+
+transformers loads the weights (a safetensors folder, a hub id, or a GGUF file); this module reimplements
+only the forward, so that rollout can share one prompt's KV cache across its G samples (see
+``rlfuse.engine.sampler``) without transformers' cache classes. Attention is PyTorch's SDPA.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Callable, List, Optional, Tuple
+
+import torch
+import torch.nn.functional as F
+
+SUPPORTED = ("llama", "mistral", "qwen2", "qwen3")
+
+
+def rotate_half(x: torch.Tensor) -> torch.Tensor:
+    """(x1, x2) -> (-x2, x1) over the last dimension, the rotary embedding's pairing."""
+    x1, x2 = x.chunk(2, dim=-1)
+    return torch.cat((-x2, x1), dim=-1)
+
+
+@dataclass
+class LayerKV:
+    """One layer's keys and values, (batch, kv_heads, length, head_dim)."""
+
+    keys: torch.Tensor
+    values: torch.Tensor
+
+
+# attend(layer_index, q, k, v) -> (batch, heads, length, head_dim); q, k rotated, k/v of this call only.
+Attend = Callable[[int, torch.Tensor, torch.Tensor, torch.Tensor], torch.Tensor]
+
+
+class DecoderLM(torch.nn.Module):
+    """The decoder stack of a transformers Llama-family causal LM, sharing its parameters.
+
+    Args:
+        hf_model: a loaded ``LlamaForCausalLM``, ``MistralForCausalLM``, ``Qwen2ForCausalLM`` or
+            ``Qwen3ForCausalLM`` (SmolLM2 is a Llama with tied embeddings).
+
+    Raises:
+        ValueError: another architecture, or an activation other than SiLU.
+    """
+
+    def __init__(self, hf_model):
+        super().__init__()
+        config = hf_model.config
+        if config.model_type not in SUPPORTED:
+            raise ValueError(f"DecoderLM supports {', '.join(SUPPORTED)} models, not {config.model_type!r}")
+        if getattr(config, "hidden_act", "silu") != "silu":
+            raise ValueError(f"DecoderLM supports SiLU MLPs, not {config.hidden_act!r}")
+        base = hf_model.get_decoder()
+        self.embed_tokens, self.layers, self.norm, self.rotary = base.embed_tokens, base.layers, base.norm, base.rotary_emb
+        self.lm_head = hf_model.get_output_embeddings()
+        self.num_heads = config.num_attention_heads
+        self.num_kv_heads = config.num_key_value_heads
+        self.head_dim = getattr(config, "head_dim", None) or config.hidden_size // config.num_attention_heads
+        self.sliding_window = getattr(config, "sliding_window", None) if getattr(config, "use_sliding_window", True) else None
+
+    def rope(self, position_ids: torch.Tensor, dtype: torch.dtype) -> Tuple[torch.Tensor, torch.Tensor]:
+        """cos, sin (batch, 1, length, head_dim) for integer positions (batch, length), from the model's own
+        rotary module (so every rope scaling transformers supports applies)."""
+        probe = torch.empty(0, device=position_ids.device, dtype=dtype)
+        cos, sin = self.rotary(probe, position_ids)
+        return cos.unsqueeze(1), sin.unsqueeze(1)
+
+    def hidden_states(self, input_ids: torch.Tensor, position_ids: torch.Tensor, attend: Attend) -> torch.Tensor:
+        """Last hidden states (batch, length, H), after the final norm; ``attend`` does the attention."""
+        x = self.embed_tokens(input_ids)
+        cos, sin = self.rope(position_ids, x.dtype)
+        batch, length = input_ids.shape
+        for index, layer in enumerate(self.layers):
+            attn = layer.self_attn
+            h = layer.input_layernorm(x)
+            q = attn.q_proj(h).view(batch, length, -1, self.head_dim)
+            k = attn.k_proj(h).view(batch, length, -1, self.head_dim)
+            v = attn.v_proj(h).view(batch, length, -1, self.head_dim).transpose(1, 2)
+            if hasattr(attn, "q_norm"):  # Qwen3 normalizes queries and keys per head
+                q, k = attn.q_norm(q), attn.k_norm(k)
+            q, k = q.transpose(1, 2), k.transpose(1, 2)
+            q, k = q * cos + rotate_half(q) * sin, k * cos + rotate_half(k) * sin
+            out = attend(index, q, k, v)
+            x = x + attn.o_proj(out.transpose(1, 2).reshape(batch, length, -1))
+            x = x + layer.mlp(layer.post_attention_layernorm(x))
+        return self.norm(x)
+
+    def logits(self, hidden: torch.Tensor) -> torch.Tensor:
+        """LM-head logits (..., V) in float32."""
+        return self.lm_head(hidden).float()
+
+    def forward(self, input_ids: torch.Tensor, attention_mask: Optional[torch.Tensor] = None) -> torch.Tensor:
+        """Full-sequence forward: logits (batch, length, V) float32, causal, left padding allowed.
+
+        Args:
+            input_ids: (batch, length) int64.
+            attention_mask: (batch, length) 0/1, 1 on real tokens (default: all real).
+        """
+        mask = torch.ones_like(input_ids) if attention_mask is None else attention_mask
+        position_ids = (mask.cumsum(-1) - 1).clamp(min=0)
+        allowed = causal_padding_mask(mask.bool(), self.sliding_window)
+        attend = lambda index, q, k, v: sdpa(q, k, v, allowed)  # noqa: E731
+        return self.logits(self.hidden_states(input_ids, position_ids, attend))
+
+
+def causal_padding_mask(mask: torch.Tensor, sliding_window: Optional[int] = None) -> torch.Tensor:
+    """(batch, 1, L, L) bool: query i sees key j <= i that is a real token (and within the window).
+
+    Rows of padding queries see themselves, so that no softmax runs over an empty set.
+    """
+    length = mask.shape[-1]
+    idx = torch.arange(length, device=mask.device)
+    allowed = (idx[None, :] <= idx[:, None])[None] & mask[:, None, :]
+    if sliding_window:
+        allowed &= (idx[:, None] - idx[None, :] < sliding_window)[None]
+    allowed |= torch.eye(length, dtype=torch.bool, device=mask.device)[None]
+    return allowed[:, None]
+
+
+def sdpa(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, allowed: torch.Tensor) -> torch.Tensor:
+    """Scaled dot-product attention with grouped-query heads and a bool mask (True = attend)."""
+    groups = q.shape[1] // k.shape[1]
+    if groups > 1:
+        k, v = k.repeat_interleave(groups, dim=1), v.repeat_interleave(groups, dim=1)
+    return F.scaled_dot_product_attention(q, k, v, attn_mask=allowed)
+
+
+def collect_kv(store: List[Optional[LayerKV]], attend: Attend) -> Attend:
+    """Wrap ``attend`` so that each layer's keys and values are also kept in ``store[layer]``."""
+
+    def wrapped(index, q, k, v):
+        store[index] = LayerKV(k, v)
+        return attend(index, q, k, v)
+
+    return wrapped

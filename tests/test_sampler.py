@@ -1,0 +1,108 @@
+"""The compact decoder and the shared-prefix sampler against transformers."""
+
+import pytest
+import torch
+from transformers import AutoModelForCausalLM, LlamaConfig, MistralConfig, Qwen2Config, Qwen3Config
+
+from rlfuse.engine.data import build_prompt, read_jsonl
+from rlfuse.engine.decoder import DecoderLM
+from rlfuse.engine.model import load_model_and_tokenizer
+from rlfuse.engine.rollout import HFRollout
+from rlfuse.engine.sampler import SharedPrefixSampler, sample_tokens
+from rlfuse.engine.trainer import completion_logprobs
+
+COMMON = dict(vocab_size=97, hidden_size=64, intermediate_size=96, num_hidden_layers=2, num_attention_heads=4,
+              num_key_value_heads=2)
+LLAMA3_ROPE = {"rope_type": "llama3", "rope_theta": 500000.0, "factor": 8.0, "low_freq_factor": 1.0,
+               "high_freq_factor": 4.0, "original_max_position_embeddings": 8}
+CONFIGS = {
+    "llama": lambda: LlamaConfig(**COMMON),
+    "llama3-tied": lambda: LlamaConfig(**COMMON, tie_word_embeddings=True, rope_parameters=LLAMA3_ROPE),
+    "mistral": lambda: MistralConfig(**COMMON),
+    "qwen2": lambda: Qwen2Config(**COMMON),
+    "qwen3": lambda: Qwen3Config(**COMMON, head_dim=16),
+}
+
+
+def tiny_model(name, seed=0):
+    torch.manual_seed(seed)
+    return AutoModelForCausalLM.from_config(CONFIGS[name]()).float().eval()
+
+
+@pytest.mark.parametrize("name", list(CONFIGS))
+def test_decoder_matches_transformers(name):
+    hf = tiny_model(name)
+    ids = torch.randint(0, 97, (3, 11), generator=torch.Generator().manual_seed(1))
+    mask = torch.ones_like(ids)
+    mask[0, :4] = 0  # left padding
+    with torch.no_grad():
+        want = hf(input_ids=ids, attention_mask=mask, position_ids=(mask.cumsum(-1) - 1).clamp(min=0)).logits
+        got = DecoderLM(hf)(ids, mask)
+    real = mask.bool()
+    torch.testing.assert_close(got[real], want[real].float(), rtol=1e-5, atol=1e-5)
+
+
+def test_decoder_shares_the_parameters():
+    hf = tiny_model("llama")
+    decoder = DecoderLM(hf)
+    assert {p.data_ptr() for p in decoder.parameters()} <= {p.data_ptr() for p in hf.parameters()}
+
+
+class StubTokenizer:
+    pad_token_id = 0
+    eos_token_id = 5
+
+
+@pytest.mark.parametrize("name", ["llama", "qwen3"])
+def test_recorded_logprobs_equal_a_fresh_forward_with_early_stops(name):
+    """Samples that stop early leave the batch by groups; what the sampler recorded must still be exact."""
+    hf = tiny_model(name, seed=3)
+    hf.generation_config.eos_token_id = 5
+    sampler = SharedPrefixSampler(hf, StubTokenizer())
+    gen = torch.Generator().manual_seed(4)
+    prompts = [torch.randint(6, 97, (n,), generator=gen).tolist() for n in (3, 7, 5, 9, 4)]
+    torch.manual_seed(5)
+    hf.lm_head.weight.data[5] += 0.6  # make the stop token likely, so that groups finish at different steps
+    batch = sampler.generate(prompts, num_generations=3, max_new_tokens=12, temperature=1.3)
+    lengths = batch.completion_mask.sum(1)
+    assert lengths.min() < lengths.max()  # early stops happened
+    assert torch.equal(batch.prompt_ids[0], batch.prompt_ids[2]) and not torch.equal(batch.prompt_ids[0], batch.prompt_ids[3])
+    ids = torch.cat([batch.prompt_ids, batch.completion_ids], 1)
+    mask = torch.cat([batch.prompt_mask, batch.completion_mask.long()], 1)
+    with torch.no_grad():
+        logits = DecoderLM(hf)(ids, mask)[:, batch.prompt_ids.shape[1] - 1: -1] / 1.3
+    log_probs = torch.log_softmax(logits, -1)
+    want = log_probs.gather(-1, batch.completion_ids[..., None])[..., 0]
+    m = batch.completion_mask
+    torch.testing.assert_close(batch.logps[m], want[m], rtol=1e-4, atol=1e-4)
+    torch.testing.assert_close(batch.vocab_mean[m], log_probs.mean(-1)[m], rtol=1e-4, atol=1e-4)
+    ends = batch.completion_ids[torch.arange(15), lengths - 1]
+    assert ((ends == 5) | (lengths == 12)).all()  # each sample ends at its stop token or the length limit
+
+
+def test_sample_tokens_filters():
+    logits = torch.randn(64, 50, generator=torch.Generator().manual_seed(0))
+    assert torch.equal(sample_tokens(logits, 1.0, greedy=True), logits.argmax(-1))
+    assert torch.equal(sample_tokens(logits, 1.0, top_k=1), logits.argmax(-1))
+    assert torch.equal(sample_tokens(logits, 0.7, top_p=1e-6), logits.argmax(-1))
+    top5 = torch.topk(logits, 5).indices
+    drawn = sample_tokens(logits, 2.0, top_k=5)
+    assert (top5 == drawn[:, None]).any(-1).all()
+
+
+def test_greedy_matches_transformers_generate_on_smollm2(smollm2_dir):
+    model, tokenizer = load_model_and_tokenizer(smollm2_dir)
+    from pathlib import Path
+
+    examples = read_jsonl(Path(__file__).parent / "data" / "gsm8k_test_sample.jsonl")[:3]
+    prompts = [build_prompt(tokenizer, ex.question) for ex in examples]
+    want = HFRollout(model, tokenizer).generate(prompts, 1, 20, 1.0, greedy=True)
+    got = SharedPrefixSampler(model, tokenizer).generate(prompts, 1, 20, 1.0, greedy=True)
+    assert torch.equal(got.completion_ids, want.completion_ids)
+    assert torch.equal(got.completion_mask, want.completion_mask)
+    torch.manual_seed(0)
+    sampled = SharedPrefixSampler(model, tokenizer).generate(prompts[:2], 2, 10, 0.7)
+    with torch.no_grad():
+        fresh = completion_logprobs(model, sampled, 0.7, return_vocab_mean=True, loss_impl="logits")
+    m = sampled.completion_mask
+    torch.testing.assert_close(sampled.logps[m], fresh.logps[m], rtol=1e-4, atol=1e-4)
