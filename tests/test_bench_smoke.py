@@ -52,11 +52,13 @@ def test_linear_benchmark_smoke(tmp_path, monkeypatch):
 
 def test_linear_memory_check_stays_far_below_fp32_logits():
     """N = 4096 tokens, V = 131072: fp32 logits would take 2 GiB; the chunked path must not come near."""
+    import os
     import subprocess
     import sys
 
+    env = dict(os.environ, MALLOC_MMAP_THRESHOLD_="65536")  # freed buffers leave the resident set at once
     out = subprocess.run([sys.executable, "-m", "bench.linear", "--memory-check"], capture_output=True, text=True,
-                         timeout=600, check=True)
+                         timeout=600, check=True, env=env)
     check = json.loads(out.stdout.strip().splitlines()[-1])
     assert check["fp32_logits_bytes"] == 4096 * 131072 * 4
     assert 0 < check["peak_extra_bytes"] < check["fp32_logits_bytes"] / 4, check
@@ -65,3 +67,14 @@ def test_linear_memory_check_stays_far_below_fp32_logits():
 def load_rows_plain(folder, prefix):
     (path,) = folder.glob(f"{prefix}-*.json")
     return {row["impl"]: row for row in json.loads(path.read_text())["rows"]}
+
+
+def test_rollout_benchmark_smoke(tmp_path, smollm2_dir):
+    from bench import rollout
+
+    rollout.main(rollout.Args(model=smollm2_dir, prompts=1, num_generations=2, max_new_tokens=4, repeats=1,
+                              device="cpu", out_dir=str(tmp_path)))
+    rows = load_rows_plain(tmp_path, "rollout")
+    assert set(rows) == {"hf-generate", "rlfuse-shared-prefix"}
+    assert all(row["tokens_per_s"] > 0 for row in rows.values())
+    assert rows["rlfuse-shared-prefix"]["speedup_vs_hf"] > 0
