@@ -104,6 +104,12 @@ class Trainer:
         if self.config.beta > 0:  # the reference is the initial model, also when resuming
             ref = copy.deepcopy(self.model) if checkpoint is None else load_model_and_tokenizer(args.model, dtype, str(self.device))[0]
             self.ref_model = ref.eval().requires_grad_(False)
+        if args.gradient_checkpointing:  # the newer transformers name first, the older one before it existed
+            enable = getattr(self.model, "activation_checkpointing_enable", None)
+            if enable is not None:
+                enable(activation_checkpointing_kwargs={"use_reentrant": False})
+            else:
+                self.model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
         # Created only once every input has loaded, so a bad option leaves nothing behind.
         self.output_dir.mkdir(parents=True, exist_ok=True)
         self.optimizer = torch.optim.AdamW(self.model.parameters(), lr=args.learning_rate, weight_decay=0.0)
@@ -163,6 +169,8 @@ class Trainer:
     def step(self, step: int) -> Dict[str, object]:
         """One RL step on ``prompts_per_step`` prompts × G samples; returns its metrics record."""
         args, config = self.args, self.config
+        if self.device.type == "cuda":
+            torch.cuda.reset_peak_memory_stats(self.device)
         start = time.perf_counter()
         examples = step_examples(self.train_examples, step, args.prompts_per_step, args.seed)
         prompts = [build_prompt(self.tokenizer, ex.question) for ex in examples]
@@ -202,7 +210,7 @@ class Trainer:
 
         mask = batch.completion_mask
         elapsed = time_rollout + time_logprobs + time_update
-        return {
+        record = {
             "step": step,
             "loss": loss.item(),
             "reward_mean": rewards.mean().item(),
@@ -220,6 +228,9 @@ class Trainer:
             "time_logprobs": time_logprobs,
             "time_update": time_update,
         }
+        if self.device.type == "cuda":
+            record["peak_mem_gb"] = torch.cuda.max_memory_allocated(self.device) / 2**30
+        return record
 
     def _loss(self, batch: RolloutBatch, advantages, old_logps, ref_logps, old_vocab_mean):
         """The policy loss and its metrics (with ``entropy``) through ``--loss-impl``."""
