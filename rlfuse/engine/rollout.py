@@ -44,6 +44,15 @@ class Rollout(Protocol):
         ...
 
 
+def stop_token_ids(model, tokenizer) -> List[int]:
+    """The ids that end a completion: the generation config's EOS ids plus the tokenizer's EOS token."""
+    stop = model.generation_config.eos_token_id
+    stop = [stop] if isinstance(stop, int) else list(stop or [])
+    if tokenizer.eos_token_id is not None and tokenizer.eos_token_id not in stop:
+        stop.append(tokenizer.eos_token_id)
+    return stop
+
+
 def completion_mask_from_ids(completion_ids: torch.Tensor, stop_ids: Sequence[int]) -> torch.Tensor:
     """(B, T) bool mask: True up to and including the first token in ``stop_ids``, everything if none."""
     is_stop = torch.isin(completion_ids, torch.tensor(list(stop_ids), device=completion_ids.device))
@@ -69,11 +78,7 @@ class HFRollout:
     def __init__(self, model, tokenizer):
         self.model = model
         self.tokenizer = tokenizer
-        stop = model.generation_config.eos_token_id
-        stop = [stop] if isinstance(stop, int) else list(stop or [])
-        if tokenizer.eos_token_id is not None and tokenizer.eos_token_id not in stop:
-            stop.append(tokenizer.eos_token_id)
-        self.stop_ids = stop
+        self.stop_ids = stop_token_ids(model, tokenizer)
 
     @torch.no_grad()
     def generate(self, prompts, num_generations, max_new_tokens, temperature, greedy=False) -> RolloutBatch:

@@ -16,7 +16,7 @@ from typing import List, Optional, Sequence
 import torch
 
 from rlfuse.engine.decoder import DecoderLM, LayerKV, causal_padding_mask, collect_kv, sdpa
-from rlfuse.engine.rollout import RolloutBatch, left_pad
+from rlfuse.engine.rollout import RolloutBatch, left_pad, stop_token_ids
 
 
 def sample_tokens(logits: torch.Tensor, temperature: float, top_k: int = 0, top_p: float = 1.0,
@@ -50,11 +50,7 @@ class SharedPrefixSampler:
     def __init__(self, model, tokenizer, top_k: int = 0, top_p: float = 1.0):
         self.model, self.tokenizer, self.top_k, self.top_p = model, tokenizer, top_k, top_p
         self.decoder = DecoderLM(model)
-        stop = model.generation_config.eos_token_id
-        stop = [stop] if isinstance(stop, int) else list(stop or [])
-        if tokenizer.eos_token_id is not None and tokenizer.eos_token_id not in stop:
-            stop.append(tokenizer.eos_token_id)
-        self.stop_ids = torch.tensor(stop, dtype=torch.long)
+        self.stop_ids = torch.tensor(stop_token_ids(model, tokenizer), dtype=torch.long)
 
     @torch.no_grad()
     def generate(self, prompts: Sequence[List[int]], num_generations: int, max_new_tokens: int,
