@@ -16,7 +16,9 @@ from safetensors.torch import load_file
 from rlfuse.engine import trainer as trainer_mod
 from rlfuse.engine.checkpoint import find_checkpoint
 from rlfuse.engine.cli import main
+from rlfuse.engine.args import TrainArgs
 from rlfuse.engine.rewards import RewardResult
+from rlfuse.engine.trainer import Trainer
 
 ALGOS = ["grpo", "dr_grpo", "dapo", "gspo", "topr", "rover"]
 KEYS = {"step", "loss", "reward_mean", "reward_std", "accuracy", "format_rate", "completion_len_mean", "kl",
@@ -82,7 +84,7 @@ def test_kl_reference_and_multiple_iterations_on_the_baseline_paths(smollm2_dir,
     out = tmp_path / "kl"
     args = ["train", "--algo", "grpo", "--model", smollm2_dir, *TINY, "--output-dir", str(out), "--steps", "1",
             "--beta", "0.04", "--kl-estimator", "k3", "--num-iterations", "3", "--loss-impl", "logits",
-            "--rollout", "hf"]
+            "--rollout", "hf", "--training-forward", "padded"]
     assert main(args) == 0
     (record,) = read_metrics(out)
     assert record["kl"] is not None and record["kl"] >= 0  # k3 is non-negative
@@ -161,3 +163,43 @@ def test_unknown_algo_is_rejected_by_the_cli():
     with pytest.raises(SystemExit) as exit_info:
         main(["train", "--algo", "ppo"])
     assert exit_info.value.code == 2
+
+
+def length_rewards(texts, golds, *args, **kwargs):
+    """A deterministic reward with spread (completion length mod 3), so equal rollouts get equal updates."""
+    return RewardResult([float(len(t) % 3) for t in texts], [False] * len(texts), [False] * len(texts))
+
+
+@pytest.mark.parametrize("loss_impl", ["fused_linear", "logits"])
+def test_shared_prefix_training_forward_matches_the_padded_one(loss_impl, smollm2_dir, tmp_path, monkeypatch):
+    monkeypatch.setattr(trainer_mod, "gsm8k_rewards", length_rewards)
+    records, weights = [], []
+    for forward in ("shared_prefix", "padded"):
+        args = TrainArgs(algo="grpo", model=smollm2_dir, data=str(DATA / "gsm8k_train_sample.jsonl"),
+                         prompts_per_step=2, num_generations=3, max_new_tokens=6, beta=0.04, num_iterations=2,
+                         recompute_old_logps=True, learning_rate=1e-4, training_forward=forward,
+                         loss_impl=loss_impl, output_dir=str(tmp_path / forward))
+        trainer = Trainer(args)
+        records.append(trainer.step(1))
+        weights.append(trainer.model.model.layers[0].self_attn.q_proj.weight.detach().clone())
+    shared, padded = records
+    assert shared["completion_len_mean"] == padded["completion_len_mean"] and shared["reward_std"] > 0
+    for key in ("loss", "kl", "ratio_mean", "entropy", "grad_norm"):
+        assert shared[key] == pytest.approx(padded[key], rel=2e-4, abs=1e-6), key
+    torch.testing.assert_close(weights[0], weights[1], rtol=1e-4, atol=1e-6)
+
+
+def test_lora_reference_is_the_base_with_adapters_disabled(smollm2_dir, tmp_path, monkeypatch):
+    monkeypatch.setattr(trainer_mod, "gsm8k_rewards", length_rewards)
+    out = tmp_path / "lora"
+    common = ["train", "--model", smollm2_dir, *TINY, "--output-dir", str(out), "--lora-rank", "4", "--beta", "0.1",
+              "--learning-rate", "1e-3"]
+    assert main([*common, "--steps", "2"]) == 0
+    first, second = read_metrics(out)
+    assert first["kl"] == pytest.approx(0.0, abs=1e-7)  # B = 0 at init: the adapted model is the base
+    assert second["kl"] > 1e-9  # after one update the policy has moved away from its reference
+    saved = load_file(out / "checkpoint" / "adapter_model.safetensors")
+    assert saved and all("lora_" in key for key in saved)
+    assert not (out / "checkpoint" / "model.safetensors").exists()  # adapters only, the base stays shared
+    assert main([*common, "--steps", "3", "--resume"]) == 0
+    assert [r["step"] for r in read_metrics(out)] == [1, 2, 3]

@@ -58,6 +58,17 @@ class TrainArgs:
     generate (the baseline)."""
     recompute_old_logps: bool = False
     """With --num-iterations above 1, recompute old log-probs by a forward instead of using the sampler's."""
+    training_forward: Literal["shared_prefix", "padded"] = "shared_prefix"
+    """shared_prefix: each group packed as one prompt plus its G completions, the prompt computed once (the
+    engine's decoder, Llama-family models); padded: one padded sequence per sample through transformers."""
+    lora_rank: int = 0
+    """Train LoRA adapters of this rank (PEFT, every linear layer) instead of all weights; 0: full training.
+    With --beta above 0 the reference is then the base model with adapters disabled: no second copy."""
+    lora_alpha: Optional[float] = None
+    """LoRA scale numerator (default: 2 x --lora-rank)."""
+    ref_dtype: Literal["auto", "float32", "bfloat16", "float16"] = "auto"
+    """dtype of the frozen reference copy when --beta is above 0 without LoRA (auto: bfloat16 on a GPU, the
+    model's dtype on the CPU)."""
     gradient_checkpointing: bool = False
     """Recompute each layer's activations in the backward instead of keeping them (less memory, ~30% slower)."""
     loss_impl: Literal["fused_linear", "logits"] = "fused_linear"
@@ -100,6 +111,10 @@ class TrainArgs:
                      "save_every", "eval_prompts"):
             if getattr(self, name) < 1:
                 raise ValueError(f"--{name.replace('_', '-')} must be >= 1, got {getattr(self, name)}")
+        if self.lora_rank < 0:
+            raise ValueError(f"--lora-rank must be >= 0 (0 trains all weights), got {self.lora_rank}")
+        if self.lora_alpha is not None and not self.lora_alpha > 0:
+            raise ValueError(f"--lora-alpha must be > 0, got {self.lora_alpha}")
         if self.eval_every < 0:
             raise ValueError(f"--eval-every must be >= 0 (0 disables evaluation), got {self.eval_every}")
         if not self.temperature > 0:

@@ -13,6 +13,7 @@ from typing import Callable, List, Optional, Tuple
 
 import torch
 import torch.nn.functional as F
+import torch.utils.checkpoint
 
 SUPPORTED = ("llama", "mistral", "qwen2", "qwen3")
 
@@ -68,25 +69,38 @@ class DecoderLM(torch.nn.Module):
         cos, sin = self.rotary(probe, position_ids)
         return cos.unsqueeze(1), sin.unsqueeze(1)
 
-    def hidden_states(self, input_ids: torch.Tensor, position_ids: torch.Tensor, attend: Attend) -> torch.Tensor:
-        """Last hidden states (batch, length, H), after the final norm; ``attend`` does the attention."""
+    def hidden_states(self, input_ids: torch.Tensor, position_ids: torch.Tensor, attend: Attend,
+                      checkpoint: bool = False) -> torch.Tensor:
+        """Last hidden states (batch, length, H), after the final norm; ``attend`` does the attention.
+
+        ``checkpoint`` recomputes each layer in the backward instead of keeping its activations.
+        """
         x = self.embed_tokens(input_ids)
         cos, sin = self.rope(position_ids, x.dtype)
-        batch, length = input_ids.shape
         for index, layer in enumerate(self.layers):
-            attn = layer.self_attn
-            h = layer.input_layernorm(x)
-            q = attn.q_proj(h).view(batch, length, -1, self.head_dim)
-            k = attn.k_proj(h).view(batch, length, -1, self.head_dim)
-            v = attn.v_proj(h).view(batch, length, -1, self.head_dim).transpose(1, 2)
-            if hasattr(attn, "q_norm"):  # Qwen3 normalizes queries and keys per head
-                q, k = attn.q_norm(q), attn.k_norm(k)
-            q, k = q.transpose(1, 2), k.transpose(1, 2)
-            q, k = q * cos + rotate_half(q) * sin, k * cos + rotate_half(k) * sin
-            out = attend(index, q, k, v)
-            x = x + attn.o_proj(out.transpose(1, 2).reshape(batch, length, -1))
-            x = x + layer.mlp(layer.post_attention_layernorm(x))
+            if checkpoint and torch.is_grad_enabled():
+                x = torch.utils.checkpoint.checkpoint(self.layer_forward, index, layer, x, cos, sin, attend,
+                                                      use_reentrant=False)
+            else:
+                x = self.layer_forward(index, layer, x, cos, sin, attend)
         return self.norm(x)
+
+    def layer_forward(self, index: int, layer, x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor,
+                      attend: Attend) -> torch.Tensor:
+        """One decoder layer on (batch, length, H): attention through ``attend``, then the MLP."""
+        batch, length = x.shape[:2]
+        attn = layer.self_attn
+        h = layer.input_layernorm(x)
+        q = attn.q_proj(h).view(batch, length, -1, self.head_dim)
+        k = attn.k_proj(h).view(batch, length, -1, self.head_dim)
+        v = attn.v_proj(h).view(batch, length, -1, self.head_dim).transpose(1, 2)
+        if hasattr(attn, "q_norm"):  # Qwen3 normalizes queries and keys per head
+            q, k = attn.q_norm(q), attn.k_norm(k)
+        q, k = q.transpose(1, 2), k.transpose(1, 2)
+        q, k = q * cos + rotate_half(q) * sin, k * cos + rotate_half(k) * sin
+        out = attend(index, q, k, v)
+        x = x + attn.o_proj(out.transpose(1, 2).reshape(batch, length, -1))
+        return x + layer.mlp(layer.post_attention_layernorm(x))
 
     def logits(self, hidden: torch.Tensor) -> torch.Tensor:
         """LM-head logits (..., V) in float32."""

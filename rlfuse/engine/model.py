@@ -100,3 +100,24 @@ def load_model_and_tokenizer(model: str, dtype: torch.dtype = torch.float32, dev
     clear_quantization_marks(policy)
     policy.generation_config.pad_token_id = tokenizer.pad_token_id
     return policy.to(device).train(), tokenizer
+
+
+def add_lora(model, rank: int, alpha: Optional[float] = None, adapter_dir: Optional[str] = None):
+    """Wrap ``model`` with PEFT LoRA adapters on every linear layer of the decoder (not the LM head).
+
+    Args:
+        rank: the adapters' rank r.
+        alpha: the LoRA scale numerator (default 2 · rank); updates are scaled by alpha / r.
+        adapter_dir: a saved adapter folder to resume from (its rank and alpha are used).
+
+    Returns:
+        The ``peft.PeftModel``; only the adapters require gradients, and ``model.disable_adapter()``
+        gives back the base model (the frozen reference) with no extra memory.
+    """
+    from peft import LoraConfig, PeftModel, get_peft_model
+
+    if adapter_dir is not None:
+        return PeftModel.from_pretrained(model, adapter_dir, is_trainable=True)
+    config = LoraConfig(r=rank, lora_alpha=alpha if alpha is not None else 2 * rank, lora_dropout=0.0,
+                        target_modules="all-linear", task_type="CAUSAL_LM")
+    return get_peft_model(model, config)

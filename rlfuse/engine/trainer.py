@@ -19,7 +19,9 @@ from rlfuse.engine.args import TrainArgs
 from rlfuse.engine.checkpoint import find_checkpoint, load_training_state, save_checkpoint
 from rlfuse.engine.data import Example, build_prompt, load_gsm8k
 from rlfuse.engine.metrics import METRICS_FILE, MetricsLog
-from rlfuse.engine.model import load_model_and_tokenizer, resolve_dtype
+from rlfuse.engine.decoder import DecoderLM
+from rlfuse.engine.model import add_lora, load_model_and_tokenizer, resolve_dtype
+from rlfuse.engine.packing import shared_prefix_completion_hidden_states
 from rlfuse.engine.rewards import gsm8k_rewards
 from rlfuse.engine.rollout import HFRollout, RolloutBatch
 from rlfuse.engine.sampler import SharedPrefixSampler
@@ -33,40 +35,56 @@ def _forward_inputs(batch: RolloutBatch):
     return {"input_ids": input_ids, "attention_mask": attention_mask, "position_ids": position_ids}
 
 
-def completion_hidden_states(model, batch: RolloutBatch):
+def completion_hidden_states(model, batch: RolloutBatch, decoder: Optional[DecoderLM] = None,
+                             num_generations: int = 1, checkpoint: bool = False):
     """(hidden (B, T, H), lm_head weight (V, H), bias or None): the last hidden states that predict the T
-    completion tokens (a strided view, never copied) and the LM head, for the fused-linear loss.
+    completion tokens, and the LM head, for the fused-linear loss.
+
+    With ``decoder`` (a :class:`DecoderLM` over ``model``) they come from the shared-prefix packed forward
+    (:mod:`rlfuse.engine.packing`; rows in groups of ``num_generations`` sharing a prompt, ``checkpoint``
+    recomputes layers in the backward); without it, from transformers' padded forward of every row (a
+    strided view, never copied).
 
     Raises:
         ValueError: a model whose logits are not a plain linear map of the hidden states (logit soft-capping
-            or scaling); use ``--loss-impl logits`` for it.
+            or scaling); use ``--loss-impl logits`` for it. Rows of a group with different prompts.
     """
     config = model.config
     for name in ("final_logit_softcapping", "logit_scale", "logits_scaling"):
         if getattr(config, name, None) not in (None, 1, 1.0):
             raise ValueError(f"the model applies {name} to its logits, which the fused-linear loss does not; "
                              "pass --loss-impl logits")
-    hidden = model.get_decoder()(**_forward_inputs(batch)).last_hidden_state
-    num_completion = batch.completion_ids.shape[1]
     head = model.get_output_embeddings()
-    return hidden[:, -num_completion - 1:-1], head.weight, head.bias
+    if decoder is not None:
+        hidden = shared_prefix_completion_hidden_states(decoder, batch, num_generations, checkpoint)
+    else:
+        num_completion = batch.completion_ids.shape[1]
+        hidden = model.get_decoder()(**_forward_inputs(batch)).last_hidden_state[:, -num_completion - 1:-1]
+    return hidden, head.weight, head.bias
 
 
 def completion_logprobs(model, batch: RolloutBatch, temperature: float, return_entropy: bool = False,
-                        return_vocab_mean: bool = False, loss_impl: str = "logits") -> TokenLogprobs:
+                        return_vocab_mean: bool = False, loss_impl: str = "logits",
+                        decoder: Optional[DecoderLM] = None, num_generations: int = 1,
+                        checkpoint: bool = False) -> TokenLogprobs:
     """:class:`TokenLogprobs` (B, T) float32 of ``batch.completion_ids`` under ``model`` at ``temperature``.
 
-    ``loss_impl="logits"`` runs the model to its logits (only the T positions that predict completion
-    tokens) and :func:`rlfuse.kernels.token_logprobs`; ``"fused_linear"`` stops at the hidden states and
-    uses :func:`rlfuse.kernels.linear_token_logprobs`, never materializing the logits.
+    ``loss_impl="logits"`` forms the logits of the T positions that predict completion tokens and runs
+    :func:`rlfuse.kernels.token_logprobs`; ``"fused_linear"`` stops at the hidden states and uses
+    :func:`rlfuse.kernels.linear_token_logprobs`, never materializing the logits. ``decoder``,
+    ``num_generations`` and ``checkpoint`` choose the forward, as in :func:`completion_hidden_states`.
     """
     if loss_impl == "fused_linear":
-        hidden, weight, bias = completion_hidden_states(model, batch)
+        hidden, weight, bias = completion_hidden_states(model, batch, decoder, num_generations, checkpoint)
         out = linear_token_logprobs(hidden, weight, batch.completion_ids, bias, temperature, return_entropy,
                                     return_vocab_mean)
     else:
-        num_completion = batch.completion_ids.shape[1]
-        logits = model(**_forward_inputs(batch), logits_to_keep=num_completion + 1).logits[:, :-1]
+        if decoder is not None:
+            hidden = shared_prefix_completion_hidden_states(decoder, batch, num_generations, checkpoint)
+            logits = decoder.logits(hidden)
+        else:
+            num_completion = batch.completion_ids.shape[1]
+            logits = model(**_forward_inputs(batch), logits_to_keep=num_completion + 1).logits[:, :-1]
         out = token_logprobs(logits, batch.completion_ids, temperature, return_entropy, return_vocab_mean)
     return out if isinstance(out, TokenLogprobs) else TokenLogprobs(out, None, None)
 
@@ -98,21 +116,30 @@ class Trainer:
         self.eval_examples = load_gsm8k(args.eval_data, "test")[: args.eval_prompts] if args.eval_every else []
         self._seed(args.seed)
         dtype = resolve_dtype(args.dtype, self.device)
-        source = str(checkpoint) if checkpoint else args.model
+        # A LoRA checkpoint holds only the adapters: the base comes from --model.
+        source = str(checkpoint) if checkpoint and not args.lora_rank else args.model
         self.model, self.tokenizer = load_model_and_tokenizer(source, dtype, str(self.device))
         self.ref_model = None
-        if self.config.beta > 0:  # the reference is the initial model, also when resuming
+        if self.config.beta > 0 and not args.lora_rank:  # the reference is the initial model, also when resuming
             ref = copy.deepcopy(self.model) if checkpoint is None else load_model_and_tokenizer(args.model, dtype, str(self.device))[0]
-            self.ref_model = ref.eval().requires_grad_(False)
+            ref_dtype = dtype if args.ref_dtype == "auto" and self.device.type == "cpu" else resolve_dtype(args.ref_dtype, self.device)
+            self.ref_model = ref.to(ref_dtype).eval().requires_grad_(False)
+        if args.lora_rank:
+            self.model = add_lora(self.model, args.lora_rank, args.lora_alpha, str(checkpoint) if checkpoint else None)
         if args.gradient_checkpointing:  # the newer transformers name first, the older one before it existed
             enable = getattr(self.model, "activation_checkpointing_enable", None)
             if enable is not None:
                 enable(activation_checkpointing_kwargs={"use_reentrant": False})
             else:
                 self.model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
+        self.decoder = self.ref_decoder = None
+        if args.training_forward == "shared_prefix":
+            self.decoder = self._decoder(self.model)
+            self.ref_decoder = None if self.ref_model is None else self._decoder(self.ref_model)
         # Created only once every input has loaded, so a bad option leaves nothing behind.
         self.output_dir.mkdir(parents=True, exist_ok=True)
-        self.optimizer = torch.optim.AdamW(self.model.parameters(), lr=args.learning_rate, weight_decay=0.0)
+        self.trainable = [p for p in self.model.parameters() if p.requires_grad]
+        self.optimizer = torch.optim.AdamW(self.trainable, lr=args.learning_rate, weight_decay=0.0)
         self.rollout = self._make_rollout()
         self.fused_linear_loss = FusedLinearPolicyLoss(self.config, temperature=args.temperature)
         self.log = MetricsLog(self.output_dir)
@@ -121,6 +148,27 @@ class Trainer:
             state = load_training_state(checkpoint, self.optimizer)
             self.start_step = int(state["step"])
             self.log.truncate(self.start_step)
+
+    @staticmethod
+    def _decoder(model) -> DecoderLM:
+        try:
+            return DecoderLM(model)
+        except ValueError as error:
+            raise ValueError(f"--training-forward shared_prefix: {error}; pass --training-forward padded") from None
+
+    def _logprobs(self, model, batch: RolloutBatch, decoder, **kwargs) -> TokenLogprobs:
+        """Log-probs of ``batch`` under ``model`` through this run's forward and --loss-impl, without grad."""
+        with torch.no_grad():
+            return completion_logprobs(model, batch, self.args.temperature, loss_impl=self.args.loss_impl,
+                                       decoder=decoder, num_generations=self.args.num_generations, **kwargs)
+
+    def _ref_logps(self, batch: RolloutBatch) -> torch.Tensor:
+        """(B, T) log-probs under the reference: the base model with adapters disabled under LoRA, else the
+        frozen copy."""
+        if self.args.lora_rank:
+            with self.model.disable_adapter():
+                return self._logprobs(self.model, batch, self.decoder).logps
+        return self._logprobs(self.ref_model, batch, self.ref_decoder).logps
 
     def _make_rollout(self):
         if self.args.rollout == "hf":
@@ -185,15 +233,12 @@ class Trainer:
         start = time.perf_counter()
         rover = config.loss_type == "rover"
         old = ref_logps = None
-        with torch.no_grad():
-            if args.num_iterations > 1 and batch.logps is not None and not args.recompute_old_logps:
-                old = TokenLogprobs(batch.logps, None, batch.vocab_mean)  # recorded by the sampler: free
-            elif args.num_iterations > 1:
-                old = completion_logprobs(self.model, batch, args.temperature, return_vocab_mean=rover,
-                                          loss_impl=args.loss_impl)
-            if self.ref_model is not None:
-                ref_logps = completion_logprobs(self.ref_model, batch, args.temperature,
-                                                loss_impl=args.loss_impl).logps
+        if args.num_iterations > 1 and batch.logps is not None and not args.recompute_old_logps:
+            old = TokenLogprobs(batch.logps, None, batch.vocab_mean)  # recorded by the sampler: free
+        elif args.num_iterations > 1:
+            old = self._logprobs(self.model, batch, self.decoder, return_vocab_mean=rover)
+        if self.config.beta > 0:
+            ref_logps = self._ref_logps(batch)
         time_logprobs = time.perf_counter() - start
 
         start = time.perf_counter()
@@ -204,7 +249,7 @@ class Trainer:
             loss, metrics = self._loss(batch, advantages, old_logps, ref_logps, old_vocab_mean)
             self.optimizer.zero_grad(set_to_none=True)
             loss.backward()
-            grad_norm = torch.nn.utils.clip_grad_norm_(self.model.parameters(), args.max_grad_norm)
+            grad_norm = torch.nn.utils.clip_grad_norm_(self.trainable, args.max_grad_norm)
             self.optimizer.step()
         time_update = time.perf_counter() - start
 
@@ -236,11 +281,13 @@ class Trainer:
         """The policy loss and its metrics (with ``entropy``) through ``--loss-impl``."""
         config, temperature = self.config, self.args.temperature
         rover = config.loss_type == "rover"
+        forward = dict(decoder=self.decoder, num_generations=self.args.num_generations,
+                       checkpoint=self.args.gradient_checkpointing)
         if self.args.loss_impl == "fused_linear":
-            hidden, weight, bias = completion_hidden_states(self.model, batch)
+            hidden, weight, bias = completion_hidden_states(self.model, batch, **forward)
             return self.fused_linear_loss(hidden, weight, batch.completion_ids, old_logps, advantages,
                                           batch.completion_mask, ref_logps, old_vocab_mean, bias)
-        out = completion_logprobs(self.model, batch, temperature, True, rover)
+        out = completion_logprobs(self.model, batch, temperature, True, rover, **forward)
         # Entropy is only logged and V̄ enters ROVER's target under stop-gradient: detaching both frees
         # their (B, T, V) autograd buffers before the backward.
         logps, entropy = out.logps, out.entropy.detach()
