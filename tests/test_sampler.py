@@ -106,3 +106,51 @@ def test_greedy_matches_transformers_generate_on_smollm2(smollm2_dir):
         fresh = completion_logprobs(model, sampled, 0.7, return_vocab_mean=True, loss_impl="logits")
     m = sampled.completion_mask
     torch.testing.assert_close(sampled.logps[m], fresh.logps[m], rtol=1e-4, atol=1e-4)
+
+
+def test_static_shape_decode_step_equals_the_sliced_one(monkeypatch):
+    """The masked full-cache read that CUDA graphs replay gives the tokens and log-probs of the eager read."""
+    hf = tiny_model("qwen2", seed=2)
+    hf.generation_config.eos_token_id = 5
+    hf.lm_head.weight.data[5] += 0.5  # early stops, so compaction runs between steps
+    prompts = [torch.randint(6, 97, (n,), generator=torch.Generator().manual_seed(n)).tolist() for n in (4, 9, 6)]
+    results = []
+    for static in (False, True):
+        sampler = SharedPrefixSampler(hf, StubTokenizer())
+        if static:
+            def step_function(state, groups, device, sampler=sampler):
+                return lambda new, step: sampler.decode_step(state, groups, new, torch.tensor([step]))
+            monkeypatch.setattr(sampler, "_step_function", step_function)
+        torch.manual_seed(11)
+        results.append(sampler.generate(prompts, 4, 14, 1.1))
+    sliced, static = results
+    assert torch.equal(sliced.completion_ids, static.completion_ids)
+    assert sliced.completion_mask.sum(1).min() < 14  # some samples stopped early
+    torch.testing.assert_close(static.logps, sliced.logps, rtol=1e-5, atol=1e-5)
+
+
+def test_finished_samples_leave_the_decode_batch(monkeypatch):
+    hf = tiny_model("llama", seed=3)
+    hf.generation_config.eos_token_id = 5
+    hf.lm_head.weight.data[5] += 0.8
+    sampler = SharedPrefixSampler(hf, StubTokenizer())
+    sizes = []
+    decode_step = sampler.decode_step
+    monkeypatch.setattr(sampler, "decode_step", lambda state, *a, **k: sizes.append(state.rows.numel()) or decode_step(state, *a, **k))
+    torch.manual_seed(1)
+    batch = sampler.generate([[7, 8, 9], [10, 11, 12, 13]], 8, 16, 1.0)
+    lengths = batch.completion_mask.sum(1)
+    assert sizes[0] == 16 and min(sizes) < 16  # the batch shrank as samples stopped
+    for step, size in enumerate(sizes):  # ... but never below the samples still running at that step
+        assert size >= int((lengths > step + 1).sum())
+
+
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="CUDA graphs need a GPU")
+def test_cuda_graph_decode_matches_eager():
+    hf = tiny_model("qwen3", seed=4).cuda()
+    hf.generation_config.eos_token_id = 5
+    prompts = [[7, 8, 9, 10], [11, 12], [13, 14, 15, 16, 17, 18]]
+    eager = SharedPrefixSampler(hf, StubTokenizer(), cuda_graphs=False).generate(prompts, 4, 24, 1.0, greedy=True)
+    graphed = SharedPrefixSampler(hf, StubTokenizer(), cuda_graphs=True).generate(prompts, 4, 24, 1.0, greedy=True)
+    assert torch.equal(eager.completion_ids, graphed.completion_ids)
+    torch.testing.assert_close(graphed.logps, eager.logps, rtol=1e-4, atol=1e-4)
