@@ -154,3 +154,19 @@ def test_cuda_graph_decode_matches_eager():
     graphed = SharedPrefixSampler(hf, StubTokenizer(), cuda_graphs=True).generate(prompts, 4, 24, 1.0, greedy=True)
     assert torch.equal(eager.completion_ids, graphed.completion_ids)
     torch.testing.assert_close(graphed.logps, eager.logps, rtol=1e-4, atol=1e-4)
+
+
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="flash-attn runs on a GPU")
+def test_flash_attn_prefill_matches_sdpa():
+    pytest.importorskip("flash_attn")
+    from rlfuse.engine.decoder import causal_attend, causal_padding_mask, sdpa
+
+    gen = torch.Generator(device="cuda").manual_seed(0)
+    q = torch.randn(3, 4, 9, 16, device="cuda", dtype=torch.bfloat16, generator=gen)
+    k, v = (torch.randn(3, 2, 9, 16, device="cuda", dtype=torch.bfloat16, generator=gen) for _ in range(2))
+    mask = torch.ones(3, 9, dtype=torch.bool, device="cuda")
+    mask[1, :4] = False
+    got = causal_attend(mask)(0, q, k, v)
+    want = sdpa(q, k, v, causal_padding_mask(mask))
+    real = mask[:, None, :, None].expand_as(got)
+    torch.testing.assert_close(got[real], want[real], rtol=2e-2, atol=2e-2)

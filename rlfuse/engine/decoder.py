@@ -3,7 +3,8 @@ model's own parameters: nothing is copied, so the optimizer's updates are what r
 
 transformers loads the weights (a safetensors folder, a hub id, or a GGUF file); this module reimplements
 only the forward, so that rollout can share one prompt's KV cache across its G samples (see
-``rlfuse.engine.sampler``) without transformers' cache classes. Attention is PyTorch's SDPA.
+``rlfuse.engine.sampler``) without transformers' cache classes. Causal attention uses flash-attn when it is
+importable on a GPU, otherwise PyTorch's SDPA.
 """
 
 from __future__ import annotations
@@ -115,9 +116,7 @@ class DecoderLM(torch.nn.Module):
         """
         mask = torch.ones_like(input_ids) if attention_mask is None else attention_mask
         position_ids = (mask.cumsum(-1) - 1).clamp(min=0)
-        allowed = causal_padding_mask(mask.bool(), self.sliding_window)
-        attend = lambda index, q, k, v: sdpa(q, k, v, allowed)  # noqa: E731
-        return self.logits(self.hidden_states(input_ids, position_ids, attend))
+        return self.logits(self.hidden_states(input_ids, position_ids, causal_attend(mask.bool(), self.sliding_window)))
 
 
 def causal_padding_mask(mask: torch.Tensor, sliding_window: Optional[int] = None) -> torch.Tensor:
@@ -132,6 +131,43 @@ def causal_padding_mask(mask: torch.Tensor, sliding_window: Optional[int] = None
         allowed &= (idx[:, None] - idx[None, :] < sliding_window)[None]
     allowed |= torch.eye(length, dtype=torch.bool, device=mask.device)[None]
     return allowed[:, None]
+
+
+def flash_attn_varlen():
+    """flash-attn's ``flash_attn_varlen_func`` when the package is importable, else None."""
+    try:
+        from flash_attn import flash_attn_varlen_func
+    except ImportError:
+        return None
+    return flash_attn_varlen_func
+
+
+def causal_attend(mask: torch.Tensor, sliding_window: Optional[int] = None) -> Attend:
+    """Causal self-attention over left-padded rows, ``mask`` (batch, L) bool True on real tokens.
+
+    Uses flash-attn on unpadded tokens when it is importable and the inputs are fp16/bf16 CUDA tensors,
+    otherwise PyTorch's SDPA with a (batch, 1, L, L) mask. Outputs at padding positions are unspecified.
+    """
+    allowed = None
+    flash = flash_attn_varlen() if mask.is_cuda else None
+    lengths = mask.sum(-1, dtype=torch.int32)
+    cu_seqlens = torch.nn.functional.pad(lengths.cumsum(0, dtype=torch.int32), (1, 0))
+
+    def attend(index, q, k, v):
+        nonlocal allowed
+        if flash is not None and q.dtype in (torch.float16, torch.bfloat16):
+            unpad = lambda x: x.transpose(1, 2)[mask]  # noqa: E731 - (tokens, heads, d)
+            longest = int(lengths.max())
+            out = flash(unpad(q), unpad(k), unpad(v), cu_seqlens, cu_seqlens, longest, longest, causal=True,
+                        window_size=(sliding_window - 1, 0) if sliding_window else (-1, -1))
+            padded = q.new_zeros(q.shape[0], q.shape[2], q.shape[1], q.shape[3])
+            padded[mask] = out
+            return padded.transpose(1, 2)
+        if allowed is None:
+            allowed = causal_padding_mask(mask, sliding_window)
+        return sdpa(q, k, v, allowed)
+
+    return attend
 
 
 def sdpa(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, allowed: torch.Tensor) -> torch.Tensor:

@@ -21,7 +21,7 @@ from typing import List, Optional, Sequence
 
 import torch
 
-from rlfuse.engine.decoder import DecoderLM, LayerKV, causal_padding_mask, collect_kv, sdpa
+from rlfuse.engine.decoder import DecoderLM, LayerKV, causal_attend, collect_kv
 from rlfuse.engine.rollout import RolloutBatch, left_pad, stop_token_ids
 
 
@@ -120,8 +120,7 @@ class SharedPrefixSampler:
 
     def _prefill(self, ids, mask):
         store: List[Optional[LayerKV]] = [None] * len(self.decoder.layers)
-        allowed = causal_padding_mask(mask.bool(), self.decoder.sliding_window)
-        attend = collect_kv(store, lambda index, q, k, v: sdpa(q, k, v, allowed))
+        attend = collect_kv(store, causal_attend(mask.bool(), self.decoder.sliding_window))
         positions = (mask.cumsum(-1) - 1).clamp(min=0)
         hidden = self.decoder.hidden_states(ids, positions, attend)
         return store, self.decoder.logits(hidden[:, -1])
