@@ -114,18 +114,29 @@ def measured_copy_bandwidth(device: torch.device) -> float:
     return _COPY_BANDWIDTH[key]
 
 
-def bench_impls(name, fn, logits, targets, weights, device, fwd_bytes, fwd_bwd_bytes, fields, repeats=5) -> Dict:
-    """Time ``fn(logits, targets) -> tuple of outputs`` forward and forward+backward; one result row.
+def achieved_gbs(num_bytes: int, seconds: float) -> float:
+    """Achieved bandwidth in GB/s: ``num_bytes`` moved in ``seconds``."""
+    return num_bytes / seconds / 1e9
 
-    The backward is driven by ``weights`` on outputs of its shape and by ones on the others (a scalar
-    loss). A failure is recorded in the row, not raised.
+
+def achieved_tflops(flops: int, seconds: float) -> float:
+    """Achieved throughput in TFLOP/s: ``flops`` done in ``seconds``."""
+    return flops / seconds / 1e12
+
+
+def logits_passes(fn, logits, targets, weights, device) -> Dict[str, Callable[[], object]]:
+    """The two timed passes of ``fn(logits, targets) -> tuple of outputs``: ``{"fwd": ..., "fwd_bwd": ...}``.
+
+    ``fwd`` runs under ``no_grad``; ``fwd_bwd`` drives the backward with ``weights`` on outputs of its
+    shape and ones on the others (a scalar loss), then drops the gradient. Both wait for the device.
     """
-    bandwidth = measured_copy_bandwidth(device)
     leaf = logits.detach().requires_grad_(True)
 
     def forward():
         with torch.no_grad():
-            return fn(leaf, targets)
+            out = fn(leaf, targets)
+        sync(device)
+        return out
 
     def forward_backward():
         outs = fn(leaf, targets)
@@ -134,10 +145,20 @@ def bench_impls(name, fn, logits, targets, weights, device, fwd_bytes, fwd_bwd_b
         leaf.grad = None
         sync(device)
 
+    return {"fwd": forward, "fwd_bwd": forward_backward}
+
+
+def bench_impls(name, fn, logits, targets, weights, device, fwd_bytes, fwd_bwd_bytes, fields, repeats=5) -> Dict:
+    """Time ``fn(logits, targets) -> tuple of outputs`` forward and forward+backward; one result row.
+
+    The passes are those of :func:`logits_passes`. A failure is recorded in the row, not raised.
+    """
+    bandwidth = measured_copy_bandwidth(device)
+    passes = logits_passes(fn, logits, targets, weights, device)
     row = {"impl": name, **fields}
     try:
-        t_fwd = median_time_s(forward, device, repeats=repeats)
-        t_fb = median_time_s(forward_backward, device, repeats=repeats)
+        t_fwd = median_time_s(passes["fwd"], device, repeats=repeats)
+        t_fb = median_time_s(passes["fwd_bwd"], device, repeats=repeats)
     except Exception as error:  # a peer that cannot run this shape is reported, not fatal
         row["error"] = f"{type(error).__name__}: {error}"[:300]
         return row
@@ -146,11 +167,11 @@ def bench_impls(name, fn, logits, targets, weights, device, fwd_bytes, fwd_bwd_b
         "fwd_bwd_ms": t_fb * 1e3,
         "fwd_bytes": fwd_bytes,
         "fwd_bwd_bytes": fwd_bwd_bytes,
-        "fwd_gbs": fwd_bytes / t_fwd / 1e9,
-        "fwd_pct_copy_bw": 100 * fwd_bytes / t_fwd / 1e9 / bandwidth,
-        "fwd_bwd_gbs": fwd_bwd_bytes / t_fb / 1e9,
-        "fwd_bwd_pct_copy_bw": 100 * fwd_bwd_bytes / t_fb / 1e9 / bandwidth,
-        "peak_mem_bytes": peak_memory_bytes(forward_backward, device),
+        "fwd_gbs": achieved_gbs(fwd_bytes, t_fwd),
+        "fwd_pct_copy_bw": 100 * achieved_gbs(fwd_bytes, t_fwd) / bandwidth,
+        "fwd_bwd_gbs": achieved_gbs(fwd_bwd_bytes, t_fb),
+        "fwd_bwd_pct_copy_bw": 100 * achieved_gbs(fwd_bwd_bytes, t_fb) / bandwidth,
+        "peak_mem_bytes": peak_memory_bytes(passes["fwd_bwd"], device),
     })
     return row
 

@@ -28,11 +28,15 @@ if not torch.cuda.is_available():
 
 import tyro
 
-from bench.common import backend, device_name, median_time_s, peak_memory_bytes, print_table, sync, write_results
+from bench.common import (achieved_tflops, backend, device_name, median_time_s, peak_memory_bytes, print_table,
+                          sync, write_results)
 from rlfuse.kernels import linear_token_logprobs, token_logprobs
 
 FULL_SHAPES = [(m, h, v) for m in (8192, 32768) for h in (896, 2048, 4096) for v in (32000, 128256, 151936)]
 SMOKE_SHAPES = [(64, 64, 1000)]
+IMPLEMENTATIONS = ("rlfuse-fused-linear-triton", "rlfuse-fused-linear-torch-chunked", "materialized+rlfuse-logits",
+                   "torch-compile", "liger-fused-linear-grpo", "cce-linear-cross-entropy")
+"""Every name :func:`implementations` can return; the last three only on a GPU, where installed."""
 
 
 @dataclass
@@ -91,38 +95,74 @@ def gemm_tflops(m: int, h: int, v: int, device: torch.device, dtype: torch.dtype
     """Measured TFLOP/s of a bare (M, H) @ (H, V) matmul: the ceiling the fused kernels are judged by."""
     a = torch.randn(m, h, device=device, dtype=dtype)
     b = torch.randn(h, v, device=device, dtype=dtype)
-    return 2 * m * h * v / median_time_s(lambda: a @ b, device) / 1e12
+    return achieved_tflops(2 * m * h * v, median_time_s(lambda: a @ b, device))
 
 
-def bench_shape(name, fn, m, h, v, device, dtype, ceiling) -> dict:
-    """One implementation at one shape: a result row (an error is recorded, not raised)."""
+def roofline_flops(m: int, h: int, v: int):
+    """FLOPs ``(forward, forward+backward)``: 2·M·H·V, and 8·M·H·V with the backward recomputing the logits."""
+    return 2 * m * h * v, 8 * m * h * v
+
+
+def roofline_bytes(m: int, h: int, v: int, element_size: int):
+    """The fewest bytes ``(forward, forward+backward)`` when the (M, V) logits never reach memory.
+
+    Forward reads hidden (M, H), weight (V, H) and int64 targets once and writes two fp32 values per
+    token; backward reads the same plus two fp32 upstream gradients per token and writes d(hidden), d(weight).
+    """
+    inputs = (m * h + v * h) * element_size
+    fwd = inputs + m * 8 + m * 8
+    return fwd, fwd + 2 * inputs + m * 8 + m * 8
+
+
+def make_inputs(m: int, h: int, v: int, device: torch.device, dtype: torch.dtype):
+    """Seeded leaves ``(hidden (M, H), weight (V, H))`` in ``dtype`` needing grad, and ``targets (M,)`` int64."""
     gen = torch.Generator(device=device).manual_seed(0)
     hidden = torch.randn(m, h, device=device, dtype=dtype, generator=gen).requires_grad_(True)
     weight = (torch.randn(v, h, device=device, dtype=dtype, generator=gen) / h ** 0.5).requires_grad_(True)
     targets = torch.randint(0, v, (m,), device=device, generator=gen)
+    return hidden, weight, targets
 
+
+def linear_passes(fn, hidden, weight, targets, device):
+    """The two timed passes of ``fn(hidden, weight, targets)``: ``{"fwd": ..., "fwd_bwd": ...}``.
+
+    ``fwd`` runs under ``no_grad``; ``fwd_bwd`` backpropagates the sum of the outputs and drops the
+    gradients. Both wait for the device.
+    """
     def forward():
         with torch.no_grad():
-            return fn(hidden, weight, targets)
+            out = fn(hidden, weight, targets)
+        sync(device)
+        return out
 
     def forward_backward():
         sum(out.float().sum() for out in fn(hidden, weight, targets)).backward()
         hidden.grad = weight.grad = None
         sync(device)
 
+    return {"fwd": forward, "fwd_bwd": forward_backward}
+
+
+def bench_shape(name, fn, m, h, v, device, dtype, ceiling) -> dict:
+    """One implementation at one shape: a result row (an error is recorded, not raised)."""
+    hidden, weight, targets = make_inputs(m, h, v, device, dtype)
+    passes = linear_passes(fn, hidden, weight, targets, device)
     row = {"impl": name, "m_tokens": m, "hidden": h, "vocab": v, "dtype": str(dtype).replace("torch.", "")}
     try:
-        t_fwd, t_fb = median_time_s(forward, device), median_time_s(forward_backward, device)
+        t_fwd, t_fb = median_time_s(passes["fwd"], device), median_time_s(passes["fwd_bwd"], device)
     except Exception as error:  # a peer that cannot run this shape is reported, not fatal
         row["error"] = f"{type(error).__name__}: {error}"[:300]
         return row
-    flops_fwd, flops_fb = 2 * m * h * v, 8 * m * h * v
+    flops_fwd, flops_fb = roofline_flops(m, h, v)
+    bytes_fwd, bytes_fb = roofline_bytes(m, h, v, hidden.element_size())
     grads_bytes = (hidden.numel() + weight.numel()) * hidden.element_size()
     row.update({
         "fwd_ms": t_fwd * 1e3, "fwd_bwd_ms": t_fb * 1e3, "fwd_flops": flops_fwd, "fwd_bwd_flops": flops_fb,
-        "fwd_tflops": flops_fwd / t_fwd / 1e12, "fwd_bwd_tflops": flops_fb / t_fb / 1e12,
-        "fwd_bwd_pct_gemm": 100 * flops_fb / t_fb / 1e12 / ceiling,
-        "peak_extra_mem_bytes": peak_memory_bytes(forward_backward, device) - grads_bytes
+        "fwd_bytes": bytes_fwd, "fwd_bwd_bytes": bytes_fb,
+        "fwd_tflops": achieved_tflops(flops_fwd, t_fwd), "fwd_bwd_tflops": achieved_tflops(flops_fb, t_fb),
+        "fwd_pct_gemm": 100 * achieved_tflops(flops_fwd, t_fwd) / ceiling,
+        "fwd_bwd_pct_gemm": 100 * achieved_tflops(flops_fb, t_fb) / ceiling,
+        "peak_extra_mem_bytes": peak_memory_bytes(passes["fwd_bwd"], device) - grads_bytes
         if device.type == "cuda" else -1,
     })
     return row

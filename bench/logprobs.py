@@ -25,6 +25,8 @@ from rlfuse.kernels import token_logprobs_reference
 
 FULL_SHAPES = [(n, v) for n in (8192, 32768) for v in (32000, 128256, 151936, 262144)]
 SMOKE_SHAPES = [(64, 4096)]
+IMPLEMENTATIONS = ("rlfuse-triton", "torch-eager", "torch-compile", "trl")
+"""Every name :func:`implementations` can return; the peers only on a GPU, where installed."""
 
 
 @dataclass
@@ -59,21 +61,35 @@ def implementations(device: torch.device):
     return impls
 
 
+def roofline_bytes(n: int, v: int, element_size: int):
+    """The fewest bytes ``(forward, forward+backward)`` for N tokens x V logits of ``element_size`` bytes.
+
+    Forward reads the logits and int64 targets once and writes two fp32 values per token; backward reads
+    the logits and two fp32 upstream gradients per token once more and writes d(logits).
+    """
+    fwd = n * v * element_size + n * 8 + 2 * n * 4
+    return fwd, fwd + 2 * n * v * element_size + 2 * n * 4
+
+
+def make_inputs(n: int, v: int, device: torch.device):
+    """Seeded ``(logits (N, V) bf16, targets (N,) int64, weights (N,) fp32)``; weights drive the backward."""
+    gen = torch.Generator(device=device).manual_seed(0)
+    logits = (torch.randn(n, v, device=device, generator=gen) * 4).to(torch.bfloat16)
+    targets = torch.randint(0, v, (n,), device=device, generator=gen)
+    weights = torch.randn(n, device=device, generator=gen)
+    return logits, targets, weights
+
+
 def main(args: Args) -> None:
     """Run every implementation on every shape; write ``bench/results/logprobs-<device>.json``."""
     device = pick_device(args.device)
     shapes = FULL_SHAPES if args.full and device.type == "cuda" else SMOKE_SHAPES
     rows = []
     for n, v in shapes:
-        gen = torch.Generator(device=device).manual_seed(0)
-        logits = (torch.randn(n, v, device=device, generator=gen) * 4).to(torch.bfloat16)
-        targets = torch.randint(0, v, (n,), device=device, generator=gen)
-        weights = torch.randn(n, device=device, generator=gen)
-        elem = logits.element_size()
-        fwd_bytes = n * v * elem + n * 8 + 2 * n * 4
-        bwd_bytes = 2 * n * v * elem + 2 * n * 4
+        logits, targets, weights = make_inputs(n, v, device)
+        fwd_bytes, fwd_bwd_bytes = roofline_bytes(n, v, logits.element_size())
         for name, fn in implementations(device).items():
-            rows.append(bench_impls(name, fn, logits, targets, weights, device, fwd_bytes, fwd_bytes + bwd_bytes,
+            rows.append(bench_impls(name, fn, logits, targets, weights, device, fwd_bytes, fwd_bwd_bytes,
                                     {"n_tokens": n, "vocab": v, "dtype": "bfloat16"}))
     report("logprobs", device, rows, args.out_dir)
 

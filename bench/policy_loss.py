@@ -24,6 +24,8 @@ from rlfuse.algos import get_config, policy_loss_from_logits
 
 FULL_SHAPES = [(b, 1024, v) for b in (8, 32) for v in (32000, 128256, 151936, 262144)]
 SMOKE_SHAPES = [(4, 16, 4096)]
+IMPLEMENTATIONS = ("rlfuse-triton", "torch-eager", "torch-compile", "liger-triton-grpo")
+"""Every name :func:`implementations` can return; the peers only on a GPU, where installed."""
 
 
 @dataclass
@@ -67,6 +69,28 @@ def implementations(device, config, old_logps, advantages, mask):
     return impls
 
 
+def roofline_bytes(b: int, t: int, v: int, element_size: int):
+    """The fewest bytes ``(forward, forward+backward)`` for B x T tokens x V logits of ``element_size`` bytes.
+
+    Forward reads the logits once plus, per token, the int64 target, the fp32 old log-prob and the bool
+    mask; forward+backward reads the logits once and writes d(logits) once, with the same per-token reads.
+    """
+    n = b * t
+    small = n * (8 + 4 + 1)
+    return n * v * element_size + small, 2 * n * v * element_size + small
+
+
+def make_inputs(b: int, t: int, v: int, device: torch.device):
+    """Seeded ``(logits (B, T, V) bf16, targets (B, T) int64, old_logps (B, T), advantages (B,), mask (B, T) bool)``."""
+    gen = torch.Generator(device=device).manual_seed(0)
+    logits = (torch.randn(b, t, v, device=device, generator=gen) * 4).to(torch.bfloat16)
+    targets = torch.randint(0, v, (b, t), device=device, generator=gen)
+    old_logps = -torch.rand(b, t, device=device, generator=gen) * 5
+    advantages = torch.randn(b, device=device, generator=gen)
+    mask = torch.rand(b, t, device=device, generator=gen) > 0.1
+    return logits, targets, old_logps, advantages, mask
+
+
 def main(args: Args) -> None:
     """Run every implementation on every shape; write ``bench/results/policy_loss-<device>.json``."""
     device = pick_device(args.device)
@@ -74,18 +98,11 @@ def main(args: Args) -> None:
     shapes = FULL_SHAPES if args.full and device.type == "cuda" else SMOKE_SHAPES
     rows = []
     for b, t, v in shapes:
-        gen = torch.Generator(device=device).manual_seed(0)
-        logits = (torch.randn(b, t, v, device=device, generator=gen) * 4).to(torch.bfloat16)
-        targets = torch.randint(0, v, (b, t), device=device, generator=gen)
-        old_logps = -torch.rand(b, t, device=device, generator=gen) * 5
-        advantages = torch.randn(b, device=device, generator=gen)
-        mask = torch.rand(b, t, device=device, generator=gen) > 0.1
-        n, elem = b * t, logits.element_size()
-        small = n * (8 + 4 + 1)  # targets, old log-probs, mask
+        logits, targets, old_logps, advantages, mask = make_inputs(b, t, v, device)
+        fwd_bytes, fwd_bwd_bytes = roofline_bytes(b, t, v, logits.element_size())
         for name, fn in implementations(device, config, old_logps, advantages, mask).items():
-            rows.append(bench_impls(name, fn, logits, targets, advantages, device, n * v * elem + small,
-                                    2 * n * v * elem + small, {"algo": args.algo, "n_tokens": n, "vocab": v,
-                                                               "dtype": "bfloat16"}))
+            rows.append(bench_impls(name, fn, logits, targets, advantages, device, fwd_bytes, fwd_bwd_bytes,
+                                    {"algo": args.algo, "n_tokens": b * t, "vocab": v, "dtype": "bfloat16"}))
     report("policy_loss", device, rows, args.out_dir)
 
 
