@@ -10,7 +10,7 @@ import statistics
 import time
 from datetime import datetime, timezone
 from pathlib import Path
-from typing import Callable, Dict, List
+from typing import Callable, Dict, List, Optional
 
 import torch
 
@@ -69,12 +69,17 @@ def peak_memory_bytes(fn: Callable[[], object], device: torch.device) -> int:
     return torch.cuda.max_memory_allocated(device) - base
 
 
-def write_results(name: str, device: torch.device, rows: List[Dict], extra: Dict, out_dir: str) -> Path:
-    """Write ``{benchmark, device, date, torch, rows, ...extra}`` to ``out_dir/<name>-<device>.json``."""
+def write_results(name: str, device: torch.device, rows: List[Dict], extra: Dict, out_dir: str,
+                  smoke: Optional[bool] = None) -> Path:
+    """Write ``{benchmark, device, smoke, date, torch, rows, ...extra}`` to ``out_dir/<name>-<device>.json``.
+
+    ``smoke`` (default: not on CUDA) marks figures that only check that the code runs, such as kernels
+    through Triton's CPU interpreter.
+    """
     payload = {
         "benchmark": name,
         "device": device_name(device),
-        "smoke": device.type != "cuda",
+        "smoke": device.type != "cuda" if smoke is None else smoke,
         "date": datetime.now(timezone.utc).isoformat(timespec="seconds"),
         "torch": torch.__version__,
         **extra,

@@ -447,7 +447,7 @@ def main(args: Args) -> Path:
             "copy_bandwidth_gbs": bandwidth, "transformers": _version("transformers"), "trl": _version("trl"),
             "differences": DIFFERENCES, "trl_overrides": TRL_OVERRIDES}
     slug = Path(args.model).name if args.model not in RANDOM_MODELS and Path(args.model).exists() else args.model
-    path = write_results(f"e2e-{slug}", device, rows, meta, args.out_dir)
+    path = write_results(f"e2e-{slug}", device, rows, meta, args.out_dir, smoke=False)
     print(f"e2e GRPO step on {device_name(device)}, {args.model}, {args.prompts} prompts x G={args.num_generations}, "
           f"max_new_tokens {args.max_new_tokens}; copy bandwidth {bandwidth:.1f} GB/s")
     print_table(rows, ["impl", "step_s", "tokens_per_s", "completion_tokens", "time_rollout", "time_logprobs",

@@ -28,10 +28,10 @@ SHAPE_KEYS = ("model", "algo", "n_tokens", "m_tokens", "hidden", "prompts", "num
 """Result fields that make a shape, in display order (vocabulary last: the plots' x axis)."""
 SHAPE_LABELS = {"n_tokens": "N", "m_tokens": "M", "hidden": "H", "prompts": "P", "num_generations": "G",
                 "max_new_tokens": "T", "vocab": "V"}
-BENCHMARK_ORDER = ("logprobs", "policy_loss", "linear", "rollout")
+BENCHMARK_ORDER = ("logprobs", "policy_loss", "linear", "rollout", "e2e")
 PLOTTED = ("logprobs", "policy_loss", "linear")
 """Benchmarks plotted against the vocabulary size (the rollout has one model, hence one V: a table only)."""
-PASS_NAMES = {"fwd": "forward", "fwd_bwd": "forward+backward", "generate": "generate"}
+PASS_NAMES = {"fwd": "forward", "fwd_bwd": "forward+backward", "generate": "generate", "step": "whole GRPO step"}
 
 
 @dataclass(frozen=True)
@@ -103,6 +103,7 @@ def _memory(value) -> Optional[int]:
 def _script_records(payload: Dict, results: Results) -> None:
     """Records of a ``python -m bench.X`` file (rows with ``fwd_ms``/``fwd_bwd_ms``, or rollout rows)."""
     name, device = payload["benchmark"], payload["device"]
+    name = "e2e" if name.startswith("e2e") else name  # e2e-<model>
     smoke = bool(payload.get("smoke", device.startswith("cpu")))
     common = {"benchmark": name, "device": device, "smoke": smoke, "date": payload.get("date", "")}
     if "memory_check" in payload and payload["memory_check"].get("fp32_logits_bytes"):
@@ -119,6 +120,14 @@ def _script_records(payload: Dict, results: Results) -> None:
         if name == "rollout":
             results.records.append(Record(impl=row["impl"], pass_name="generate", shape=shape,
                                           seconds=row["seconds"], tokens_per_s=row.get("tokens_per_s"), **common))
+            continue
+        if name == "e2e":  # seconds per step; the decode bandwidth is the rlfuse row's (its %, of copy bandwidth)
+            shape = _shape({"model": row.get("model"), "P": row.get("prompts"), "G": row.get("num_generations"),
+                            "T": row.get("max_new_tokens")})
+            results.records.append(Record(impl=row["impl"], pass_name="step", shape=shape, seconds=row["step_s"],
+                                          tokens_per_s=row.get("tokens_per_s"), achieved=row.get("decode_gbs"),
+                                          ceiling=payload.get("copy_bandwidth_gbs") if row.get("decode_gbs") else None,
+                                          **common))
             continue
         for pass_name in ("fwd", "fwd_bwd"):
             results.records.append(_kernel_record(payload, row, pass_name, shape, common))
@@ -246,7 +255,7 @@ def size_label(device: str, smoke: bool) -> str:
 
 
 SIZE_NOTES = {"CPU smoke": "Triton interpreter; checks that everything runs, not a speed figure",
-              "CPU full": "the rollout only; not a GPU figure",
+              "CPU full": "the engine benchmarks on the real model; CPU figures, not GPU ones",
               "GPU smoke": "small shapes, not representative", "GPU full": "full shapes"}
 
 
@@ -264,13 +273,13 @@ def table_markdown(benchmark: str, records: List[Record]) -> str:
     for record in records:
         by_shape[record.shape][record.impl] = record
     header = ["shape", "impl", "time (ms)"]
-    if benchmark == "rollout":
+    if benchmark in ("rollout", "e2e"):
         header.append("tokens/s")
     header += [unit, f"ceiling {unit}", "% of ceiling", "peak mem (MiB)"] + [f"speed-up vs {peer}" for peer in peers]
     lines = ["| " + " | ".join(header) + " |", "|" + "---|" * len(header)]
     for record in records:
         cells = [shape_label(record.shape), record.impl, _fmt(record.seconds * 1e3)]
-        if benchmark == "rollout":
+        if benchmark in ("rollout", "e2e"):
             cells.append(_fmt(record.tokens_per_s))
         peak = None if record.peak_mem_bytes is None else record.peak_mem_bytes / 2**20
         cells += [_fmt(record.achieved), _fmt(record.ceiling), _fmt(record.pct_of_ceiling, "%"), _fmt(peak)]

@@ -79,7 +79,7 @@ def main(args: Args) -> None:
                      "max_new_tokens": args.max_new_tokens, **time_rollout(sampler, prompts, args, device)})
     rows[1]["speedup_vs_hf"] = rows[1]["tokens_per_s"] / rows[0]["tokens_per_s"]
     path = write_results("rollout", device, rows, {"model": args.model, "temperature": args.temperature},
-                         args.out_dir)
+                         args.out_dir, smoke=False)  # the real model at real settings, on any device
     print(f"rollout on {device_name(device)}, {args.model}")
     print_table(rows, ["impl", "prompts", "num_generations", "max_new_tokens", "seconds", "tokens", "tokens_per_s",
                        "speedup_vs_hf"])
