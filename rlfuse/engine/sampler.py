@@ -132,8 +132,10 @@ class SharedPrefixSampler:
         bias = torch.zeros(mask.shape, device=device).masked_fill(~mask.bool(), float("-inf"))[:, None, None]
         arange = torch.arange(rows, device=device)
         return DecodeState([kv.keys for kv in store], [kv.values for kv in store], bias,
-                           [torch.empty(shape, device=device, dtype=dtype) for _ in store],
-                           [torch.empty(shape, device=device, dtype=dtype) for _ in store],
+                           # zeros, not empty: the static-shape step reads unwritten slots (masked out, but
+                           # garbage NaN times a -inf bias is still NaN)
+                           [torch.zeros(shape, device=device, dtype=dtype) for _ in store],
+                           [torch.zeros(shape, device=device, dtype=dtype) for _ in store],
                            arange, arange, mask.sum(-1).repeat_interleave(groups))
 
     def _generate(self, ids, mask, groups, max_new_tokens, temperature, greedy, device) -> RolloutBatch:
