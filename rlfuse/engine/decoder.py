@@ -150,14 +150,15 @@ def causal_attend(mask: torch.Tensor, sliding_window: Optional[int] = None) -> A
     """
     allowed = None
     flash = flash_attn_varlen() if mask.is_cuda else None
-    lengths = mask.sum(-1, dtype=torch.int32)
-    cu_seqlens = torch.nn.functional.pad(lengths.cumsum(0, dtype=torch.int32), (1, 0))
+    if flash is not None:  # unpadded sequence lengths, once for every layer
+        lengths = mask.sum(-1, dtype=torch.int32)
+        cu_seqlens = torch.nn.functional.pad(lengths.cumsum(0, dtype=torch.int32), (1, 0))
+        longest = int(lengths.max())
 
     def attend(index, q, k, v):
         nonlocal allowed
         if flash is not None and q.dtype in (torch.float16, torch.bfloat16):
             unpad = lambda x: x.transpose(1, 2)[mask]  # noqa: E731 - (tokens, heads, d)
-            longest = int(lengths.max())
             out = flash(unpad(q), unpad(k), unpad(v), cu_seqlens, cu_seqlens, longest, longest, causal=True,
                         window_size=(sliding_window - 1, 0) if sliding_window else (-1, -1))
             padded = q.new_zeros(q.shape[0], q.shape[2], q.shape[1], q.shape[3])

@@ -30,16 +30,25 @@ def sample_tokens(logits: torch.Tensor, temperature: float, top_k: int = 0, top_
     """Next tokens (rows,) from float32 logits (rows, V): argmax, or sampling after top-k and top-p filtering."""
     if greedy:
         return logits.argmax(-1)
-    z = logits / temperature
+    return sample_from_log_probs(torch.log_softmax(logits / temperature, dim=-1), top_k, top_p)
+
+
+def sample_from_log_probs(log_probs: torch.Tensor, top_k: int = 0, top_p: float = 1.0,
+                          greedy: bool = False) -> torch.Tensor:
+    """Next tokens (rows,) from float32 log-probs (rows, V) of softmax(logits / temperature), which the
+    sampler has already formed to record them: no second softmax over the vocabulary."""
+    if greedy:
+        return log_probs.argmax(-1)
+    z = log_probs
     if top_k and top_k < z.shape[-1]:
         kth = torch.topk(z, top_k, dim=-1).values[:, -1:]
         z = z.masked_fill(z < kth, float("-inf"))
     if top_p < 1.0:
         sorted_z, order = torch.sort(z, dim=-1, descending=True)
-        cumulative = torch.softmax(sorted_z, -1).cumsum(-1)
-        drop = cumulative - torch.softmax(sorted_z, -1) > top_p  # keep the smallest set reaching top_p
+        probs = torch.softmax(sorted_z, -1)  # renormalized after top-k
+        drop = probs.cumsum(-1) - probs > top_p  # keep the smallest set reaching top_p
         z = z.scatter(-1, order, sorted_z.masked_fill(drop, float("-inf")))
-    return torch.multinomial(torch.softmax(z, -1), 1).squeeze(-1)
+    return torch.multinomial(z.exp(), 1).squeeze(-1)  # multinomial normalizes the weights itself
 
 
 COMPACT_BELOW = 0.75  # compact the decode batch once fewer than this fraction of its rows still run
@@ -155,7 +164,7 @@ class SharedPrefixSampler:
         for step in range(max_new_tokens):
             row_ids = state.rows
             log_probs = torch.log_softmax(logits / temperature, dim=-1)
-            new = sample_tokens(logits, temperature, self.top_k, self.top_p, greedy)
+            new = sample_from_log_probs(log_probs, self.top_k, self.top_p, greedy)
             new = torch.where(finished[row_ids], pad, new)
             tokens[row_ids, step] = new
             logps[row_ids, step] = log_probs.gather(-1, new[:, None])[:, 0]
@@ -239,8 +248,8 @@ class GraphedDecodeStep:
     """One decode step of a fixed :class:`DecodeState` captured in a CUDA graph and replayed per token.
 
     The first call runs eagerly (warming up on a side stream) and captures; later calls copy the new
-    tokens and step index into the graph's static inputs and replay it. If capture fails, every call runs
-    eagerly and a warning says why.
+    tokens and step index into the graph's static inputs and replay it, returning the graph's own logits
+    buffer (overwritten by the next call). If capture fails, every call runs eagerly and a warning says why.
     """
 
     def __init__(self, sampler: SharedPrefixSampler, state: DecodeState, groups: int):
@@ -257,7 +266,7 @@ class GraphedDecodeStep:
             self.static_new.copy_(new)
             self.static_step.fill_(step)
             self.graph.replay()
-            return self.static_logits.clone()
+            return self.static_logits  # valid until the next call, which the decode loop reads it before
         step_t = torch.tensor([step], device=device)
         if self.failed:
             return self._eager(new, step_t)
