@@ -26,7 +26,7 @@ from accelerate.utils import is_peft_model
 from packaging.version import Version
 from trl.trainer.utils import nanmax, nanmin
 
-from rlfuse.algos.losses import kl_penalty
+from rlfuse.algos.losses import kl_penalty, sequence_log_ratio
 from rlfuse.kernels import IGNORE_INDEX, TokenLogprobs, linear_token_logprobs, token_logprobs
 
 MIN_TRL_VERSION = "1.16.0"
@@ -199,7 +199,7 @@ def grpo_token_loss(
     """
     log_ratio = per_token_logps - old_per_token_logps
     if importance_sampling_level == "sequence":
-        log_ratio = ((log_ratio * mask).sum(-1) / mask.sum(-1).clamp(min=1.0)).unsqueeze(-1)
+        log_ratio = sequence_log_ratio(log_ratio, mask.bool(), normalize=True)
     ratio = torch.exp(log_ratio)
     if loss_type == "cispo":
         return -torch.clamp(ratio, max=epsilon_high).detach() * advantages * per_token_logps, ratio
