@@ -1,4 +1,11 @@
-"""``policy_loss_from_logits``: every algorithm's policy loss straight from logits, in one fused op."""
+"""``policy_loss_from_logits``: every algorithm's policy loss straight from logits, in one fused op.
+
+Token-local losses (the token-level PPO clip of GRPO, Dr. GRPO and DAPO, TOPR at token level, any KL
+estimator, any ``loss_agg_mode``) run as a single kernel that reads the logits twice and writes d(logits)
+once (``rlfuse.kernels.token_loss_triton``). Losses that couple tokens (GSPO's and TOPR's sequence ratios,
+ROVER's next-state values) take two kernels: the log-prob statistics, the (B, T) loss math in PyTorch,
+then d(logits) (``rlfuse.kernels.fused_logprob_loss``).
+"""
 
 from __future__ import annotations
 
@@ -7,7 +14,7 @@ from typing import Dict, Optional, Tuple
 import torch
 
 from rlfuse.algos.configs import PolicyLossConfig
-from rlfuse.algos.losses import masked_mean
+from rlfuse.algos.losses import aggregation_weights, masked_mean
 from rlfuse.algos.policy_loss import check_policy_loss_inputs, policy_loss
 from rlfuse.kernels.dispatch import use_triton
 from rlfuse.kernels.logprobs import check_logits_targets, token_logprobs_reference
@@ -28,10 +35,13 @@ def policy_loss_from_logits(
 ) -> Tuple[torch.Tensor, Dict[str, Optional[torch.Tensor]]]:
     """:func:`rlfuse.algos.policy_loss` composed with :func:`rlfuse.kernels.token_logprobs`, fused.
 
-    On CUDA (or ``RLFUSE_BACKEND=triton``) one Triton pass reads the logits for the per-token log-prob,
-    entropy and vocabulary mean; the (B, T) loss math (ratio, clip, KL, taper or ROVER's Q-target, the
-    GSPO sequence ratio, the aggregation) runs on those O(B·T) values; one more pass writes d(loss)/d(logits)
-    in the forward, and the backward only scales it. On CPU tensors it is the plain composition.
+    On CUDA (or ``RLFUSE_BACKEND=triton``), for a token-local loss (:func:`is_token_local`), one kernel
+    per row reads the logits for the log-prob and entropy, forms the token loss and its gradient, and
+    sweeps the row again to write d(loss)/d(logits): two passes over the logits. Otherwise one pass gives
+    the per-token log-prob, entropy and vocabulary mean; the (B, T) loss math (the GSPO or TOPR sequence
+    ratio, ROVER's Q-target) runs on those O(B·T) values; one more kernel writes d(loss)/d(logits): three
+    passes. Either way d(logits) is formed in the forward and the backward only scales it. On CPU
+    tensors it is the plain composition.
 
     Args:
         logits: (B, T, V) float32/bf16/fp16, position t predicting ``targets[:, t]``; strided views such as
@@ -63,9 +73,12 @@ def policy_loss_from_logits(
     shaped = torch.empty(targets.shape, device=logits.device)  # stands in for logps in the input check
     check_policy_loss_inputs(shaped, old_logps, advantages, completion_mask, config, ref_logps,
                              shaped if rover else None, old_vocab_mean)
+    mask = completion_mask.bool()
+    if is_token_local(config):
+        return _token_local_loss(logits, targets, old_logps, advantages, mask, config, ref_logps, temperature,
+                                 inplace_backward)
     from rlfuse.kernels.fused_logprob_loss import fused_logprob_loss
 
-    mask = completion_mask.bool()
 
     def loss_fn(logps, vocab_mean, entropy):
         loss, metrics = policy_loss(logps, old_logps, advantages, completion_mask, config=config,
@@ -75,3 +88,36 @@ def policy_loss_from_logits(
         return loss, metrics
 
     return fused_logprob_loss(logits, targets, loss_fn, temperature, inplace_backward)
+
+
+def is_token_local(config: PolicyLossConfig) -> bool:
+    """Whether ``config``'s loss gradient at a token needs only that token's log-prob plus constants known
+    before the forward (old and reference log-probs, advantage, aggregation weight): the single-kernel path."""
+    return config.importance_sampling_level == "token" and config.loss_type in ("ppo_clip", "topr")
+
+
+def passes_over_logits(config: PolicyLossConfig) -> int:
+    """Passes over the (N, V) logits in memory that :func:`policy_loss_from_logits` makes on the Triton
+    path, the d(logits) write included: 2 for a token-local loss (one read, one write: the second sweep
+    of a row follows the first in the same program, so it reads from L2 while the rows in flight fit
+    there), 3 otherwise (a read by the statistics kernel, a read and a write by the gradient kernel)."""
+    return 2 if is_token_local(config) else 3
+
+
+def _token_local_loss(logits, targets, old_logps, advantages, mask, config, ref_logps, temperature,
+                      inplace_backward):
+    from rlfuse.kernels.token_loss_triton import TokenLossParams, fused_token_loss
+
+    adv = (advantages.unsqueeze(-1) if advantages.dim() == 1 else advantages).expand(targets.shape)
+    params = TokenLossParams(config.loss_type, config.epsilon_low, config.epsilon_high, config.clip_ratio_c,
+                             config.beta, config.kl_estimator)
+    loss, per_token = fused_token_loss(logits, targets, old_logps, adv, aggregation_weights(mask, config.loss_agg_mode),
+                                       params, ref_logps=ref_logps, temperature=temperature,
+                                       inplace_backward=inplace_backward)
+    metrics = {
+        "clip_frac": masked_mean(per_token["clipped"], mask),
+        "kl": None if ref_logps is None else masked_mean(per_token["kl"], mask),
+        "ratio_mean": masked_mean(per_token["ratio"], mask),
+        "entropy": masked_mean(per_token["entropy"], mask),
+    }
+    return loss, metrics

@@ -60,6 +60,26 @@ def aggregate_loss(token_losses: torch.Tensor, mask: torch.Tensor, loss_agg_mode
     return seq_losses.sum() / (tokens_per_seq > 0).sum().clamp(min=1)
 
 
+def aggregation_weights(mask: torch.Tensor, loss_agg_mode: str) -> torch.Tensor:
+    """Per-token weights w with ``aggregate_loss(l, mask, mode) == sum(w·l)`` for any token losses l.
+
+    ``mask`` is (B, T) bool; returns (B, T) float32, 0 on masked tokens. Formed without a host sync, so a
+    fused kernel can take the aggregation's per-sequence constants before it launches.
+    """
+    m = mask.float()
+    if loss_agg_mode == "token-mean":
+        return m / m.sum().clamp(min=1)
+    if loss_agg_mode == "seq-mean-token-sum-norm":
+        return m / max(m.numel(), 1)
+    tokens_per_seq = m.sum(-1, keepdim=True)
+    sequences = (tokens_per_seq > 0).sum().clamp(min=1)
+    if loss_agg_mode == "seq-mean-token-mean":
+        return m / (tokens_per_seq.clamp(min=1) * sequences)
+    if loss_agg_mode == "seq-mean-token-sum":
+        return m / sequences
+    raise ValueError(f"unknown loss_agg_mode {loss_agg_mode!r}")
+
+
 def sequence_log_ratio(log_ratio: torch.Tensor, mask: torch.Tensor, normalize: bool) -> torch.Tensor:
     """Per-sequence log ratio (B, 1): masked mean over tokens (GSPO) or masked sum (trajectory ratio)."""
     total = torch.where(mask, log_ratio, 0.0).sum(-1, keepdim=True)

@@ -11,6 +11,8 @@ import torch
 import triton
 import triton.language as tl
 
+from rlfuse.kernels import launch
+
 SCALES = {"none": 0, "group": 1, "batch": 2}
 
 
@@ -43,6 +45,17 @@ def group_advantages_triton(rewards: torch.Tensor, num_generations: int, scale: 
     factor = num_generations / (num_generations - 1) if estimator == "rloo" else 1.0
     _group_advantages_kernel[(rewards.numel() // num_generations,)](
         rewards, out, batch_std, num_generations, eps, factor,
-        SCALE=SCALES[scale], BLOCK_G=triton.next_power_of_2(num_generations),
+        SCALE=SCALES[scale], **launch.advantages_config(launch.capability_of(rewards.device),
+                                                        num_generations).launch_kwargs(),
     )
     return out
+
+
+def compile_specs(capability: int, dtype: torch.dtype, n_rows: int, hidden: int, vocab: int):
+    """The launches for ``bench.compiled``: rewards of ``dtype``, G = 16, every scale mode."""
+    cfg = launch.advantages_config(capability, 16)
+    ptr = launch.pointer(dtype)
+    types = {"rewards_ptr": ptr, "out_ptr": ptr, "batch_std_ptr": ptr, "G": "i32", "eps": "fp32", "factor": "fp32"}
+    signature = launch.signature_of(_group_advantages_kernel, types)
+    return [launch.KernelSpec(_group_advantages_kernel, signature, {"SCALE": scale, **cfg.constexprs}, cfg)
+            for scale in SCALES.values()]

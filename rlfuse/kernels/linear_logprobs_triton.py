@@ -5,10 +5,19 @@ Forward: one program per tile of BLOCK_M tokens walks the vocabulary in BLOCK_N 
 by an online log-sum-exp, together with the entropy and vocabulary-mean sums and the target logit.
 Only log-prob, entropy, vocab mean and log-sum-exp (4 floats per token) are written.
 
-Backward: one program per (token tile, vocabulary tile) recomputes that tile's logits, forms
-dz = d(loss)/d(logits / T) for any mix of the three outputs' gradients (see ``logprobs_triton``), and
-adds dz @ W into d(hidden), dz.T @ h into d(weight) and sum(dz) into d(bias) with fp32 atomics.
-FLOPs: 2·N·H·V forward, 6·N·H·V backward (recompute, d(hidden), d(weight)).
+Backward: the vocabulary is walked in chunks of C columns (``launch.linear_vocab_chunk``). Per chunk:
+1. ``_linear_dlogits_kernel``: one program per (token tile, vocabulary tile) recomputes that tile's logits
+   and writes dz = d(loss)/d(logits / T) for any mix of the three outputs' gradients into an (N, C)
+   buffer in the input dtype (see ``logprobs_triton`` for the math);
+2. d(weight)[chunk] = dz.T @ hidden, one matmul that owns its rows of d(weight) (written once, no
+   accumulation across chunks, no fp32 (V, H) scratch);
+3. ``_linear_dhidden_kernel``: d(hidden) += dz @ weight[chunk], each program owning one (BLOCK_M, BLOCK_K)
+   tile of an fp32 (N, H) accumulator (the output itself for fp32 inputs).
+No atomics. Extra memory: the (N, C) chunk plus, below fp32, the (N, H) fp32 accumulator
+(:func:`backward_extra_bytes`). FLOPs: 2·N·H·V forward, 6·N·H·V backward (recompute, d(hidden), d(weight)).
+
+Numerics: fp32 operands multiply in IEEE fp32 unless ``torch.backends.cuda.matmul.allow_tf32`` is set,
+like torch's own matmuls.
 """
 
 from __future__ import annotations
@@ -19,15 +28,24 @@ import torch
 import triton
 import triton.language as tl
 
+from rlfuse.kernels import launch
+
 IGNORE_INDEX = -100
 # Triton's CPU interpreter computes tl.dot on bf16 operands from their raw bits; upcast there (only).
 INTERPRETED = os.environ.get("TRITON_INTERPRET") == "1"
 
 
+def input_precision(dtype: torch.dtype) -> str:
+    """``tl.dot``'s precision for ``dtype`` operands: TF32 for fp32 only where torch allows it, else IEEE."""
+    if dtype == torch.float32 and torch.backends.cuda.matmul.allow_tf32:
+        return "tf32"
+    return "ieee"
+
+
 @triton.jit
 def _logits_tile(h_ptr, stride_hb, stride_ht, T, rows, row_valid, w_ptr, stride_wv, cols, col_valid, b_ptr, H,
                  inv_temp, HAS_BIAS: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
-                 BLOCK_K: tl.constexpr, DOT_FP32: tl.constexpr):
+                 BLOCK_K: tl.constexpr, DOT_FP32: tl.constexpr, PRECISION: tl.constexpr):
     """(BLOCK_M, BLOCK_N) fp32 tile of (h @ W.T + b) / T; invalid columns are -inf."""
     acc = tl.zeros((BLOCK_M, BLOCK_N), dtype=tl.float32)
     h_rows = h_ptr + (rows // T) * stride_hb + (rows % T) * stride_ht
@@ -39,7 +57,7 @@ def _logits_tile(h_ptr, stride_hb, stride_ht, T, rows, row_valid, w_ptr, stride_
                     other=0.0)
         if DOT_FP32:
             h, w = h.to(tl.float32), w.to(tl.float32)
-        acc = tl.dot(h, w, acc)
+        acc = tl.dot(h, w, acc, input_precision=PRECISION)
     if HAS_BIAS:
         acc += tl.load(b_ptr + cols, mask=col_valid, other=0.0).to(tl.float32)[None, :]
     return tl.where(col_valid[None, :], acc * inv_temp, float("-inf"))
@@ -51,7 +69,7 @@ def _linear_fwd_kernel(
     logps_ptr, entropy_ptr, vmean_ptr, lse_ptr,
     N, H, V, inv_temp, ignore_index,
     HAS_BIAS: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr,
-    DOT_FP32: tl.constexpr,
+    DOT_FP32: tl.constexpr, PRECISION: tl.constexpr,
 ):
     rows = tl.program_id(0).to(tl.int64) * BLOCK_M + tl.arange(0, BLOCK_M)
     row_valid = rows < N
@@ -65,7 +83,7 @@ def _linear_fwd_kernel(
         cols = n0 + tl.arange(0, BLOCK_N)
         col_valid = cols < V
         z = _logits_tile(h_ptr, stride_hb, stride_ht, T, rows, row_valid, w_ptr, stride_wv, cols, col_valid, b_ptr,
-                         H, inv_temp, HAS_BIAS, BLOCK_M, BLOCK_N, BLOCK_K, DOT_FP32)
+                         H, inv_temp, HAS_BIAS, BLOCK_M, BLOCK_N, BLOCK_K, DOT_FP32, PRECISION)
         m_new = tl.maximum(m, tl.max(z, 1))
         m_safe = tl.where(m_new == float("-inf"), 0.0, m_new)
         alpha = tl.exp(m - m_safe)
@@ -85,21 +103,24 @@ def _linear_fwd_kernel(
 
 
 @triton.jit
-def _linear_bwd_kernel(
+def _linear_dlogits_kernel(
     h_ptr, stride_hb, stride_ht, T, w_ptr, stride_wv, b_ptr, targets_ptr, lse_ptr, entropy_ptr,
-    g_logp_ptr, g_entropy_ptr, g_vmean_ptr, dh_ptr, dw_ptr, db_ptr,
-    N, H, V, inv_temp, ignore_index,
+    g_logp_ptr, g_entropy_ptr, g_vmean_ptr, dz_ptr, stride_dz,
+    N, H, V, v0, C, inv_temp, ignore_index,
     HAS_BIAS: tl.constexpr, HAS_G_LOGP: tl.constexpr, HAS_G_ENTROPY: tl.constexpr, HAS_G_VMEAN: tl.constexpr,
     BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, DOT_FP32: tl.constexpr,
+    PRECISION: tl.constexpr,
 ):
+    """dz[:, c] for vocabulary columns v0 + c, c < C: this program's (BLOCK_M, BLOCK_N) tile, written once."""
     rows = tl.program_id(0).to(tl.int64) * BLOCK_M + tl.arange(0, BLOCK_M)
-    cols = tl.program_id(1).to(tl.int64) * BLOCK_N + tl.arange(0, BLOCK_N)
+    local = tl.program_id(1).to(tl.int64) * BLOCK_N + tl.arange(0, BLOCK_N)
+    cols = v0 + local
     row_valid = rows < N
-    col_valid = cols < V
+    col_valid = (local < C) & (cols < V)
     targets = tl.load(targets_ptr + rows, mask=row_valid, other=ignore_index)
     keep = row_valid & (targets != ignore_index)
     z = _logits_tile(h_ptr, stride_hb, stride_ht, T, rows, row_valid, w_ptr, stride_wv, cols, col_valid, b_ptr,
-                     H, inv_temp, HAS_BIAS, BLOCK_M, BLOCK_N, BLOCK_K, DOT_FP32)
+                     H, inv_temp, HAS_BIAS, BLOCK_M, BLOCK_N, BLOCK_K, DOT_FP32, PRECISION)
     logp = z - tl.load(lse_ptr + rows, mask=row_valid, other=0.0)[:, None]
     p = tl.exp(logp)
     dz = tl.zeros((BLOCK_M, BLOCK_N), tl.float32)
@@ -113,30 +134,38 @@ def _linear_bwd_kernel(
     if HAS_G_VMEAN:
         g = tl.where(keep, tl.load(g_vmean_ptr + rows, mask=row_valid, other=0.0), 0.0)[:, None]
         dz += g * (1.0 / V - p)
-    dz = tl.where(row_valid[:, None] & col_valid[None, :], dz * inv_temp, 0.0)
-    if HAS_BIAS:
-        tl.atomic_add(db_ptr + cols, tl.sum(dz, 0), mask=col_valid)
-    dz_in = dz.to(w_ptr.dtype.element_ty)  # matmul operands in the input dtype, fp32 accumulation
-    if DOT_FP32:
-        dz_in = dz_in.to(tl.float32)
-    h_rows = h_ptr + (rows // T) * stride_hb + (rows % T) * stride_ht
-    for k0 in range(0, H, BLOCK_K):
-        ks = k0 + tl.arange(0, BLOCK_K)
-        k_valid = ks < H
-        h = tl.load(h_rows[:, None] + ks[None, :], mask=row_valid[:, None] & k_valid[None, :], other=0.0)
-        w = tl.load(w_ptr + cols[:, None] * stride_wv + ks[None, :], mask=col_valid[:, None] & k_valid[None, :],
+    dz = tl.where(keep[:, None] & col_valid[None, :], dz * inv_temp, 0.0)
+    tl.store(dz_ptr + rows[:, None] * stride_dz + local[None, :], dz.to(dz_ptr.dtype.element_ty),
+             mask=row_valid[:, None] & (local < C)[None, :])
+
+
+@triton.jit
+def _linear_dhidden_kernel(
+    dz_ptr, stride_dz, w_ptr, stride_wv, dh_ptr, N, H, v0, C,
+    ACCUMULATE: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr,
+    DOT_FP32: tl.constexpr, PRECISION: tl.constexpr,
+):
+    """d(hidden)[rows, ks] (+)= dz[rows, :C] @ W[v0:v0 + C, ks], this program's tile of the fp32 output."""
+    rows = tl.program_id(0).to(tl.int64) * BLOCK_M + tl.arange(0, BLOCK_M)
+    ks = tl.program_id(1).to(tl.int64) * BLOCK_K + tl.arange(0, BLOCK_K)
+    row_valid = rows < N
+    k_valid = ks < H
+    out = dh_ptr + rows[:, None] * H + ks[None, :]
+    out_mask = row_valid[:, None] & k_valid[None, :]
+    acc = tl.zeros((BLOCK_M, BLOCK_K), tl.float32)
+    if ACCUMULATE:
+        acc = tl.load(out, mask=out_mask, other=0.0)
+    for n0 in range(0, C, BLOCK_N):
+        local = n0 + tl.arange(0, BLOCK_N)
+        n_valid = local < C
+        dz = tl.load(dz_ptr + rows[:, None] * stride_dz + local[None, :], mask=row_valid[:, None] & n_valid[None, :],
+                     other=0.0)
+        w = tl.load(w_ptr + (v0 + local)[:, None] * stride_wv + ks[None, :], mask=n_valid[:, None] & k_valid[None, :],
                     other=0.0)
         if DOT_FP32:
-            h, w = h.to(tl.float32), w.to(tl.float32)
-        tl.atomic_add(dh_ptr + rows[:, None] * H + ks[None, :], tl.dot(dz_in, w),
-                      mask=row_valid[:, None] & k_valid[None, :])
-        tl.atomic_add(dw_ptr + cols[:, None] * H + ks[None, :], tl.dot(tl.trans(dz_in), h),
-                      mask=col_valid[:, None] & k_valid[None, :])
-
-
-def _blocks(device: torch.device):
-    # Tile sizes: large on a GPU; small under the CPU interpreter, whose cost grows with the tile.
-    return (64, 128, 64) if device.type == "cuda" else (16, 32, 16)
+            dz, w = dz.to(tl.float32), w.to(tl.float32)
+        acc = tl.dot(dz, w, acc, input_precision=PRECISION)
+    tl.store(out, acc, mask=out_mask)
 
 
 def _as_rows(hidden: torch.Tensor):
@@ -148,6 +177,88 @@ def _as_rows(hidden: torch.Tensor):
     return hidden, hidden.stride(0), hidden.stride(1), hidden.shape[1]
 
 
+def _capability(device: torch.device):
+    return launch.capability_of(device)
+
+
+def _compile_flags(dtype: torch.dtype):
+    return {"DOT_FP32": INTERPRETED, "PRECISION": input_precision(dtype)}
+
+
+def linear_forward(hidden, weight, bias, targets, temperature):
+    """Launch the forward. Returns (logps, entropy, vmean, lse), each (N,) float32."""
+    view, stride_b, stride_t, seq = _as_rows(hidden)
+    n_rows, size_h, vocab = targets.numel(), weight.shape[1], weight.shape[0]
+    outs = [torch.empty(n_rows, device=hidden.device, dtype=torch.float32) for _ in range(4)]
+    cfg = launch.linear_forward_config(_capability(hidden.device), hidden.dtype, n_rows, size_h, vocab)
+    _linear_fwd_kernel[(triton.cdiv(n_rows, cfg.constexprs["BLOCK_M"]),)](
+        view, stride_b, stride_t, seq, weight, weight.stride(0), weight if bias is None else bias, targets,
+        *outs, n_rows, size_h, vocab, 1.0 / temperature, IGNORE_INDEX,
+        HAS_BIAS=bias is not None, **_compile_flags(hidden.dtype), **cfg.launch_kwargs(),
+    )
+    return outs
+
+
+def linear_backward(hidden, weight, bias, targets, lse, entropy, grads, temperature):
+    """d(hidden), d(weight), d(bias) (in the inputs' dtypes) for per-token output gradients ``grads``.
+
+    ``grads`` is (g_logp, g_entropy, g_vmean), each (N,) float32 or None. See the module docstring.
+    """
+    view, stride_b, stride_t, seq = _as_rows(hidden)
+    n_rows, size_h, vocab = targets.numel(), weight.shape[1], weight.shape[0]
+    capability, dtype = _capability(hidden.device), hidden.dtype
+    chunk = launch.linear_vocab_chunk(capability, dtype, n_rows, vocab)
+    cfg_dz = launch.linear_dlogits_config(capability, dtype, n_rows, size_h, vocab)
+    cfg_dh = launch.linear_dhidden_config(capability, dtype, n_rows, size_h, vocab)
+    flags = _compile_flags(dtype)
+    # hidden as an (N, H) matrix for d(weight) = dz.T @ hidden: a view when one exists, else one copy.
+    hidden_2d = hidden.reshape(n_rows, size_h)
+    d_weight = torch.empty_like(weight)
+    d_bias = None if bias is None else torch.empty(vocab, device=weight.device, dtype=torch.float32)
+    d_hidden32 = torch.empty(n_rows, size_h, device=hidden.device, dtype=torch.float32)
+    dz = torch.empty(n_rows, min(chunk, vocab), device=hidden.device, dtype=dtype)
+    g_logp, g_entropy, g_vmean = grads
+    block_m, block_n = cfg_dz.constexprs["BLOCK_M"], cfg_dz.constexprs["BLOCK_N"]
+    for v0 in range(0, vocab, chunk):
+        width = min(chunk, vocab - v0)
+        _linear_dlogits_kernel[(triton.cdiv(n_rows, block_m), triton.cdiv(width, block_n))](
+            view, stride_b, stride_t, seq, weight, weight.stride(0), weight if bias is None else bias, targets, lse,
+            entropy, *(lse if g is None else g for g in grads), dz, dz.stride(0),
+            n_rows, size_h, vocab, v0, width, 1.0 / temperature, IGNORE_INDEX,
+            HAS_BIAS=bias is not None, HAS_G_LOGP=g_logp is not None, HAS_G_ENTROPY=g_entropy is not None,
+            HAS_G_VMEAN=g_vmean is not None, **flags, **cfg_dz.launch_kwargs(),
+        )
+        dz_chunk = dz[:, :width]
+        torch.mm(dz_chunk.t(), hidden_2d, out=d_weight[v0:v0 + width])
+        if d_bias is not None:
+            d_bias[v0:v0 + width] = dz_chunk.sum(0, dtype=torch.float32)
+        _linear_dhidden_kernel[(triton.cdiv(n_rows, cfg_dh.constexprs["BLOCK_M"]),
+                                triton.cdiv(size_h, cfg_dh.constexprs["BLOCK_K"]))](
+            dz_chunk, dz.stride(0), weight, weight.stride(0), d_hidden32, n_rows, size_h, v0, width,
+            ACCUMULATE=v0 > 0, **flags, **cfg_dh.launch_kwargs(),
+        )
+    d_hidden = d_hidden32 if dtype == torch.float32 else d_hidden32.to(dtype)
+    return d_hidden.view(hidden.shape), d_weight, None if bias is None else d_bias.to(bias.dtype)
+
+
+def backward_extra_bytes(n_rows: int, hidden: int, vocab: int, dtype: torch.dtype, capability=90,
+                         hidden_is_matrix: bool = True) -> int:
+    """Bytes the backward allocates beyond its inputs and the gradients it returns (the formula the tests
+    check against the allocations measured under the interpreter).
+
+    The (N, C) chunk of d(logits) in ``dtype``; the fp32 (N, H) d(hidden) accumulator unless ``dtype`` is
+    fp32 (then it is the output); a copy of the hidden states when they have no (N, H) view.
+    """
+    element = torch.finfo(dtype).bits // 8
+    chunk = min(launch.linear_vocab_chunk(capability, dtype, n_rows, vocab), vocab)
+    extra = n_rows * chunk * element
+    if dtype != torch.float32:
+        extra += n_rows * hidden * 4
+    if not hidden_is_matrix:
+        extra += n_rows * hidden * element
+    return extra
+
+
 class LinearLogprobsFunction(torch.autograd.Function):
     """``apply(hidden (N, H) or (B, T, H), weight (V, H), bias or None, targets (N,), temperature)``.
 
@@ -157,39 +268,47 @@ class LinearLogprobsFunction(torch.autograd.Function):
 
     @staticmethod
     def forward(ctx, hidden, weight, bias, targets, temperature):
-        view, stride_b, stride_t, seq = _as_rows(hidden)
         weight = weight if weight.stride(-1) == 1 else weight.contiguous()
-        n_rows, size_h, vocab = targets.numel(), weight.shape[1], weight.shape[0]
         targets = targets.contiguous()
-        outs = [torch.empty(n_rows, device=hidden.device, dtype=torch.float32) for _ in range(4)]
-        block_m, block_n, block_k = _blocks(hidden.device)
-        _linear_fwd_kernel[(triton.cdiv(n_rows, block_m),)](
-            view, stride_b, stride_t, seq, weight, weight.stride(0), weight if bias is None else bias, targets,
-            *outs, n_rows, size_h, vocab, 1.0 / temperature, IGNORE_INDEX,
-            HAS_BIAS=bias is not None, BLOCK_M=block_m, BLOCK_N=block_n, BLOCK_K=block_k, DOT_FP32=INTERPRETED,
-        )
-        logps, entropy, vmean, lse = outs
+        logps, entropy, vmean, lse = linear_forward(hidden, weight, bias, targets, temperature)
         ctx.save_for_backward(hidden, weight, bias, targets, lse, entropy)
         ctx.temperature = temperature
+        ctx.set_materialize_grads(False)  # an unused output's gradient stays None: its kernel branch is skipped
         return logps, entropy, vmean
 
     @staticmethod
     def backward(ctx, g_logp, g_entropy, g_vmean):
         hidden, weight, bias, targets, lse, entropy = ctx.saved_tensors
-        view, stride_b, stride_t, seq = _as_rows(hidden)
-        n_rows, size_h, vocab = targets.numel(), weight.shape[1], weight.shape[0]
-        d_hidden = torch.zeros(n_rows, size_h, device=hidden.device, dtype=torch.float32)
-        d_weight = torch.zeros(vocab, size_h, device=weight.device, dtype=torch.float32)
-        d_bias = torch.zeros(vocab, device=weight.device, dtype=torch.float32) if bias is not None else d_weight
-        block_m, block_n, block_k = _blocks(hidden.device)
-        grads = [None if g is None else g.float().contiguous() for g in (g_logp, g_entropy, g_vmean)]
-        _linear_bwd_kernel[(triton.cdiv(n_rows, block_m), triton.cdiv(vocab, block_n))](
-            view, stride_b, stride_t, seq, weight, weight.stride(0), weight if bias is None else bias, targets, lse,
-            entropy, *(lse if g is None else g for g in grads), d_hidden, d_weight, d_bias,
-            n_rows, size_h, vocab, 1.0 / ctx.temperature, IGNORE_INDEX,
-            HAS_BIAS=bias is not None, HAS_G_LOGP=grads[0] is not None, HAS_G_ENTROPY=grads[1] is not None,
-            HAS_G_VMEAN=grads[2] is not None, BLOCK_M=block_m, BLOCK_N=block_n, BLOCK_K=block_k,
-            DOT_FP32=INTERPRETED,
-        )
-        return (d_hidden.view(hidden.shape).to(hidden.dtype), d_weight.to(weight.dtype),
-                None if bias is None else d_bias.to(bias.dtype), None, None)
+        grads = tuple(None if g is None else g.float().contiguous() for g in (g_logp, g_entropy, g_vmean))
+        d_hidden, d_weight, d_bias = linear_backward(hidden, weight, bias, targets, lse, entropy, grads,
+                                                     ctx.temperature)
+        return d_hidden, d_weight, d_bias, None, None
+
+
+def compile_specs(capability: int, dtype: torch.dtype, n_rows: int, hidden: int, vocab: int):
+    """The launches the wrappers make at this shape, for ``bench.compiled``: every gradient flag on, a bias,
+    and for fp32 both dot precisions (IEEE by default, TF32 where torch allows it)."""
+    ptr, f32, i32 = launch.pointer(dtype), "*fp32", "i32"  # Python ints below 2**31 launch as i32
+    specs = []
+    for precision in (("ieee", "tf32") if dtype == torch.float32 else ("ieee",)):
+        flags = {"DOT_FP32": False, "PRECISION": precision}
+        cfg = launch.linear_forward_config(capability, dtype, n_rows, hidden, vocab)
+        types = {"h_ptr": ptr, "stride_hb": i32, "stride_ht": i32, "T": i32, "w_ptr": ptr, "stride_wv": i32,
+                 "b_ptr": ptr, "targets_ptr": "*i64", "logps_ptr": f32, "entropy_ptr": f32, "vmean_ptr": f32,
+                 "lse_ptr": f32, "N": i32, "H": i32, "V": i32, "inv_temp": "fp32", "ignore_index": i32}
+        specs.append(launch.KernelSpec(_linear_fwd_kernel, launch.signature_of(_linear_fwd_kernel, types),
+                                       {**flags, "HAS_BIAS": True, **cfg.constexprs}, cfg, True))
+        cfg = launch.linear_dlogits_config(capability, dtype, n_rows, hidden, vocab)
+        types = {"h_ptr": ptr, "stride_hb": i32, "stride_ht": i32, "T": i32, "w_ptr": ptr, "stride_wv": i32,
+                 "b_ptr": ptr, "targets_ptr": "*i64", "lse_ptr": f32, "entropy_ptr": f32, "g_logp_ptr": f32,
+                 "g_entropy_ptr": f32, "g_vmean_ptr": f32, "dz_ptr": ptr, "stride_dz": i32, "N": i32, "H": i32,
+                 "V": i32, "v0": i32, "C": i32, "inv_temp": "fp32", "ignore_index": i32}
+        grad_flags = {"HAS_BIAS": True, "HAS_G_LOGP": True, "HAS_G_ENTROPY": True, "HAS_G_VMEAN": True}
+        specs.append(launch.KernelSpec(_linear_dlogits_kernel, launch.signature_of(_linear_dlogits_kernel, types),
+                                       {**flags, **grad_flags, **cfg.constexprs}, cfg, True))
+        cfg = launch.linear_dhidden_config(capability, dtype, n_rows, hidden, vocab)
+        types = {"dz_ptr": ptr, "stride_dz": i32, "w_ptr": ptr, "stride_wv": i32, "dh_ptr": f32, "N": i32,
+                 "H": i32, "v0": i32, "C": i32}
+        specs.append(launch.KernelSpec(_linear_dhidden_kernel, launch.signature_of(_linear_dhidden_kernel, types),
+                                       {**flags, "ACCUMULATE": True, **cfg.constexprs}, cfg, True))
+    return specs

@@ -16,6 +16,8 @@ import torch
 import triton
 import triton.language as tl
 
+from rlfuse.kernels import launch
+
 IGNORE_INDEX = -100
 
 
@@ -115,12 +117,6 @@ def _as_3d(logits: torch.Tensor) -> torch.Tensor:
     return logits.reshape(-1, logits.shape[-2], logits.shape[-1])
 
 
-def block_v(vocab_size: int) -> int:
-    """Vocabulary tile: a power of two of at most 4096 elements (1024 under the CPU interpreter)."""
-    cap = 4096 if torch.cuda.is_available() else 1024
-    return min(cap, triton.next_power_of_2(vocab_size))
-
-
 def logprobs_forward(logits: torch.Tensor, targets: torch.Tensor, temperature: float):
     """Launch the forward kernel. Returns (logps, entropy, vmean, lse) float32 (N,) and the (B, T, V) view used."""
     view = _as_3d(logits)
@@ -128,9 +124,10 @@ def logprobs_forward(logits: torch.Tensor, targets: torch.Tensor, temperature: f
     n_rows = batch * seq
     flat_targets = targets.reshape(-1).contiguous()
     outs = [torch.empty(n_rows, device=logits.device, dtype=torch.float32) for _ in range(4)]
+    cfg = launch.row_config(launch.capability_of(logits.device), vocab)
     _logprobs_fwd_kernel[(n_rows,)](
         view, view.stride(0), view.stride(1), seq, flat_targets, *outs,
-        vocab, 1.0 / temperature, IGNORE_INDEX, BLOCK_V=block_v(vocab), num_warps=8,
+        vocab, 1.0 / temperature, IGNORE_INDEX, **cfg.launch_kwargs(),
     )
     return (*outs, view)
 
@@ -151,7 +148,7 @@ def logprobs_backward(view, targets, lse, entropy, g_logp, g_entropy, g_vmean, t
         dummy if g_vmean is None else g_vmean.reshape(-1).float().contiguous(),
         vocab, 1.0 / temperature, IGNORE_INDEX,
         HAS_G_LOGP=g_logp is not None, HAS_G_ENTROPY=g_entropy is not None, HAS_G_VMEAN=g_vmean is not None,
-        BLOCK_V=block_v(vocab), num_warps=8,
+        **launch.row_config(launch.capability_of(view.device), vocab).launch_kwargs(),
     )
     return dlogits
 
@@ -164,6 +161,7 @@ class TokenLogprobsFunction(torch.autograd.Function):
         logps, entropy, vmean, lse, view = logprobs_forward(logits, targets, temperature)
         ctx.save_for_backward(view, targets, lse, entropy)
         ctx.temperature, ctx.inplace_backward, ctx.shape = temperature, inplace_backward, logits.shape
+        ctx.set_materialize_grads(False)  # an unused output's gradient stays None: its kernel branch is skipped
         shape = targets.shape
         return logps.view(shape), entropy.view(shape), vmean.view(shape)
 
@@ -173,3 +171,21 @@ class TokenLogprobsFunction(torch.autograd.Function):
         dlogits = view if ctx.inplace_backward else torch.empty_like(view)
         logprobs_backward(view, targets, lse, entropy, g_logp, g_entropy, g_vmean, ctx.temperature, dlogits)
         return dlogits.reshape(ctx.shape), None, None, None
+
+
+def compile_specs(capability: int, dtype: torch.dtype, n_rows: int, hidden: int, vocab: int):
+    """The launches the wrappers make for (N, V) logits of ``dtype``, for ``bench.compiled`` (the backward
+    with every gradient flag on)."""
+    ptr, f32, i32 = launch.pointer(dtype), "*fp32", "i32"
+    cfg = launch.row_config(capability, vocab)
+    fwd = {"logits_ptr": ptr, "stride_b": i32, "stride_t": i32, "T": i32, "targets_ptr": "*i64", "logps_ptr": f32,
+           "entropy_ptr": f32, "vmean_ptr": f32, "lse_ptr": f32, "V": i32, "inv_temp": "fp32", "ignore_index": i32}
+    bwd = {"logits_ptr": ptr, "stride_b": i32, "stride_t": i32, "T": i32, "dlogits_ptr": ptr, "dstride_b": i32,
+           "dstride_t": i32, "targets_ptr": "*i64", "lse_ptr": f32, "entropy_ptr": f32, "g_logp_ptr": f32,
+           "g_entropy_ptr": f32, "g_vmean_ptr": f32, "V": i32, "inv_temp": "fp32", "ignore_index": i32}
+    flags = {"HAS_G_LOGP": True, "HAS_G_ENTROPY": True, "HAS_G_VMEAN": True}
+    return [
+        launch.KernelSpec(_logprobs_fwd_kernel, launch.signature_of(_logprobs_fwd_kernel, fwd), dict(cfg.constexprs), cfg),
+        launch.KernelSpec(_logprobs_bwd_kernel, launch.signature_of(_logprobs_bwd_kernel, bwd),
+                          {**flags, **cfg.constexprs}, cfg),
+    ]

@@ -1,0 +1,247 @@
+"""Static report: every Triton kernel compiled ahead of time for sm_80 and sm_90a, without a GPU.
+
+For every kernel in ``rlfuse.kernels`` and every launch configuration its wrapper picks at real model
+shapes (``rlfuse.kernels.launch``), in fp32, bf16 and fp16, Triton compiles the kernel for a GPU that
+is absent, and the ``ptxas`` inside the triton wheel (``-v``) reports registers per thread and spill
+bytes; Triton's metadata gives the shared memory, and the PTX shows whether tensor-core instructions
+appear (``mma`` on sm_80, ``wgmma`` on sm_90a). Each distinct configuration is compiled once.
+
+    python -m bench.compiled                  # writes bench/results/compiled-triton<version>.json
+    python -m bench.compiled --gate           # also exits 1 when a kernel spills, overflows shared
+                                              # memory or multiplies matrices without tensor cores
+
+These are compiled for, not run on, those GPUs: no timing comes from here. The gate runs in
+``make test`` (``tests/test_compiled_gate.py``).
+"""
+
+from __future__ import annotations
+
+import argparse
+import importlib
+import json
+import os
+import re
+import subprocess
+import sys
+import tempfile
+import time
+from concurrent.futures import ProcessPoolExecutor
+from pathlib import Path
+from typing import Dict, List, Optional
+
+import torch
+
+#: Model shapes (hidden size H, vocabulary size V) the wrappers are asked about.
+SHAPES = {
+    "smollm2-135m": (576, 49152),
+    "qwen2.5-0.5b": (896, 151936),
+    "qwen2.5-7b": (3584, 152064),
+    "llama-3-8b": (4096, 128256),
+    "v262144": (4096, 262144),
+}
+N_ROWS = (1024, 8192, 32768)  # tokens per call: only the fused-linear backward's chunking depends on it
+DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}
+KERNEL_MODULES = (
+    "rlfuse.kernels.logprobs_triton",
+    "rlfuse.kernels.token_loss_triton",
+    "rlfuse.kernels.linear_logprobs_triton",
+    "rlfuse.kernels.advantages_triton",
+)
+#: Dynamic shared memory one block may use (opt-in maximum), bytes.
+SHARED_LIMIT = {80: 166912, 90: 232448}
+TENSOR_CORE_OPS = {80: ("mma.sync",), 90: ("wgmma.mma_async", "mma.sync")}
+RESULTS = Path(__file__).resolve().parent / "results"
+VARIANT_KEYS = ("PRECISION", "LOSS", "SCALE")  # constexprs that pick a kernel variant, shown in the table
+
+
+def _kernel_name(kernel) -> str:
+    fn = getattr(kernel, "fn", kernel)
+    return f"{fn.__module__}.{fn.__name__}"
+
+
+def enumerate_specs(archs=(80, 90), dtypes=tuple(DTYPES), shapes=tuple(SHAPES)) -> List[dict]:
+    """Every distinct (kernel, arch, dtype, constexprs, warps, stages) the wrappers can choose.
+
+    Returns a list of jobs: ``{"module", "kernel", "arch", "dtype", "signature", "constexprs", "num_warps",
+    "num_stages", "multiplies_matrices", "shapes"}``; ``shapes`` lists the (model, N) pairs that chose it.
+    """
+    jobs: Dict[tuple, dict] = {}
+    for module_name in KERNEL_MODULES:
+        module = importlib.import_module(module_name)
+        for arch in archs:
+            for dtype_name in dtypes:
+                for shape in shapes:
+                    hidden, vocab = SHAPES[shape]
+                    for n_rows in N_ROWS:
+                        for spec in module.compile_specs(arch, DTYPES[dtype_name], n_rows, hidden, vocab):
+                            job = {
+                                "module": module_name, "kernel": _kernel_name(spec.kernel), "arch": arch,
+                                "dtype": dtype_name, "signature": spec.signature,
+                                "constexprs": {k: spec.constexprs[k] for k in sorted(spec.constexprs)},
+                                "num_warps": spec.config.num_warps, "num_stages": spec.config.num_stages,
+                                "multiplies_matrices": spec.multiplies_matrices,
+                            }
+                            key = json.dumps({k: v for k, v in job.items()}, sort_keys=True)
+                            jobs.setdefault(key, {**job, "shapes": []})["shapes"].append(f"{shape}/N={n_rows}")
+    return list(jobs.values())
+
+
+def parse_ptxas(text: str) -> Dict[str, int]:
+    """Registers per thread and spill bytes from ``ptxas -v`` output (the entry kernel's lines).
+
+    Raises:
+        ValueError: the output has no ``Used N registers`` line (ptxas failed or was not verbose).
+    """
+    registers = re.search(r"Used (\d+) registers", text)
+    if registers is None:
+        raise ValueError(f"no register count in ptxas output: {text.strip()[:500]}")
+    spills = re.search(r"(\d+) bytes spill stores, (\d+) bytes spill loads", text)
+    stack = re.search(r"(\d+) bytes stack frame", text)
+    return {
+        "registers": int(registers.group(1)),
+        "spill_stores": int(spills.group(1)) if spills else 0,
+        "spill_loads": int(spills.group(2)) if spills else 0,
+        "stack_frame": int(stack.group(1)) if stack else 0,
+    }
+
+
+def tensor_core_op(ptx: str, arch: int) -> Optional[str]:
+    """The tensor-core instruction the PTX uses (``wgmma.mma_async`` or ``mma.sync``), or None."""
+    for op in TENSOR_CORE_OPS[arch]:
+        if re.search(r"^\s*" + re.escape(op), ptx, re.MULTILINE):
+            return op
+    return None
+
+
+def _divisibility_attrs(signature: Dict[str, str]):
+    # At launch Triton marks pointers (torch allocations are 16-byte aligned) and 16-divisible integers as
+    # such; strides of H and V rows are multiples of 16 at every shape above.
+    attrs = {}
+    for index, (name, kind) in enumerate(signature.items()):
+        if kind.startswith("*") or name.startswith("stride"):
+            attrs[(index,)] = [["tt.divisibility", 16]]
+    return attrs
+
+
+def compile_one(job: dict) -> dict:
+    """Compile one job, run ptxas -v on its PTX, and return the job with the static figures added."""
+    import triton
+    from triton.backends.compiler import GPUTarget
+    from triton.backends.nvidia.compiler import get_ptxas
+    from triton.compiler import ASTSource
+
+    module = importlib.import_module(job["module"])
+    kernel = getattr(module, job["kernel"].rsplit(".", 1)[1])
+    arch = job["arch"]
+    source = ASTSource(kernel, job["signature"], job["constexprs"], attrs=_divisibility_attrs(job["signature"]))
+    start = time.perf_counter()
+    compiled = triton.compile(source, target=GPUTarget("cuda", arch, 32),
+                              options={"num_warps": job["num_warps"], "num_stages": job["num_stages"]})
+    ptx = compiled.asm["ptx"]
+    gpu_name = "sm_90a" if arch == 90 else f"sm_{arch}"
+    with tempfile.TemporaryDirectory() as folder:
+        path = Path(folder) / "kernel.ptx"
+        path.write_text(ptx)
+        out = subprocess.run([get_ptxas(arch).path, "-v", f"--gpu-name={gpu_name}", str(path), "-o",
+                              str(Path(folder) / "kernel.cubin")], capture_output=True, text=True)
+    if out.returncode != 0:
+        raise RuntimeError(f"ptxas failed on {job['kernel']} for {gpu_name}: {out.stderr[-2000:]}")
+    op = tensor_core_op(ptx, arch)
+    return {**job, "gpu": gpu_name, **parse_ptxas(out.stdout + out.stderr),
+            "shared_bytes": int(compiled.metadata.shared), "tensor_core_op": op,
+            "compile_s": round(time.perf_counter() - start, 2)}
+
+
+def gate_failures(records: List[dict]) -> List[str]:
+    """Why each record fails the gate: spills, shared memory over the arch's limit, a matrix kernel whose
+    operands allow tensor cores (bf16, fp16, or fp32 as TF32) compiled without them."""
+    failures = []
+    for r in records:
+        where = f"{r['kernel']} {r['gpu']} {r['dtype']} warps={r['num_warps']} {r['constexprs']}"
+        if r["spill_stores"] or r["spill_loads"]:
+            failures.append(f"{where}: spills {r['spill_stores']} B stores, {r['spill_loads']} B loads")
+        if r["shared_bytes"] > SHARED_LIMIT[r["arch"]]:
+            failures.append(f"{where}: {r['shared_bytes']} B shared memory > {SHARED_LIMIT[r['arch']]}")
+        wants_tensor_cores = r["dtype"] != "fp32" or r["constexprs"].get("PRECISION") == "tf32"
+        if r["multiplies_matrices"] and wants_tensor_cores and r["tensor_core_op"] is None:
+            failures.append(f"{where}: multiplies matrices without tensor-core instructions")
+    return failures
+
+
+def versions() -> Dict[str, str]:
+    import triton
+    from triton.backends.nvidia.compiler import get_ptxas
+
+    def ptxas_version(arch):
+        text = subprocess.run([get_ptxas(arch).path, "--version"], capture_output=True, text=True).stdout
+        match = re.search(r"release ([\d.]+)", text)
+        return match.group(1) if match else text.strip().splitlines()[-1]
+
+    return {"triton_version": triton.__version__,
+            "ptxas_version": {f"sm_{a}" + ("a" if a == 90 else ""): ptxas_version(a) for a in (80, 90)}}
+
+
+def run(jobs: List[dict], workers: int) -> List[dict]:
+    if workers <= 1:
+        return [compile_one(j) for j in jobs]
+    with ProcessPoolExecutor(max_workers=workers) as pool:
+        return list(pool.map(compile_one, jobs))
+
+
+def main(argv=None) -> int:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser.add_argument("--out", type=Path, default=None, help="JSON path (default bench/results/compiled-triton<v>.json)")
+    parser.add_argument("--gate", action="store_true", help="exit 1 if any kernel fails the gate")
+    parser.add_argument("--workers", type=int, default=os.cpu_count() or 1)
+    parser.add_argument("--dtypes", nargs="+", default=list(DTYPES), choices=list(DTYPES))
+    parser.add_argument("--archs", nargs="+", type=int, default=[80, 90], choices=[80, 90])
+    args = parser.parse_args(argv)
+    if "triton" in sys.modules and os.environ.get("TRITON_INTERPRET") == "1":
+        raise SystemExit("bench.compiled needs compiled @triton.jit kernels: run it without TRITON_INTERPRET=1")
+    os.environ.pop("TRITON_INTERPRET", None)  # the interpreter's @triton.jit objects cannot be compiled
+    os.environ.setdefault("TRITON_DEFAULT_FP_FUSION", "1")  # Triton 3.9's default, stated to silence its warning
+    import triton
+
+    start = time.perf_counter()
+    jobs = enumerate_specs(tuple(args.archs), tuple(args.dtypes))
+    records = run(jobs, args.workers)
+    failures = gate_failures(records)
+    report = {"kind": "compiled", "note": "compiled ahead of time for these GPUs, not run on them",
+              **versions(), "tf32_allowed": bool(torch.backends.cuda.matmul.allow_tf32),
+              "shapes": {k: {"hidden": h, "vocab": v} for k, (h, v) in SHAPES.items()}, "n_rows": list(N_ROWS),
+              "records": records, "gate_failures": failures, "wall_s": round(time.perf_counter() - start, 1)}
+    out = args.out or RESULTS / f"compiled-triton{triton.__version__}.json"
+    out.parent.mkdir(parents=True, exist_ok=True)
+    out.write_text(json.dumps(report, indent=1) + "\n")
+    print(format_table(records))
+    print(f"{len(records)} distinct compiles in {report['wall_s']} s -> {out}")
+    for failure in failures:
+        print("GATE:", failure, file=sys.stderr)
+    return 1 if (args.gate and failures) else 0
+
+
+def format_table(records: List[dict]) -> str:
+    """A markdown table: one row per kernel, dtype and configuration, sm_80 and sm_90a side by side."""
+    rows: Dict[tuple, Dict[int, dict]] = {}
+    for r in records:
+        tiles = ",".join(f"{k}={v}" for k, v in r["constexprs"].items() if k.startswith("BLOCK"))
+        variant = ",".join(f"{k}={v}" for k, v in r["constexprs"].items() if k in VARIANT_KEYS)
+        dtype = r["dtype"] + (f" ({variant})" if variant else "")
+        key = (r["kernel"].rsplit(".", 1)[1], dtype, tiles, r["num_warps"], r["num_stages"])
+        rows.setdefault(key, {})[r["arch"]] = r
+    lines = ["| kernel | dtype | tiles | warps/stages | sm_80 regs / spill B | sm_90a regs / spill B | "
+             "shared B (80/90) | tensor cores (80/90) |", "|---|---|---|---|---|---|---|---|"]
+    for (kernel, dtype, tiles, warps, stages), by_arch in sorted(rows.items()):
+        def cell(arch, fmt):
+            r = by_arch.get(arch)
+            return "–" if r is None else fmt(r)
+        regs = [cell(a, lambda r: f"{r['registers']} / {r['spill_stores'] + r['spill_loads']}") for a in (80, 90)]
+        shared = "/".join(cell(a, lambda r: str(r["shared_bytes"])) for a in (80, 90))
+        cores = "/".join(cell(a, lambda r: (r["tensor_core_op"] or "–").split(".")[0]) for a in (80, 90))
+        lines.append(f"| `{kernel}` | {dtype} | {tiles or '–'} | {warps}/{stages} | {regs[0]} | {regs[1]} | "
+                     f"{shared} | {cores} |")
+    return "\n".join(lines)
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,236 @@
+"""One Triton kernel for a token-local policy loss from logits: two passes over the (N, V) logits.
+
+A loss is token-local when its gradient at token t needs only that token's log-prob plus values known
+before launch: the old and reference log-probs, the advantage and the aggregation weight w_t (which
+folds ``loss_agg_mode`` and the sequence lengths, e.g. m_t / (|o_i|·B') for seq-mean-token-mean). That
+covers the token-level PPO clip (GRPO, Dr. GRPO, DAPO; dual clip optional), TOPR at token level, and every
+KL estimator.
+
+One program per row:
+1. sweep the row once with an online softmax: lse, entropy and the target's log-prob;
+2. the token loss l_t and its derivative g_t = dl_t/dlogp_t (below), in registers;
+3. sweep the row again, while it is still in L2, writing d(logits)_v = w_t·g_t·([v = y] - p_v) / T.
+So the logits are read twice and d(logits) written once: the two-pass floor for a loss that needs the
+softmax's normalizer before any gradient. The loss is sum_t w_t·l_t.
+
+Token losses, r = exp(logp - old_logp), A the advantage:
+- PPO clip ("Proximal Policy Optimization Algorithms", eq. 7): l = max(-A·r, -A·clip(r, 1-eps_low,
+  1+eps_high)), g = -A·r where the unclipped term is the max, else 0; dual clip ("Mastering Complex
+  Control in MOBA Games with Deep Reinforcement Learning"): where A < 0 and l > -A·c, l = -A·c, g = 0.
+- TOPR ("Tapered Off-Policy REINFORCE", eq. 7): l = -sg(a)·A·logp, a = clamp(r, 0, 1) if A < 0 else 1,
+  g = -a·A.
+- plus beta times a KL estimator to the reference ("Approximating KL Divergence"), d = logp - ref:
+  k1 = d (dk = 1), k2 = d²/2 (dk = d), k3 = exp(-d) + d - 1 (dk = 1 - exp(-d)).
+"""
+
+from __future__ import annotations
+
+from typing import Dict, NamedTuple, Optional
+
+import torch
+import triton
+import triton.language as tl
+
+from rlfuse.kernels import launch
+from rlfuse.kernels.logprobs_triton import _as_3d, _row_stats
+
+IGNORE_INDEX = -100
+TOKEN_LOSSES = {"ppo_clip": 0, "topr": 1}
+KL_ESTIMATORS = {None: 0, "k1": 1, "k2": 2, "k3": 3}
+
+
+class TokenLossParams(NamedTuple):
+    """The scalars of a token-local loss.
+
+    Attributes:
+        loss_type: ``ppo_clip`` or ``topr``.
+        epsilon_low, epsilon_high: the PPO clip range [1 - epsilon_low, 1 + epsilon_high].
+        clip_ratio_c: the dual-clip constant (> 1), or None.
+        beta: weight of the KL penalty (needs reference log-probs when > 0).
+        kl_estimator: ``k1``, ``k2`` or ``k3``; used when reference log-probs are given.
+    """
+
+    loss_type: str
+    epsilon_low: float = 0.2
+    epsilon_high: float = 0.2
+    clip_ratio_c: Optional[float] = None
+    beta: float = 0.0
+    kl_estimator: str = "k3"
+
+
+@triton.jit
+def _token_loss_kernel(
+    logits_ptr, stride_b, stride_t, T, dlogits_ptr, dstride_b, dstride_t, targets_ptr,
+    old_logps_ptr, adv_ptr, ref_logps_ptr, weights_ptr,
+    loss_ptr, logps_ptr, entropy_ptr, ratio_ptr, clipped_ptr, kl_ptr,
+    V, inv_temp, epsilon_low, epsilon_high, clip_ratio_c, beta, ignore_index,
+    LOSS: tl.constexpr, DUAL_CLIP: tl.constexpr, KL: tl.constexpr, WRITE_GRAD: tl.constexpr,
+    BLOCK_V: tl.constexpr,
+):
+    row = tl.program_id(0).to(tl.int64)
+    row_ptr = logits_ptr + (row // T) * stride_b + (row % T) * stride_t
+    target = tl.load(targets_ptr + row)
+    # Pass 1 over the row.
+    lse, mean_z, _ = _row_stats(row_ptr, V, inv_temp, BLOCK_V)
+    keep = target != ignore_index
+    in_range = (target >= 0) & (target < V)  # ids outside [0, V) give NaN (checked on the host for CPU tensors)
+    z_target = tl.load(row_ptr + tl.where(keep & in_range, target, 0)).to(tl.float32) * inv_temp
+    logp = tl.where(keep, tl.where(in_range, z_target - lse, float("nan")), 0.0)
+    entropy = tl.where(keep, lse - mean_z, 0.0)
+    # The token loss and its derivative; masked tokens (weight 0) are zeroed first, as in policy_loss.
+    weight = tl.load(weights_ptr + row)
+    active = weight != 0.0
+    lp = tl.where(active, logp, 0.0)
+    old = tl.where(active, tl.load(old_logps_ptr + row), 0.0)
+    adv = tl.where(active, tl.load(adv_ptr + row), 0.0)
+    ratio = tl.exp(lp - old)
+    if LOSS == 0:
+        unclipped = -adv * ratio
+        clipped_loss = -adv * tl.minimum(tl.maximum(ratio, 1.0 - epsilon_low), 1.0 + epsilon_high)
+        loss = tl.maximum(unclipped, clipped_loss)
+        clipped = clipped_loss > unclipped
+        grad = tl.where(clipped, 0.0, -adv * ratio)
+        if DUAL_CLIP:
+            cap = -adv * clip_ratio_c
+            dual = (adv < 0) & (loss > cap)
+            loss = tl.where(dual, cap, loss)
+            grad = tl.where(dual, 0.0, grad)
+            clipped = clipped | dual
+    else:
+        negative = adv < 0
+        alpha = tl.where(negative, tl.minimum(tl.maximum(ratio, 0.0), 1.0), 1.0)
+        loss = -alpha * adv * lp
+        grad = -alpha * adv
+        clipped = negative & (ratio < 1.0)
+    kl = 0.0
+    if KL != 0:
+        diff = lp - tl.where(active, tl.load(ref_logps_ptr + row), 0.0)
+        if KL == 1:
+            kl = diff
+            dkl = 1.0
+        elif KL == 2:
+            kl = 0.5 * diff * diff
+            dkl = diff
+        else:
+            kl = tl.exp(-diff) + diff - 1.0
+            dkl = 1.0 - tl.exp(-diff)
+        loss = loss + beta * kl
+        grad = grad + beta * dkl
+    tl.store(loss_ptr + row, tl.where(active, loss, 0.0))
+    tl.store(logps_ptr + row, logp)
+    tl.store(entropy_ptr + row, entropy)
+    tl.store(ratio_ptr + row, ratio)
+    tl.store(clipped_ptr + row, tl.where(active & clipped, 1.0, 0.0))
+    tl.store(kl_ptr + row, tl.where(active, kl, 0.0))
+    if WRITE_GRAD:
+        # Pass 2 over the same row (still in L2): d(loss)/d(logits) = w·g·([v = y] - p_v) / T.
+        scale = tl.where(active, weight * grad, 0.0)
+        drow_ptr = dlogits_ptr + (row // T) * dstride_b + (row % T) * dstride_t
+        for start in range(0, V, BLOCK_V):
+            offs = start + tl.arange(0, BLOCK_V)
+            valid = offs < V
+            z = tl.load(row_ptr + offs, mask=valid, other=float("-inf")).to(tl.float32) * inv_temp
+            p = tl.exp(z - lse)
+            dz = tl.where(offs == target, scale, 0.0) - scale * p
+            dz = tl.where(scale != 0.0, dz * inv_temp, 0.0)  # a masked row (even all -inf) writes exact zeros
+            tl.store(drow_ptr + offs, dz.to(dlogits_ptr.dtype.element_ty), mask=valid)
+
+
+def token_loss_forward(logits, targets, old_logps, advantages, ref_logps, weights, params: TokenLossParams,
+                       temperature: float, dlogits: Optional[torch.Tensor]):
+    """Launch the kernel once. Returns a dict of (N,) float32 per-token tensors (``loss``, ``logps``,
+    ``entropy``, ``ratio``, ``clipped``, ``kl``) and the (B, T, V) logits view; d(logits) goes into
+    ``dlogits`` (shaped like the view) unless it is None."""
+    view = _as_3d(logits)
+    batch, seq, vocab = view.shape
+    n_rows = batch * seq
+    names = ("loss", "logps", "entropy", "ratio", "clipped", "kl")
+    outs = {name: torch.empty(n_rows, device=logits.device, dtype=torch.float32) for name in names}
+    rows = [t.reshape(-1).float().contiguous() for t in (old_logps, advantages, weights)]
+    ref = rows[0] if ref_logps is None else ref_logps.reshape(-1).float().contiguous()
+    kl = KL_ESTIMATORS[params.kl_estimator] if ref_logps is not None else 0
+    target = dlogits if dlogits is not None else view
+    cfg = launch.row_config(launch.capability_of(logits.device), vocab)
+    _token_loss_kernel[(n_rows,)](
+        view, view.stride(0), view.stride(1), seq, target, target.stride(0), target.stride(1),
+        targets.reshape(-1).contiguous(), rows[0], rows[1], ref, rows[2], *outs.values(),
+        vocab, 1.0 / temperature, float(params.epsilon_low), float(params.epsilon_high),
+        float(params.clip_ratio_c or 0.0), float(params.beta), IGNORE_INDEX,
+        LOSS=TOKEN_LOSSES[params.loss_type], DUAL_CLIP=params.clip_ratio_c is not None, KL=kl,
+        WRITE_GRAD=dlogits is not None, **cfg.launch_kwargs(),
+    )
+    return outs, view
+
+
+class TokenLossFunction(torch.autograd.Function):
+    """``apply(logits, targets, old_logps, advantages, ref_logps, weights, params, temperature,
+    inplace_backward, aux) -> loss``; the per-token tensors land in ``aux``.
+
+    d(logits) is written during the forward (same kernel); the backward only scales it by the incoming
+    gradient, and skips that pass when the gradient is exactly 1.
+    """
+
+    @staticmethod
+    def forward(ctx, logits, targets, old_logps, advantages, ref_logps, weights, params, temperature,
+                inplace_backward, aux):
+        dlogits = None
+        if ctx.needs_input_grad[0]:
+            dlogits = _as_3d(logits) if inplace_backward else torch.empty_like(_as_3d(logits))
+        outs, _ = token_loss_forward(logits, targets, old_logps, advantages, ref_logps, weights, params,
+                                     temperature, dlogits)
+        aux.update({name: t.view(targets.shape) for name, t in outs.items()})
+        if dlogits is not None:
+            ctx.save_for_backward(dlogits)
+            ctx.shape = logits.shape
+        return (weights.reshape(-1).float() * outs["loss"]).sum()
+
+    @staticmethod
+    def backward(ctx, grad_loss):
+        (dlogits,) = ctx.saved_tensors
+        if not torch.equal(grad_loss, torch.ones_like(grad_loss)):
+            dlogits.mul_(grad_loss.to(dlogits.dtype))
+        return (dlogits.reshape(ctx.shape),) + (None,) * 9
+
+
+def fused_token_loss(logits: torch.Tensor, targets: torch.Tensor, old_logps: torch.Tensor,
+                     advantages: torch.Tensor, weights: torch.Tensor, params: TokenLossParams,
+                     ref_logps: Optional[torch.Tensor] = None, temperature: float = 1.0,
+                     inplace_backward: bool = False):
+    """sum_t w_t·l_t for a token-local loss, in one kernel launch over the logits.
+
+    Args:
+        logits: (B, T, V) float32/bf16/fp16 on the GPU (or the CPU under ``TRITON_INTERPRET=1``); strided
+            views such as ``logits[:, :-1]`` are read in place.
+        targets: (B, T) int64 token ids (-100 skipped).
+        old_logps, advantages, weights: (B, T) float; ``weights`` is 0 on masked tokens and holds the
+            aggregation weight elsewhere (see ``rlfuse.algos.aggregation_weights``).
+        params: the loss's scalars (:class:`TokenLossParams`).
+        ref_logps: (B, T) float, or None (then no KL term and ``kl`` is 0).
+        temperature: divides the logits.
+        inplace_backward: write d(logits) into the logits' storage.
+
+    Returns:
+        ``(loss, per_token)``: the scalar float32 loss (differentiable w.r.t. ``logits`` only), and a dict
+        of detached (B, T) float32 tensors ``loss``, ``logps``, ``entropy``, ``ratio``, ``clipped`` (0/1),
+        ``kl``.
+    """
+    aux: Dict[str, torch.Tensor] = {}
+    loss = TokenLossFunction.apply(logits, targets, old_logps, advantages, ref_logps, weights, params,
+                                   float(temperature), inplace_backward, aux)
+    return loss, aux
+
+
+def compile_specs(capability: int, dtype: torch.dtype, n_rows: int, hidden: int, vocab: int):
+    """The launches for ``bench.compiled``: PPO clip with the dual clip and TOPR, with a k3 KL and d(logits)."""
+    ptr, f32, i32 = launch.pointer(dtype), "*fp32", "i32"
+    cfg = launch.row_config(capability, vocab)
+    types = {"logits_ptr": ptr, "stride_b": i32, "stride_t": i32, "T": i32, "dlogits_ptr": ptr, "dstride_b": i32,
+             "dstride_t": i32, "targets_ptr": "*i64", "old_logps_ptr": f32, "adv_ptr": f32, "ref_logps_ptr": f32,
+             "weights_ptr": f32, "loss_ptr": f32, "logps_ptr": f32, "entropy_ptr": f32, "ratio_ptr": f32,
+             "clipped_ptr": f32, "kl_ptr": f32, "V": i32, "inv_temp": "fp32", "epsilon_low": "fp32",
+             "epsilon_high": "fp32", "clip_ratio_c": "fp32", "beta": "fp32", "ignore_index": i32}
+    signature = launch.signature_of(_token_loss_kernel, types)
+    return [launch.KernelSpec(_token_loss_kernel, signature,
+                              {"LOSS": loss, "DUAL_CLIP": loss == 0, "KL": 3, "WRITE_GRAD": True, **cfg.constexprs},
+                              cfg)
+            for loss in TOKEN_LOSSES.values()]

@@ -1,0 +1,100 @@
+"""The compile gate: every Triton kernel, at every launch configuration its wrapper can choose at real
+model shapes, compiles for sm_80 and sm_90a without register spills, within the shared memory of a block,
+and with tensor-core instructions wherever it multiplies matrices whose operands allow them.
+
+``python -m bench.compiled --gate`` does the compiling (Triton ahead of time, then the ptxas inside the
+triton wheel); it runs here in a subprocess because this process runs Triton's interpreter.
+"""
+
+import ast
+import json
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+from bench.compiled import KERNEL_MODULES, gate_failures, parse_ptxas, tensor_core_op
+
+ROOT = Path(__file__).resolve().parents[1]
+
+PTXAS_SPILLING = """ptxas info    : Compiling entry function '_linear_fwd_kernel' for 'sm_80'
+ptxas info    : Function properties for _linear_fwd_kernel
+    1560 bytes stack frame, 2120 bytes spill stores, 2580 bytes spill loads
+ptxas info    : Used 168 registers, used 1 barriers, 1560 bytes cumulative stack size, 488 bytes cmem[0]
+"""
+PTXAS_CLEAN = """ptxas info    : Function properties for _logprobs_fwd_kernel
+    0 bytes stack frame, 0 bytes spill stores, 0 bytes spill loads
+ptxas info    : Used 64 registers, used 1 barriers, 488 bytes cmem[0]
+"""
+
+
+def test_parse_ptxas_reads_registers_and_spills():
+    assert parse_ptxas(PTXAS_SPILLING) == {"registers": 168, "spill_stores": 2120, "spill_loads": 2580,
+                                           "stack_frame": 1560}
+    assert parse_ptxas(PTXAS_CLEAN)["spill_stores"] == 0
+    with pytest.raises(ValueError, match="no register count"):
+        parse_ptxas("ptxas fatal   : Unsupported .version 9.4")
+
+
+def test_tensor_core_detection():
+    assert tensor_core_op("\twgmma.mma_async.sync.aligned.m64n64k16.f32.bf16.bf16 {...}", 90) == "wgmma.mma_async"
+    assert tensor_core_op("\tmma.sync.aligned.m16n8k16.row.col.f32.bf16.bf16.f32 {...}", 80) == "mma.sync"
+    assert tensor_core_op("\tfma.rn.f32 %f1, %f2, %f3, %f4;", 80) is None
+
+
+def _record(**changes):
+    record = {"kernel": "k", "gpu": "sm_80", "arch": 80, "dtype": "bf16", "num_warps": 4, "constexprs": {},
+              "spill_stores": 0, "spill_loads": 0, "shared_bytes": 1024, "multiplies_matrices": True,
+              "tensor_core_op": "mma.sync"}
+    return {**record, **changes}
+
+
+def test_gate_rules_catch_each_failure():
+    assert gate_failures([_record()]) == []
+    assert "spills" in gate_failures([_record(spill_stores=8)])[0]
+    assert "shared memory" in gate_failures([_record(shared_bytes=200_000)])[0]
+    assert gate_failures([_record(shared_bytes=200_000, arch=90, gpu="sm_90a")]) == []
+    assert "tensor-core" in gate_failures([_record(tensor_core_op=None)])[0]
+    assert gate_failures([_record(tensor_core_op=None, dtype="fp32", constexprs={"PRECISION": "ieee"})]) == []
+    assert gate_failures([_record(tensor_core_op=None, dtype="fp32", constexprs={"PRECISION": "tf32"})])
+
+
+def _jit_kernels(module_name):
+    """Names of the ``@triton.jit`` functions named ``*_kernel`` in a module's source."""
+    path = ROOT / (module_name.replace(".", "/") + ".py")
+    names = []
+    for node in ast.parse(path.read_text()).body:
+        if isinstance(node, ast.FunctionDef) and node.name.endswith("_kernel"):
+            if any("jit" in ast.unparse(d) for d in node.decorator_list):
+                names.append(node.name)
+    return names
+
+
+def test_every_triton_module_is_in_the_report():
+    triton_modules = {f"rlfuse.kernels.{p.stem}" for p in (ROOT / "rlfuse" / "kernels").glob("*.py")
+                      if "triton.jit" in p.read_text()}
+    assert triton_modules <= set(KERNEL_MODULES)
+
+
+def test_gate_every_kernel_compiles_without_spills(tmp_path):
+    out = tmp_path / "compiled.json"
+    env = {k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"}
+    proc = subprocess.run([sys.executable, "-m", "bench.compiled", "--gate", "--out", str(out)], cwd=ROOT,
+                          env=env, capture_output=True, text=True, timeout=900)
+    assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-5000:]
+    report = json.loads(out.read_text())
+    records = report["records"]
+    assert report["gate_failures"] == []
+    assert report["triton_version"] and report["ptxas_version"]
+    compiled = {(r["kernel"].rsplit(".", 1)[1], r["gpu"], r["dtype"]) for r in records}
+    for module in KERNEL_MODULES:
+        for kernel in _jit_kernels(module):
+            for gpu in ("sm_80", "sm_90a"):
+                for dtype in ("fp32", "bf16", "fp16"):
+                    assert (kernel, gpu, dtype) in compiled, (kernel, gpu, dtype)
+    for r in records:
+        assert r["spill_stores"] == 0 and r["spill_loads"] == 0, r
+        if r["multiplies_matrices"] and r["dtype"] != "fp32":
+            assert r["tensor_core_op"] == ("wgmma.mma_async" if r["arch"] == 90 else "mma.sync"), r
