@@ -84,6 +84,8 @@ class Results:
     notes: Dict[Tuple[str, bool], List[str]] = field(default_factory=lambda: defaultdict(list))
     ignored: List[str] = field(default_factory=list)
     files: int = 0
+    compiled: List[Dict] = field(default_factory=list)
+    """Static reports of ``python -m bench.compiled`` (compiled for GPUs, not run on them)."""
 
 
 def _shape(values: Dict) -> Tuple[Tuple[str, object], ...]:
@@ -178,6 +180,8 @@ def load_results(results_dir: Path) -> Results:
                 _script_records(payload, results)
             elif isinstance(payload, dict) and isinstance(payload.get("benchmarks"), list):
                 _suite_records(payload, results)
+            elif isinstance(payload, dict) and payload.get("kind") == "compiled":
+                results.compiled.append(payload)
             else:
                 raise ValueError("neither a bench.X nor a pytest-benchmark result")
             results.files += 1
@@ -365,9 +369,29 @@ def render_markdown(results: Results, plots: Dict[Tuple[str, bool, str, str], Pa
         lines += [f"- Not measured: {error}" for error in results.errors.get((device, smoke), [])]
         if results.notes.get((device, smoke)) or results.errors.get((device, smoke)):
             lines.append("")
+    lines += compiled_markdown(results.compiled)
     if results.ignored:
         lines += ["## Ignored files", ""] + [f"- {item}" for item in results.ignored] + [""]
     return "\n".join(lines)
+
+
+def compiled_markdown(reports: List[Dict]) -> List[str]:
+    """A section per ``bench.compiled`` report: registers, spills, shared memory and tensor cores of every
+    kernel configuration, compiled ahead of time for sm_80 and sm_90a, not run on them."""
+    from bench.compiled import format_table
+
+    lines: List[str] = []
+    for report in reports:
+        ptxas = ", ".join(f"{arch} {version}" for arch, version in report["ptxas_version"].items())
+        failures = report.get("gate_failures", [])
+        lines += [f"## Compiled for sm_80 and sm_90a, not run on them (Triton {report['triton_version']}, "
+                  f"ptxas {ptxas})", "",
+                  "Static figures from `python -m bench.compiled`: every kernel at every launch configuration its "
+                  "wrapper picks at real model shapes, compiled ahead of time without a GPU. They say nothing about "
+                  "speed. Registers are per thread; spill bytes are stores plus loads.", "",
+                  format_table(report["records"]), "",
+                  f"Gate: {'passed' if not failures else f'{len(failures)} failure(s)'}.", ""]
+    return lines
 
 
 def build_report(results_dir: Path = Path("bench/results"), out: Path = Path("bench/REPORT.md"),

@@ -39,3 +39,12 @@ def test_linear(benchmark, run, shape, impl, pass_name):
         grads_bytes = (hidden.numel() + weight.numel()) * hidden.element_size()
         peak = benchmark.extra_info["peak_mem_bytes"]
         benchmark.extra_info["peak_extra_mem_bytes"] = peak - grads_bytes if peak >= 0 else -1
+    if impl.startswith("rlfuse"):
+        from rlfuse.kernels.launch import capability_of
+        from rlfuse.kernels.linear_logprobs_triton import backward_extra_bytes
+
+        # No (N, V) logits exist. The backward writes d(logits) once, chunk by chunk, and reads each chunk
+        # twice (d(weight), d(hidden)): 3 passes over an (N, V) quantity, none in the forward.
+        benchmark.extra_info["logits_passes"] = {"fwd": 0, "fwd_bwd": 3}[pass_name]
+        benchmark.extra_info["extra_mem_bytes_formula"] = backward_extra_bytes(
+            m, h, v, dtype, capability=capability_of(run.device))

@@ -33,3 +33,6 @@ def test_logprobs(benchmark, run, shape, inputs, impl, pass_name):
     seconds = time_pass(benchmark, passes[pass_name], run, name="logprobs", impl=impl, pass_name=pass_name,
                         shape={"n_tokens": n, "vocab": v}, extra={"dtype": "bfloat16"})
     record_roofline(benchmark, run, seconds, num_bytes)
+    if impl.startswith("rlfuse"):
+        # Passes over the (N, V) logits in memory: one read forward; the backward reads them and writes d(logits).
+        benchmark.extra_info["logits_passes"] = {"fwd": 1, "fwd_bwd": 3}[pass_name]

@@ -11,6 +11,7 @@ from bench.policy_loss import FULL_SHAPES, SMOKE_SHAPES  # noqa: F401
 from bench.policy_loss import IMPLEMENTATIONS, implementations, make_inputs, roofline_bytes
 from bench.suite import record_roofline, time_pass
 from rlfuse.algos import get_config
+from rlfuse.algos.fused import passes_over_logits
 
 ALGO = "dapo"
 
@@ -36,3 +37,7 @@ def test_policy_loss(benchmark, run, shape, inputs, impl, pass_name):
                         shape={"algo": ALGO, "n_tokens": b * t, "vocab": v},
                         extra={"dtype": "bfloat16", "batch": b, "seq_len": t})
     record_roofline(benchmark, run, seconds, num_bytes)
+    if impl.startswith("rlfuse"):
+        # Passes over the (N, V) logits in memory: the forward alone reads them once; with the backward, a
+        # token-local loss reads them and writes d(logits) in one kernel (2), other losses take 3.
+        benchmark.extra_info["logits_passes"] = passes_over_logits(get_config(ALGO)) if pass_name == "fwd_bwd" else 1

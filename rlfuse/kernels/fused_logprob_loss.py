@@ -1,11 +1,12 @@
 """A loss of per-token log-probs computed straight from logits, with d(logits) formed in the forward.
 
-The forward makes two passes over the logits and nothing else touches the (N, V) data:
+The path for losses that couple tokens (sequence ratios, ROVER's next-state values); token-local losses
+take the single kernel of ``token_loss_triton`` instead. Two kernels, three passes over the (N, V) data:
 1. the Triton stats kernel: log-prob, entropy, vocabulary mean and log-sum-exp per token (O(N) outputs);
 2. the caller's ``loss_fn`` on those (B, T) tensors, differentiated by autograd (cheap: no V dimension);
    this is where sequence-level pieces (a sequence ratio, a next-state value, seq-mean aggregation) live;
-3. the Triton backward kernel: d(loss)/d(logits) from the per-token gradients, written once (into the
-   logits themselves with ``inplace_backward``).
+3. the Triton backward kernel: reads the logits again and writes d(loss)/d(logits) from the per-token
+   gradients, once (into the logits themselves with ``inplace_backward``).
 The autograd backward only scales that stored gradient by the incoming gradient.
 """
 
