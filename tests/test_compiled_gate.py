@@ -98,3 +98,22 @@ def test_gate_every_kernel_compiles_without_spills(tmp_path):
         assert r["spill_stores"] == 0 and r["spill_loads"] == 0, r
         if r["multiplies_matrices"] and r["dtype"] != "fp32":
             assert r["tensor_core_op"] == ("wgmma.mma_async" if r["arch"] == 90 else "mma.sync"), r
+        if r["dtype"] == "fp32" and r["constexprs"].get("PRECISION") == "ieee":
+            # fp32 operands multiply in IEEE fp32 by default (torch's own default), not as TF32 on tensor cores
+            assert r["tensor_core_op"] is None, r
+
+
+def test_fp32_dot_precision_follows_torch():
+    import torch
+
+    from rlfuse.kernels.linear_logprobs_triton import input_precision
+
+    before = torch.backends.cuda.matmul.allow_tf32
+    try:
+        torch.backends.cuda.matmul.allow_tf32 = False
+        assert input_precision(torch.float32) == "ieee"
+        assert input_precision(torch.bfloat16) == "ieee"  # unused for half operands: tensor cores as they are
+        torch.backends.cuda.matmul.allow_tf32 = True
+        assert input_precision(torch.float32) == "tf32"
+    finally:
+        torch.backends.cuda.matmul.allow_tf32 = before

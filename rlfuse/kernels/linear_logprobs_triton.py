@@ -35,11 +35,22 @@ IGNORE_INDEX = -100
 INTERPRETED = os.environ.get("TRITON_INTERPRET") == "1"
 
 
+def tf32_allowed() -> bool:
+    """Whether torch lets fp32 matmuls run as TF32: ``torch.backends.cuda.matmul.fp32_precision = "tf32"``,
+    or the older ``torch.backends.cuda.matmul.allow_tf32 = True``."""
+    matmul = torch.backends.cuda.matmul
+    precision = getattr(matmul, "fp32_precision", "none")
+    if precision in ("tf32", "ieee"):
+        return precision == "tf32"
+    try:
+        return bool(matmul.allow_tf32)
+    except RuntimeError:  # torch refuses to read the old flag once the new one was set
+        return False
+
+
 def input_precision(dtype: torch.dtype) -> str:
     """``tl.dot``'s precision for ``dtype`` operands: TF32 for fp32 only where torch allows it, else IEEE."""
-    if dtype == torch.float32 and torch.backends.cuda.matmul.allow_tf32:
-        return "tf32"
-    return "ieee"
+    return "tf32" if dtype == torch.float32 and tf32_allowed() else "ieee"
 
 
 @triton.jit
