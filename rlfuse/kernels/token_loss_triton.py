@@ -3,8 +3,8 @@
 A loss is token-local when its gradient at token t needs only that token's log-prob plus values known
 before launch: the old and reference log-probs, the advantage and the aggregation weight w_t (which
 folds ``loss_agg_mode`` and the sequence lengths, e.g. m_t / (|o_i|·B') for seq-mean-token-mean). That
-covers the token-level PPO clip (GRPO, Dr. GRPO, DAPO; dual clip optional), TOPR at token level, and every
-KL estimator.
+covers the token-level PPO clip (GRPO, Dr. GRPO, DAPO; dual clip optional), TOPR at token level, the REC
+family at token level (REINFORCE, REC, OPMD, AsymRE, RED), CISPO at token level, and every KL estimator.
 
 One program per row:
 1. sweep the row once with an online softmax: lse, entropy and the target's log-prob;
@@ -19,6 +19,11 @@ Token losses, r = exp(logp - old_logp), A the advantage:
   Control in MOBA Games with Deep Reinforcement Learning"): where A < 0 and l > -A·c, l = -A·c, g = 0.
 - TOPR ("Tapered Off-Policy REINFORCE", eq. 7): l = -sg(a)·A·logp, a = clamp(r, 0, 1) if A < 0 else 1,
   g = -a·A.
+- REC ("Group-Relative REINFORCE Is Secretly an Off-Policy Algorithm"): l = -w·A·logp·1[keep] + reg,
+  w = 1, sg(r), sg(clip(r, 1 - eps_low', 1 + eps_high')) or exp(A / tau); keep by the clip mode (none,
+  one-side, two-side, ring); reg = c·(logp - old_logp)² (g += 2c·(logp - old_logp)) or -c·logp (g -= c).
+- CISPO ("MiniMax-M1: Scaling Test-Time Compute Efficiently with Lightning Attention"):
+  l = -sg(min(r, 1 + eps_high))·A·logp, g = -min(r, 1 + eps_high)·A.
 - plus beta times a KL estimator to the reference ("Approximating KL Divergence"), d = logp - ref:
   k1 = d (dk = 1), k2 = d²/2 (dk = d), k3 = exp(-d) + d - 1 (dk = 1 - exp(-d)).
 """
@@ -35,7 +40,10 @@ from rlfuse.kernels import launch
 from rlfuse.kernels.logprobs_triton import _as_3d, _row_stats
 
 IGNORE_INDEX = -100
-TOKEN_LOSSES = {"ppo_clip": 0, "topr": 1}
+TOKEN_LOSSES = {"ppo_clip": 0, "topr": 1, "rec": 2, "cispo": 3}
+CLIP_MODES = {"none": 0, "one-side": 1, "two-side": 2, "ring": 3}
+WEIGHTS = {"none": 0, "importance_sampling": 1, "truncated_importance_sampling": 2, "advantage": 3}
+REGULARIZERS = {"none": 0, "k2": 1, "forward-kl": 2}
 KL_ESTIMATORS = {None: 0, "k1": 1, "k2": 2, "k3": 3}
 
 
@@ -43,11 +51,16 @@ class TokenLossParams(NamedTuple):
     """The scalars of a token-local loss.
 
     Attributes:
-        loss_type: ``ppo_clip`` or ``topr``.
-        epsilon_low, epsilon_high: the PPO clip range [1 - epsilon_low, 1 + epsilon_high].
+        loss_type: ``ppo_clip``, ``topr``, ``rec`` or ``cispo``.
+        epsilon_low, epsilon_high: the clip range [1 - epsilon_low, 1 + epsilon_high] (CISPO: the cap).
         clip_ratio_c: the dual-clip constant (> 1), or None.
         beta: weight of the KL penalty (needs reference log-probs when > 0).
         kl_estimator: ``k1``, ``k2`` or ``k3``; used when reference log-probs are given.
+        clip_mode, weight, regularizer: REC's dials (keys of :data:`CLIP_MODES`, :data:`WEIGHTS`,
+            :data:`REGULARIZERS`).
+        epsilon_low_prime, epsilon_high_prime: REC's outer ring and truncated-weight bounds.
+        weight_temperature: tau of REC's ``advantage`` weight exp(A / tau).
+        regularizer_coef: REC's regularizer weight c.
     """
 
     loss_type: str
@@ -56,6 +69,13 @@ class TokenLossParams(NamedTuple):
     clip_ratio_c: Optional[float] = None
     beta: float = 0.0
     kl_estimator: str = "k3"
+    clip_mode: str = "none"
+    weight: str = "none"
+    regularizer: str = "none"
+    epsilon_low_prime: float = 0.6
+    epsilon_high_prime: float = 2.0
+    weight_temperature: float = 1.0
+    regularizer_coef: float = 0.0
 
 
 @triton.jit
@@ -64,8 +84,9 @@ def _token_loss_kernel(
     old_logps_ptr, adv_ptr, ref_logps_ptr, weights_ptr,
     loss_ptr, logps_ptr, entropy_ptr, ratio_ptr, clipped_ptr, kl_ptr,
     V, inv_temp, epsilon_low, epsilon_high, clip_ratio_c, beta, ignore_index,
+    epsilon_low_prime, epsilon_high_prime, weight_temperature, regularizer_coef,
     LOSS: tl.constexpr, DUAL_CLIP: tl.constexpr, KL: tl.constexpr, WRITE_GRAD: tl.constexpr,
-    BLOCK_V: tl.constexpr,
+    CLIP_MODE: tl.constexpr, WEIGHT: tl.constexpr, REGULARIZER: tl.constexpr, BLOCK_V: tl.constexpr,
 ):
     row = tl.program_id(0).to(tl.int64)
     row_ptr = logits_ptr + (row // T) * stride_b + (row % T) * stride_t
@@ -96,12 +117,47 @@ def _token_loss_kernel(
             loss = tl.where(dual, cap, loss)
             grad = tl.where(dual, 0.0, grad)
             clipped = clipped | dual
-    else:
+    elif LOSS == 1:
         negative = adv < 0
         alpha = tl.where(negative, tl.minimum(tl.maximum(ratio, 0.0), 1.0), 1.0)
         loss = -alpha * adv * lp
         grad = -alpha * adv
         clipped = negative & (ratio < 1.0)
+    elif LOSS == 2:
+        low = 1.0 - epsilon_low
+        high = 1.0 + epsilon_high
+        if CLIP_MODE == 1:
+            keep_token = ((adv >= 0) & (ratio <= high)) | ((adv <= 0) & (ratio >= low))
+        elif CLIP_MODE == 2:
+            keep_token = (ratio >= low) & (ratio <= high)
+        elif CLIP_MODE == 3:
+            band = (ratio >= low) & (ratio <= high)
+            keep_token = band | ((adv >= 0) & (ratio <= 1.0 - epsilon_low_prime)) | \
+                ((adv <= 0) & (ratio >= 1.0 + epsilon_high_prime))
+        else:
+            keep_token = (ratio == ratio) | (ratio != ratio)  # every token, a NaN ratio too
+        weighted = adv
+        if WEIGHT == 1:
+            weighted = adv * ratio
+        elif WEIGHT == 2:
+            weighted = adv * tl.minimum(tl.maximum(ratio, 1.0 - epsilon_low_prime), 1.0 + epsilon_high_prime)
+        elif WEIGHT == 3:
+            weighted = adv * tl.exp(adv / weight_temperature)
+        loss = tl.where(keep_token, -weighted * lp, 0.0)
+        grad = tl.where(keep_token, -weighted, 0.0)
+        if REGULARIZER == 1:
+            loss = loss + regularizer_coef * (lp - old) * (lp - old)
+            grad = grad + 2.0 * regularizer_coef * (lp - old)
+        elif REGULARIZER == 2:
+            loss = loss - regularizer_coef * lp
+            grad = grad - regularizer_coef
+        clipped = ~keep_token
+    else:
+        cap = 1.0 + epsilon_high
+        capped = tl.minimum(ratio, cap)
+        loss = -capped * adv * lp
+        grad = -capped * adv
+        clipped = ratio > cap
     kl = 0.0
     if KL != 0:
         diff = lp - tl.where(active, tl.load(ref_logps_ptr + row), 0.0)
@@ -156,8 +212,11 @@ def token_loss_forward(logits, targets, old_logps, advantages, ref_logps, weight
         targets.reshape(-1).contiguous(), rows[0], rows[1], ref, rows[2], *outs.values(),
         vocab, 1.0 / temperature, float(params.epsilon_low), float(params.epsilon_high),
         float(params.clip_ratio_c or 0.0), float(params.beta), IGNORE_INDEX,
+        float(params.epsilon_low_prime), float(params.epsilon_high_prime), float(params.weight_temperature),
+        float(params.regularizer_coef),
         LOSS=TOKEN_LOSSES[params.loss_type], DUAL_CLIP=params.clip_ratio_c is not None, KL=kl,
-        WRITE_GRAD=dlogits is not None, **cfg.launch_kwargs(),
+        WRITE_GRAD=dlogits is not None, CLIP_MODE=CLIP_MODES[params.clip_mode], WEIGHT=WEIGHTS[params.weight],
+        REGULARIZER=REGULARIZERS[params.regularizer], **cfg.launch_kwargs(),
     )
     return outs, view
 
@@ -228,9 +287,14 @@ def compile_specs(capability: int, dtype: torch.dtype, n_rows: int, hidden: int,
              "dstride_t": i32, "targets_ptr": "*i64", "old_logps_ptr": f32, "adv_ptr": f32, "ref_logps_ptr": f32,
              "weights_ptr": f32, "loss_ptr": f32, "logps_ptr": f32, "entropy_ptr": f32, "ratio_ptr": f32,
              "clipped_ptr": f32, "kl_ptr": f32, "V": i32, "inv_temp": "fp32", "epsilon_low": "fp32",
-             "epsilon_high": "fp32", "clip_ratio_c": "fp32", "beta": "fp32", "ignore_index": i32}
+             "epsilon_high": "fp32", "clip_ratio_c": "fp32", "beta": "fp32", "ignore_index": i32,
+             "epsilon_low_prime": "fp32", "epsilon_high_prime": "fp32", "weight_temperature": "fp32",
+             "regularizer_coef": "fp32"}
     signature = launch.signature_of(_token_loss_kernel, types)
+    # Every loss with a k3 KL and d(logits); REC with its most involved dials (ring, truncated weight, k2).
+    variants = [{"LOSS": loss, "DUAL_CLIP": loss == 0, "CLIP_MODE": 3 if loss == 2 else 0,
+                 "WEIGHT": 2 if loss == 2 else 0, "REGULARIZER": 1 if loss == 2 else 0}
+                for loss in TOKEN_LOSSES.values()]
     return [launch.KernelSpec(_token_loss_kernel, signature,
-                              {"LOSS": loss, "DUAL_CLIP": loss == 0, "KL": 3, "WRITE_GRAD": True, **cfg.constexprs},
-                              cfg)
-            for loss in TOKEN_LOSSES.values()]
+                              {**variant, "KL": 3, "WRITE_GRAD": True, **cfg.constexprs}, cfg)
+            for variant in variants]
