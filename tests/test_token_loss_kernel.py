@@ -5,6 +5,8 @@ Oracle: the plain composition ``token_logprobs_reference`` + ``policy_loss`` in 
 interpreter: a token-local loss makes exactly one launch over the logits.
 """
 
+import zlib
+
 import pytest
 import torch
 
@@ -15,13 +17,13 @@ ALGOS = ["grpo", "dr_grpo", "dapo", "topr"]
 AGG_MODES = ["token-mean", "seq-mean-token-mean", "seq-mean-token-sum", "seq-mean-token-sum-norm"]
 
 
-def _inputs(device, batch=4, seq=6, vocab=37, seed=0, dtype=torch.float64):
+def _inputs(device, batch=4, seq=6, vocab=37, seed=0, dtype=torch.float64, temperature=1.0):
     gen = torch.Generator().manual_seed(seed)
     logits = (torch.randn(batch, seq + 1, vocab, generator=gen, dtype=dtype) * 2).to(device)
     targets = torch.randint(0, vocab, (batch, seq), generator=gen).to(device)
     # Old log-probs near the current ones, so ratios land on both sides of the clip range.
-    ref_lp = torch.log_softmax(logits[:, :-1].double(), -1).gather(-1, targets.unsqueeze(-1)).squeeze(-1)
-    old = (ref_lp + 0.4 * torch.randn(batch, seq, generator=gen, dtype=torch.float64).to(device)).to(torch.float32)
+    ref_lp = torch.log_softmax(logits[:, :-1].double() / temperature, -1).gather(-1, targets.unsqueeze(-1)).squeeze(-1)
+    old = (ref_lp + 0.2 * torch.randn(batch, seq, generator=gen, dtype=torch.float64).to(device)).to(torch.float32)
     ref = (ref_lp + 0.3 * torch.randn(batch, seq, generator=gen, dtype=torch.float64).to(device)).to(torch.float32)
     advantages = torch.randn(batch, generator=gen).to(device)
     mask = torch.rand(batch, seq, generator=gen).to(device) > 0.25
@@ -38,7 +40,8 @@ def _run(backend, monkeypatch, logits, *args, grad_scale=1.0, **kwargs):
 
 
 def _assert_matches(fused, reference, atol=1e-6):
-    torch.testing.assert_close(fused[0], reference[0], atol=atol, rtol=1e-5)
+    # Both sides compute in fp32 (the reference upcasts the logits to fp32 too), in different orders.
+    torch.testing.assert_close(fused[0], reference[0], atol=max(atol, 1e-5), rtol=1e-5)
     torch.testing.assert_close(fused[1], reference[1], atol=atol, rtol=1e-5)
     assert fused[2].keys() == reference[2].keys()
     for key in reference[2]:
@@ -49,7 +52,8 @@ def _assert_matches(fused, reference, atol=1e-6):
 @pytest.mark.parametrize("loss_agg_mode", AGG_MODES)
 def test_matches_reference_every_aggregation(algo, loss_agg_mode, device, monkeypatch):
     config = get_config(algo, loss_agg_mode=loss_agg_mode)
-    logits, targets, old, adv, mask, _ = _inputs(device, seed=hash((algo, loss_agg_mode)) % 1000)
+    logits, targets, old, adv, mask, _ = _inputs(device, seed=zlib.crc32(f"{algo}/{loss_agg_mode}".encode()) % 1000,
+                                                 temperature=0.7)
     args = (targets, old, adv, mask)
     fused = _run("triton", monkeypatch, logits, *args, config=config, temperature=0.7)
     reference = _run("torch", monkeypatch, logits, *args, config=config, temperature=0.7)
