@@ -178,7 +178,7 @@ def test_register_fills_the_registry_it_imports(monkeypatch):
     fake = types.ModuleType("verl.trainer.ppo.core_algos")
     fake.register_policy_loss = lambda name: lambda fn: registry.setdefault(name, fn)
     monkeypatch.setitem(sys.modules, "verl.trainer.ppo.core_algos", fake)
-    assert rv.register() == ("rlfuse_grpo", "rlfuse_dapo", "rlfuse_gspo", "rlfuse_topr", "rlfuse_rover")
+    assert rv.register(install=False) == ("rlfuse_grpo", "rlfuse_dapo", "rlfuse_gspo", "rlfuse_topr", "rlfuse_rover")
     assert registry == rv.VERL_POLICY_LOSSES
 
 
