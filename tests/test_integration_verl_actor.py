@@ -10,10 +10,12 @@ and verl's ``no_padding_2_padding`` as the trainer uses it.
 What does not run on the CPU, and why:
 
 - verl 0.9 has no ``DataParallelPPOActor`` any more; its actor is ``verl.workers.engine_workers.ActorRolloutRefWorker``
-  over a training engine. Importing ``engine_workers`` needs ``uvicorn`` (not installed), and the trainer module
-  ``verl.trainer.ppo.ray_trainer`` (``RayPPOTrainer._compute_old_log_prob``) needs ``torchdata``, ``cachetools``,
-  ``uvicorn``, ``fastapi`` and ``opentelemetry``; so the trainer's old-log-prob wrapper is tested on a stand-in
-  with the same contract (the worker group's ``compute_log_prob`` output, padded by ``no_padding_2_padding``).
+  over a training engine. Importing ``engine_workers`` needs ``uvicorn`` (not installed); the trainers'
+  modules need more: ``verl.trainer.ppo.ray_trainer`` (legacy) ``torchdata``, ``cachetools``, ``uvicorn``,
+  ``fastapi``, ``opentelemetry``, and ``verl.trainer.ppo.v1.trainer_base`` (the default) also
+  ``transfer_queue``. So the two old-log-prob wrappers run on stand-ins with verl's contract: the legacy
+  trainer's worker-group output padded by ``no_padding_2_padding``, and the V1 trainer's TransferQueue calls
+  ``kv_batch_get``/``kv_batch_put`` over jagged fields.
 - ``FSDPEngine.__init__`` cannot build on a CPU: verl has no CPU platform (``verl.utils.device.get_device_name()``
   falls back to ``"cuda"``), so ``create_device_mesh`` calls ``init_device_mesh("cuda")`` and
   ``torch.cuda.set_device`` fails; with that patched, ``initialize`` fails in verl's memory logging at
@@ -25,6 +27,8 @@ What does not run on the CPU, and why:
 from __future__ import annotations
 
 import copy
+import sys
+import types
 from functools import partial
 
 import pytest
@@ -35,6 +39,7 @@ transformer_impl = pytest.importorskip("verl.workers.engine.fsdp.transformer_imp
 import rlfuse.integrations.verl as rv  # noqa: E402
 from rlfuse.algos import policy_loss  # noqa: E402
 from rlfuse.integrations import verl_actor, verl_backend  # noqa: E402
+from omegaconf import OmegaConf  # noqa: E402
 from tensordict import TensorDict  # noqa: E402
 from transformers import Qwen2Config, Qwen2ForCausalLM  # noqa: E402
 from verl import DataProto  # noqa: E402
@@ -218,3 +223,47 @@ def test_install_is_idempotent_and_other_losses_get_verls():
     assert getattr(wrapper.rlfuse_original, "rlfuse_original", None) is None
     prepare = transformer_impl.FSDPEngineWithLMHead.prepare_model_outputs
     assert getattr(prepare.rlfuse_original, "rlfuse_original", None) is None
+
+
+class FakeTransferQueue(types.ModuleType):
+    """``transfer_queue``'s two calls the V1 trainer makes, over a dict of fields (the package is not installed)."""
+
+    def __init__(self, fields):
+        super().__init__("transfer_queue")
+        self.fields = fields
+
+    def kv_batch_get(self, keys, partition_id, select_fields):
+        return TensorDict({name: self.fields[name] for name in select_fields}, batch_size=[len(keys)])
+
+    def kv_batch_put(self, keys, partition_id, fields):
+        self.fields.update(fields.items())
+        return types.SimpleNamespace(keys=keys, partition_id=partition_id)
+
+
+def test_v1_trainer_stores_the_same_old_vocab_mean(engine, device, monkeypatch):
+    """verl's default trainer keeps the batch in a TransferQueue as jagged tensors: the wrapper cuts the responses
+    out of the worker's ``vocab_mean`` and equals the legacy trainer's padded ``old_vocab_mean``."""
+    batch = padded_batch(device)
+    legacy = old_log_prob_pass(engine, batch)
+    td = left_right_2_no_padding(batch.clone())
+    tu.assign_non_tensor(td, calculate_entropy=True, compute_loss=False)
+    vocab_mean = engine.forward_backward_batch(td, None, forward_only=True)["model_output"]["vocab_mean"]
+    response_mask = torch.nested.as_nested_tensor(
+        [row[:n] for row, n in zip(batch["response_mask"], RESPONSE_LENS)], layout=torch.jagged)
+    queue = FakeTransferQueue({"vocab_mean": vocab_mean, "response_mask": response_mask})
+    monkeypatch.setitem(sys.modules, "transfer_queue", queue)
+
+    def trainer(loss_mode, bypass=False):
+        config = OmegaConf.create({"actor_rollout_ref": {"actor": {"policy_loss": {"loss_mode": loss_mode}}},
+                                   "algorithm": {"rollout_correction": {"bypass_mode": bypass}}})
+        return types.SimpleNamespace(config=config)
+
+    wrapped = verl_actor.wrap_v1_compute_old_log_prob(lambda self, batch, metrics: batch)
+    meta = types.SimpleNamespace(keys=[f"k{i}" for i in range(len(PROMPT_LENS))], partition_id="train")
+    assert wrapped(trainer("rlfuse_grpo"), meta, {}) is meta and "old_vocab_mean" not in queue.fields
+    wrapped(trainer("rlfuse_rover"), meta, {})
+    stored = queue.fields["old_vocab_mean"].to_padded_tensor(0.0, output_size=(len(PROMPT_LENS), RESPONSE))
+    mask = batch["response_mask"].bool()
+    torch.testing.assert_close(stored, torch.where(mask, legacy["old_vocab_mean"], 0.0), rtol=1e-6, atol=1e-6)
+    with pytest.raises(ValueError, match="bypass_mode"):
+        wrapped(trainer("rlfuse_rover", bypass=True), meta, {})

@@ -234,8 +234,9 @@ def rlfuse_topr(old_log_prob, log_prob, advantages, response_mask, loss_agg_mode
                 rollout_is_weights=None):
     """TOPR's -sg(alpha)·A·logp, alpha = clamp(ratio, 0, 1) where A < 0 ("Tapered Off-Policy REINFORCE", eq. 7).
 
-    The advantages are verl's as given (the paper's are reward - baseline, rewards ±1); the clip dials are
-    unused. Arguments and errors: :func:`verl_policy_loss`.
+    The advantages are verl's as given; the paper's are R - baseline with correctness rewards R = +1 (correct)
+    and -1 (wrong), which ``algorithm.adv_estimator=rlfuse_topr`` (:func:`rlfuse_topr_advantage`) computes
+    from a reward function scoring ±1. The clip dials are unused. Arguments and errors: :func:`verl_policy_loss`.
     """
     return verl_policy_loss("topr", old_log_prob, log_prob, advantages, response_mask, loss_agg_mode, config,
                             rollout_is_weights)
@@ -255,6 +256,24 @@ def rlfuse_rover(old_log_prob, log_prob, advantages, response_mask, loss_agg_mod
                             rollout_is_weights, vocab_mean, old_vocab_mean)
 
 
+def rlfuse_topr_advantage(token_level_rewards: torch.Tensor, response_mask: torch.Tensor, config: Any = None,
+                          **kwargs) -> Tuple[torch.Tensor, torch.Tensor]:
+    """TOPR's advantage as a verl advantage estimator: A = R on every response token, no group statistics
+    ("Tapered Off-Policy REINFORCE" with baseline 0 and correctness rewards R = ±1; rlfuse's ``TOPRConfig``).
+
+    Args:
+        token_level_rewards: (B, T) float, the score on the last response token (verl's layout); R is the row sum.
+        response_mask: (B, T) 0/1 or bool.
+        config, kwargs: what verl passes to every estimator (``AlgoConfig``, ``index``, ...), unused.
+
+    Returns:
+        ``(advantages, returns)``, both (B, T) float32: R·mask.
+    """
+    scores = token_level_rewards.float().sum(-1, keepdim=True)
+    advantages = scores * response_mask.to(scores.dtype)
+    return advantages, advantages
+
+
 VERL_POLICY_LOSSES = {
     "rlfuse_grpo": rlfuse_grpo,
     "rlfuse_dapo": rlfuse_dapo,
@@ -265,7 +284,8 @@ VERL_POLICY_LOSSES = {
 
 
 def register(install: bool = True) -> Tuple[str, ...]:
-    """Register :data:`VERL_POLICY_LOSSES` in verl's ``POLICY_LOSS_REGISTRY``; returns their names.
+    """Register :data:`VERL_POLICY_LOSSES` in verl's ``POLICY_LOSS_REGISTRY`` and :func:`rlfuse_topr_advantage`
+    as the advantage estimator ``rlfuse_topr``; returns the losses' names.
 
     With ``install`` also make verl accept ``fused_kernel_options.impl_backend=rlfuse``
     (:func:`rlfuse.integrations.verl_backend.install_backend`) and wrap its actor for ``rlfuse_rover``
@@ -274,10 +294,11 @@ def register(install: bool = True) -> Tuple[str, ...]:
     Raises:
         ImportError: ``verl.trainer.ppo.core_algos`` cannot be imported (verl or one of its dependencies missing).
     """
-    from verl.trainer.ppo.core_algos import register_policy_loss
+    from verl.trainer.ppo.core_algos import register_adv_est, register_policy_loss
 
     for name, fn in VERL_POLICY_LOSSES.items():
         register_policy_loss(name)(fn)
+    register_adv_est("rlfuse_topr")(rlfuse_topr_advantage)
     if install:
         from rlfuse.integrations.verl_actor import install_actor
         from rlfuse.integrations.verl_backend import install_backend

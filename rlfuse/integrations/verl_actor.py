@@ -8,8 +8,9 @@ from the loaded modules by :func:`install_actor` (verl's files are not edited), 
 
 1. engine: ``FSDPEngineWithLMHead.prepare_model_outputs`` also returns ``vocab_mean`` (jagged like
    ``log_probs``) when the forward is the rlfuse backend's (:mod:`rlfuse.integrations.verl_backend`);
-2. trainer: ``RayPPOTrainer._compute_old_log_prob`` (the actor's old-log-prob pass) stores it in the batch
-   as ``old_vocab_mean`` (B, response_length) float32;
+2. trainer: the old-log-prob pass stores it in the batch as ``old_vocab_mean``: the V1 trainer's
+   ``PPOTrainer._compute_old_log_prob`` (verl's default, ``trainer.use_v1=True``) in the TransferQueue, the
+   legacy ``RayPPOTrainer._compute_old_log_prob`` as a (B, response_length) float32 tensor;
 3. loss: when ``actor.policy_loss.loss_mode=rlfuse_rover``, ``ppo_loss`` pads the current ``vocab_mean`` to
    the response and passes both means to :func:`rlfuse.integrations.verl.rlfuse_rover` through
    :data:`rlfuse.integrations.verl.VOCAB_MEANS`; every other loss mode gets verl's ``ppo_loss`` unchanged.
@@ -103,6 +104,39 @@ def wrap_compute_old_log_prob(original):
     return _mark(_compute_old_log_prob, original)
 
 
+def wrap_v1_compute_old_log_prob(original):
+    """The V1 trainer's ``PPOTrainer._compute_old_log_prob(batch, metrics)`` (``trainer.use_v1=True``, verl's
+    default), which also writes ``old_vocab_mean`` (jagged, response tokens) to the TransferQueue when
+    ``actor.policy_loss.loss_mode=rlfuse_rover``.
+
+    The worker's old-log-prob pass writes every model output, ``vocab_mean`` included, to the TransferQueue;
+    this cuts the response part out with verl's ``response_from_nested``, as verl does for ``old_log_probs``.
+    Bypass mode (old log-probs taken from the rollout) computes no vocabulary means and raises.
+
+    Raises:
+        ValueError: ``rlfuse_rover`` with the old-log-prob pass bypassed.
+    """
+
+    @functools.wraps(original)
+    def _compute_old_log_prob(self, batch, metrics):
+        batch = original(self, batch, metrics)
+        if self.config.actor_rollout_ref.actor.policy_loss.get("loss_mode", "vanilla") != ROVER_LOSS_MODE:
+            return batch
+        import transfer_queue as tq
+        from verl.workers.utils.padding import response_from_nested
+
+        rollout_correction = self.config.algorithm.get("rollout_correction", None)
+        if rollout_correction and rollout_correction.get("bypass_mode", False):
+            raise ValueError("loss_mode=rlfuse_rover needs the old policy's vocabulary means, which bypass_mode skips; "
+                             "set algorithm.rollout_correction.bypass_mode=False")
+        data = tq.kv_batch_get(keys=batch.keys, partition_id=batch.partition_id,
+                               select_fields=["vocab_mean", "response_mask"])
+        data["old_vocab_mean"] = response_from_nested(data.pop("vocab_mean"), data["response_mask"])
+        return tq.kv_batch_put(keys=batch.keys, partition_id=batch.partition_id, fields=data.select("old_vocab_mean"))
+
+    return _mark(_compute_old_log_prob, original)
+
+
 def wrap_ppo_loss(original):
     """verl's ``ppo_loss(config, model_output, data, dp_group)``, giving ``rlfuse_rover`` its vocabulary means.
 
@@ -157,8 +191,8 @@ def install_actor() -> None:
 
     The engine and the loss are patched where the worker looks them up (``FSDPEngineWithLMHead``,
     ``verl.workers.utils.losses.ppo_loss`` and, when loaded, ``verl.workers.engine_workers.ppo_loss``); the
-    trainer in ``verl.trainer.ppo.ray_trainer.RayPPOTrainer``. A module that cannot be imported (a partial verl
-    install) is skipped.
+    trainers in ``verl.trainer.ppo.v1.trainer_base.PPOTrainer`` and ``verl.trainer.ppo.ray_trainer.RayPPOTrainer``.
+    A module that cannot be imported (a partial verl install) is skipped.
     """
     from verl.workers.utils import losses
 
@@ -170,6 +204,7 @@ def install_actor() -> None:
         ("verl.workers.engine.fsdp.transformer_impl", "FSDPEngineWithLMHead", "prepare_model_outputs",
          wrap_prepare_model_outputs),
         ("verl.trainer.ppo.ray_trainer", "RayPPOTrainer", "_compute_old_log_prob", wrap_compute_old_log_prob),
+        ("verl.trainer.ppo.v1.trainer_base", "PPOTrainer", "_compute_old_log_prob", wrap_v1_compute_old_log_prob),
     ):
         try:
             module = importlib.import_module(module_name)
