@@ -161,7 +161,7 @@ def wrap_ppo_loss(original):
             raise ValueError(
                 "loss_mode=rlfuse_rover needs the vocabulary means of the rlfuse backend; set "
                 "actor_rollout_ref.model.use_fused_kernels=True and "
-                "+actor_rollout_ref.model.fused_kernel_options.impl_backend=rlfuse"
+                "actor_rollout_ref.model.fused_kernel_options.impl_backend=rlfuse"
             )
         if "old_vocab_mean" not in data.keys():
             raise ValueError(

@@ -7,7 +7,7 @@ the actor's temperature, never returning the logits. With::
 
     actor_rollout_ref.model.external_lib=rlfuse.integrations.verl
     actor_rollout_ref.model.use_fused_kernels=True
-    +actor_rollout_ref.model.fused_kernel_options.impl_backend=rlfuse
+    actor_rollout_ref.model.fused_kernel_options.impl_backend=rlfuse
 
 :func:`install_backend` (run when the module is imported after verl) wraps verl's
 ``patch_forward_with_backends`` so that the backend name ``rlfuse`` is accepted and installs
