@@ -95,7 +95,7 @@ def engine(monkeypatch, device, gloo_group):
     return CPUEngine(model)
 
 
-def padded_batch(device):
+def padded_batch(device, use_remove_padding=True):
     """The trainer's batch before the actor: left-padded prompts then right-padded responses, (B, P + R)."""
     g = torch.Generator().manual_seed(11)
     B = len(PROMPT_LENS)
@@ -110,8 +110,8 @@ def padded_batch(device):
         "attention_mask": attention_mask, "position_ids": position_ids, "response_mask": response_mask.long(),
         "advantages": torch.randn(B, RESPONSE, generator=g) * response_mask,
     }, batch_size=[B]).to(device)
-    tu.assign_non_tensor(batch, temperature=TEMPERATURE, use_remove_padding=True, use_fused_kernels=True,
-                         use_dynamic_bsz=False, micro_batch_size_per_gpu=2, global_batch_size=B)
+    tu.assign_non_tensor(batch, temperature=TEMPERATURE, use_remove_padding=use_remove_padding,
+                         use_fused_kernels=True, use_dynamic_bsz=False, micro_batch_size_per_gpu=2, global_batch_size=B)
     return batch
 
 
@@ -157,12 +157,14 @@ def oracle(model, batch):
     return model, logps, vmeans
 
 
-@pytest.mark.parametrize("loss_mode", ["rlfuse_grpo", "rlfuse_topr", "rlfuse_rover"])
-def test_old_log_prob_pass_then_one_update(engine, loss_mode, device, monkeypatch):
+@pytest.mark.parametrize("loss_mode, use_remove_padding", [
+    ("rlfuse_grpo", True), ("rlfuse_topr", True), ("rlfuse_rover", True), ("rlfuse_rover", False),
+])
+def test_old_log_prob_pass_then_one_update(engine, loss_mode, use_remove_padding, device, monkeypatch):
     calls = []
     kernel = verl_backend.linear_token_logprobs
     monkeypatch.setattr(verl_backend, "linear_token_logprobs", lambda *a, **k: calls.append(1) or kernel(*a, **k))
-    batch = padded_batch(device)
+    batch = padded_batch(device, use_remove_padding)
     update = old_log_prob_pass(engine, batch)
     assert len(calls) == 2  # two micro-batches of two sequences, both through rlfuse's kernel
 

@@ -265,8 +265,8 @@ class FusedGRPOTrainer(trl.GRPOTrainer):
         (B, T) float32, ``importance_sampling_ratio`` (B, T) or (B, 1) float32, ``tool_mask`` (B, T) int64,
         and ``num_items_in_batch`` (scalar, completion tokens in the generation batch).
 
-        Token losses from :func:`grpo_token_loss` (:func:`rlfuse_token_loss` for topr and rover), times the off-policy mask, the high-entropy mask and the
-        vLLM importance ratio when enabled, plus beta·k3 KL; then reduced as TRL's ``loss_type`` does
+        Token losses from :func:`grpo_token_loss` (:func:`rlfuse_token_loss` for topr and rover), times the
+        off-policy mask, the high-entropy mask and the vLLM importance ratio when enabled, plus beta·k3 KL; then reduced as TRL's ``loss_type`` does
         (grpo: mean over sequences of token means; bnpo: token mean; dr_grpo: sum / (B·max_completion_length);
         dapo, cispo, topr, rover: sum / tokens of the accumulated batch), scaled for gradient accumulation.
         ROVER also reads ``old_vocab_mean`` (B, T) float32, or uses the current pass's when on-policy.
