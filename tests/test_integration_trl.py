@@ -16,6 +16,7 @@ datasets = pytest.importorskip("datasets")
 from transformers import LlamaConfig, LlamaForCausalLM, PreTrainedTokenizerFast, TrainerCallback  # noqa: E402
 
 import rlfuse.integrations.trl as rlfuse_trl  # noqa: E402
+import rlfuse.integrations.trl_head as trl_head  # noqa: E402
 from rlfuse.integrations.trl import GRPOTrainer  # noqa: E402
 
 CHARS = "abcdefghijklmnopqrstuvwxyz0123456789 .,?!+-="
@@ -110,7 +111,7 @@ class CallCounter:
 def test_two_training_steps_match_trl(model_dir, tmp_path, monkeypatch, overrides):
     """Two optimizer steps of TRL's trainer with and without rlfuse: one generation batch serves both steps,
     so the second step is off-policy (old log-probs and clipping), and beta > 0 loads a reference model."""
-    fused = CallCounter(monkeypatch, rlfuse_trl, "linear_token_logprobs")
+    fused = CallCounter(monkeypatch, trl_head, "linear_token_logprobs")
     losses_ref, grads_ref, trainer_ref = train(trl.GRPOTrainer, model_dir, tmp_path / "trl", **overrides)
     assert fused.calls == 0
     losses, grads, trainer = train(GRPOTrainer, model_dir, tmp_path / "rlfuse", **overrides)
@@ -270,7 +271,7 @@ def case_id(case):
 @pytest.mark.parametrize("case", LOSS_CASES + OPTION_CASES, ids=case_id)
 def test_compute_loss_matches_trl(trainers, monkeypatch, case):
     trl_trainer, ours, batch = trainers
-    fused = CallCounter(monkeypatch, rlfuse_trl, "linear_token_logprobs")
+    fused = CallCounter(monkeypatch, trl_head, "linear_token_logprobs")
     loss_ref, grads_ref, metrics_ref = compare_losses(trainers, monkeypatch, case)
     assert fused.calls > 0
     extra = {k: v for k, v in case.items() if k not in LOSS_KEYS}
@@ -299,15 +300,15 @@ def test_softcapped_logits_fall_back_to_the_logits_kernel(tmp_path_factory, monk
                           bos_token_id=None)
     pair = make_pair(Gemma2ForCausalLM(config).float(), tmp_path_factory)
     assert not rlfuse_trl.plain_lm_head(pair[1].model)
-    fused = CallCounter(monkeypatch, rlfuse_trl, "linear_token_logprobs")
-    logits = CallCounter(monkeypatch, rlfuse_trl, "token_logprobs")
+    fused = CallCounter(monkeypatch, trl_head, "linear_token_logprobs")
+    logits = CallCounter(monkeypatch, trl_head, "token_logprobs")
     compare_losses(pair, monkeypatch, dict(loss_type="grpo", beta=0.05))
     assert fused.calls == 0 and logits.calls > 0
 
 
 def test_lm_head_cast_to_fp32_matches_trl(tmp_path_factory, monkeypatch):
     pair = make_pair(make_model(seed=4), tmp_path_factory, cast_lm_head_to_fp32=True)
-    fused = CallCounter(monkeypatch, rlfuse_trl, "linear_token_logprobs")
+    fused = CallCounter(monkeypatch, trl_head, "linear_token_logprobs")
     compare_losses(pair, monkeypatch, dict(loss_type="bnpo", beta=0.05))
     assert fused.calls > 0
 
@@ -316,7 +317,7 @@ def test_lora_policy_with_reference_matches_trl(model_dir, tmp_path, monkeypatch
     """A LoRA policy: the reference log-probs come from the same model with the adapter disabled."""
     from peft import LoraConfig
 
-    fused = CallCounter(monkeypatch, rlfuse_trl, "linear_token_logprobs")
+    fused = CallCounter(monkeypatch, trl_head, "linear_token_logprobs")
 
     def lora():
         return LoraConfig(r=4, lora_alpha=8, lora_dropout=0.0, target_modules=["q_proj", "v_proj"])
@@ -375,7 +376,7 @@ def test_unannounced_logit_transform_falls_back_to_the_logits_kernel(tmp_path, m
     assert rlfuse_trl.plain_lm_head(model) and not rlfuse_trl.head_reproduces_logits(model)
     trainer = GRPOTrainer(model, reward_funcs=reward_len, args=grpo_args(tmp_path, beta=0.0),
                           train_dataset=dataset(), processing_class=make_tokenizer())
-    fused = CallCounter(monkeypatch, rlfuse_trl, "linear_token_logprobs")
+    fused = CallCounter(monkeypatch, trl_head, "linear_token_logprobs")
     ids = torch.randint(3, model.config.vocab_size, (3, 9))
     attention_mask = torch.ones_like(ids)
     logps, _, _ = trainer._get_per_token_logps_and_entropies(trainer.model, ids, attention_mask, 4)

@@ -8,6 +8,7 @@ cannot be imported.
 
 from __future__ import annotations
 
+import os
 import subprocess
 import sys
 import types
@@ -174,12 +175,29 @@ def test_config_mapping_reads_verl_fallbacks():
 
 
 def test_register_fills_the_registry_it_imports(monkeypatch):
-    registry = {}
+    registry, estimators = {}, {}
     fake = types.ModuleType("verl.trainer.ppo.core_algos")
     fake.register_policy_loss = lambda name: lambda fn: registry.setdefault(name, fn)
+    fake.register_adv_est = lambda name: lambda fn: estimators.setdefault(name, fn)
     monkeypatch.setitem(sys.modules, "verl.trainer.ppo.core_algos", fake)
-    assert rv.register() == ("rlfuse_grpo", "rlfuse_dapo", "rlfuse_gspo", "rlfuse_topr", "rlfuse_rover")
+    assert rv.register(install=False) == ("rlfuse_grpo", "rlfuse_dapo", "rlfuse_gspo", "rlfuse_topr", "rlfuse_rover")
     assert registry == rv.VERL_POLICY_LOSSES
+    assert estimators == {"rlfuse_topr": rv.rlfuse_topr_advantage}
+
+
+def test_topr_advantage_is_the_correctness_reward():
+    """verl puts each sequence's score on its last response token; TOPR's advantage is that ±1 score on every
+    response token, as rlfuse's own compute_advantages gives it."""
+    from rlfuse.algos import compute_advantages
+
+    mask = torch.tensor([[1, 1, 1, 0], [1, 0, 0, 0], [1, 1, 1, 1], [1, 1, 0, 0]])
+    scores = torch.tensor([1.0, -1.0, -1.0, 1.0])
+    token_level_rewards = torch.zeros(4, 4)
+    token_level_rewards[torch.arange(4), mask.sum(-1) - 1] = scores
+    advantages, returns = rv.rlfuse_topr_advantage(token_level_rewards, mask, None, index=["a", "a", "b", "b"])
+    expected = compute_advantages(scores, 2, get_config("topr"))[:, None] * mask
+    torch.testing.assert_close(advantages, expected)
+    torch.testing.assert_close(returns, expected)
 
 
 def test_import_rlfuse_never_imports_verl():
@@ -206,8 +224,10 @@ def actor_config(clip_ratio_low, clip_ratio_high, clip_ratio_c=3.0):
 
 def test_verl_registry_returns_rlfuse_losses(core_algos):
     rv.register()
+    rv.register()  # again: verl's registries accept the same function twice
     for name, fn in rv.VERL_POLICY_LOSSES.items():
         assert core_algos.get_policy_loss_fn(name) is fn
+    assert core_algos.get_adv_estimator_fn("rlfuse_topr") is rv.rlfuse_topr_advantage
 
 
 def assert_same_as_verl(verl_fn, ours, logps, old, adv, mask, mode, config, weights):
@@ -248,14 +268,31 @@ def test_rlfuse_gspo_equals_verl_gspo(core_algos, mode, shape):
                         None)
 
 
+INSTALLED = (
+    "from verl.trainer.ppo.core_algos import get_policy_loss_fn\n"
+    "from verl.models.transformers import monkey_patch\n"
+    "from verl.workers.utils import losses\n"
+    "from verl.workers.engine.fsdp.transformer_impl import FSDPEngineWithLMHead as E\n"
+    "import rlfuse.integrations.verl as rv\n"
+    "assert all(get_policy_loss_fn(n) is f for n, f in rv.VERL_POLICY_LOSSES.items())\n"
+    "assert monkey_patch.patch_forward_with_backends.rlfuse_original.__module__.startswith('verl.')\n"
+    "assert losses.ppo_loss.rlfuse_original.__module__ == 'verl.workers.utils.losses'\n"
+    "assert E.prepare_model_outputs.rlfuse_original.__qualname__.startswith('FSDPEngineWithLMHead.')\n"
+)
+
+
 def test_external_lib_import_registers(core_algos):
-    """verl's ``model.external_lib`` imports the module after verl: that import alone registers the losses."""
+    """verl's ``model.external_lib`` imports the module after verl: that import alone registers the losses,
+    the ``rlfuse`` fused-kernel backend and the actor wrappers of ROVER."""
     code = (
         "import verl\n"
         "from verl.utils.import_utils import import_external_libs\n"
         "import_external_libs('rlfuse.integrations.verl')\n"
-        "from verl.trainer.ppo.core_algos import get_policy_loss_fn\n"
-        "import rlfuse.integrations.verl as rv\n"
-        "assert all(get_policy_loss_fn(n) is f for n, f in rv.VERL_POLICY_LOSSES.items())\n"
-    )
+    ) + INSTALLED
     subprocess.run([sys.executable, "-c", code], check=True, timeout=300)
+
+
+def test_verl_use_external_modules_registers(core_algos):
+    """``VERL_USE_EXTERNAL_MODULES`` imports the module while ``import verl`` runs (the trainer process's way)."""
+    env = dict(os.environ, VERL_USE_EXTERNAL_MODULES="rlfuse.integrations.verl")
+    subprocess.run([sys.executable, "-c", "import verl\n" + INSTALLED], check=True, timeout=300, env=env)

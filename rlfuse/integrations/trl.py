@@ -8,7 +8,8 @@
   logit scaling) or whose head cannot be read as one plain weight (quantized, ZeRO-3 or FSDP-sharded) run
   their own forward for the completion logits and :func:`rlfuse.kernels.token_logprobs` instead;
 - computes TRL 1.16's GRPO loss with the same math, normalizers and logged metric keys
-  (:meth:`GRPOTrainer._compute_loss`);
+  (:meth:`GRPOTrainer._compute_loss`), and adds ``loss_type="topr"`` and ``loss_type="rover"``, rlfuse's TOPR
+  and ROVER token losses on the same log-probs;
 - raises ``ValueError`` at construction for every TRL option it does not reproduce, instead of dropping it.
 
 TRL is imported with this module only; ``import rlfuse`` never needs it.
@@ -16,8 +17,6 @@ TRL is imported with this module only; ``import rlfuse`` never needs it.
 
 from __future__ import annotations
 
-import functools
-import types
 from typing import Optional, Tuple
 
 import torch
@@ -26,8 +25,10 @@ from accelerate.utils import is_peft_model
 from packaging.version import Version
 from trl.trainer.utils import nanmax, nanmin
 
-from rlfuse.algos.losses import kl_penalty, sequence_log_ratio
-from rlfuse.kernels import IGNORE_INDEX, TokenLogprobs, linear_token_logprobs, token_logprobs
+from rlfuse.algos.configs import get_config
+from rlfuse.algos.losses import TOKEN_LOSSES, kl_penalty, sequence_log_ratio
+from rlfuse.integrations.trl_head import add_rlfuse_head, head_reproduces_logits, plain_lm_head
+from rlfuse.kernels import IGNORE_INDEX, TokenLogprobs
 
 MIN_TRL_VERSION = "1.16.0"
 if Version(trl.__version__) < Version(MIN_TRL_VERSION):
@@ -36,16 +37,17 @@ if Version(trl.__version__) < Version(MIN_TRL_VERSION):
         f"is installed; upgrade with: pip install 'trl>={MIN_TRL_VERSION}'"
     )
 
-LOSS_TYPES = ("grpo", "bnpo", "dr_grpo", "dapo", "cispo")
-# Text-config fields that change the logits beyond hidden @ W.T (the same ones TRL's fused head reads).
-LOGIT_SCALES = ("logit_scale", "output_multiplier", "lm_head_multiplier", "logits_scaling")
+LOSS_TYPES = ("grpo", "bnpo", "dr_grpo", "dapo", "cispo", "topr", "rover")
+RLFUSE_LOSS_TYPES = ("topr", "rover")  # rlfuse's token losses, not TRL's
 
 
 def check_grpo_config(args) -> None:
     """Raise ``ValueError`` naming the first ``trl.GRPOConfig`` option that :class:`GRPOTrainer` cannot honour.
 
-    Unsupported: ``loss_type`` other than grpo, bnpo, dr_grpo, dapo and cispo; the entropy bonus
-    (``entropy_coef != 0``, ``use_adaptive_entropy``); ``use_liger_kernel`` (a second kernel provider).
+    Unsupported: ``loss_type`` other than grpo, bnpo, dr_grpo, dapo, cispo, topr and rover; the entropy bonus
+    (``entropy_coef != 0``, ``use_adaptive_entropy``); ``use_liger_kernel`` (a second kernel provider). With
+    topr or rover, the ratio-clip dials ``epsilon_high`` and ``delta`` (neither loss clips a ratio; ``epsilon``
+    is ignored), and ``importance_sampling_level="sequence"`` with rover (ROVER's Q is per token).
     """
     if args.loss_type not in LOSS_TYPES:
         raise ValueError(
@@ -56,6 +58,8 @@ def check_grpo_config(args) -> None:
         raise ValueError(
             f"importance_sampling_level={args.importance_sampling_level!r} is unknown; use 'token' or 'sequence'"
         )
+    if args.loss_type in RLFUSE_LOSS_TYPES:
+        _check_rlfuse_loss_options(args)
     if args.entropy_coef != 0.0 or args.use_adaptive_entropy:
         raise ValueError(
             "the entropy bonus (entropy_coef != 0 or use_adaptive_entropy=True) is not supported by rlfuse's "
@@ -68,101 +72,49 @@ def check_grpo_config(args) -> None:
         )
 
 
-def plain_lm_head(model) -> bool:
-    """True when ``model``'s config and head say its logits are ``hidden @ lm_head.weight.T + bias``.
+def _check_rlfuse_loss_options(args) -> None:
+    for name in ("epsilon_high", "delta"):
+        if getattr(args, name) is not None:
+            raise ValueError(f"{name}={getattr(args, name)!r} has no meaning for loss_type={args.loss_type!r}, which "
+                             f"clips no ratio; leave {name}=None")
+    if args.loss_type == "rover" and args.importance_sampling_level != "token":
+        raise ValueError("importance_sampling_level='sequence' has no meaning for loss_type='rover', whose Q-values "
+                         "are per token; set importance_sampling_level='token'")
 
-    False for soft-capped or scaled logits, a head that is not a plain ``torch.nn.Linear`` (quantized or
-    adapted), and weights sharded by DeepSpeed ZeRO-3 or FSDP2 (DTensor).
+
+def rlfuse_token_loss(
+    loss_type: str,
+    per_token_logps: torch.Tensor,
+    old_per_token_logps: torch.Tensor,
+    advantages: torch.Tensor,
+    mask: torch.Tensor,
+    importance_sampling_level: str = "token",
+    vocab_mean: Optional[torch.Tensor] = None,
+    old_vocab_mean: Optional[torch.Tensor] = None,
+) -> Tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """rlfuse's TOPR or ROVER token losses (:data:`rlfuse.algos.losses.TOKEN_LOSSES`) before masking and
+    aggregation, with rlfuse's default dials (ROVER's rho = 1).
+
+    - topr: -sg(alpha)·A·logp, alpha = clamp(r, 0, 1) where A < 0, else 1 ("Tapered Off-Policy REINFORCE", eq. 7);
+    - rover: (rho·(logp - old_logp) - sg(A + rho·(V̄(s_{t+1}) - V̄_old(s_{t+1}))))² ("Random Policy Valuation is
+      Enough for LLM Reasoning with Verifiable Rewards").
+
+    Args:
+        per_token_logps: (B, T) float32 with grad; old_per_token_logps: (B, T) float32.
+        advantages: (B, 1) or (B, T) float32, TRL's.
+        mask: (B, T) 0/1, completion tokens that count.
+        vocab_mean, old_vocab_mean: (B, T) float32 vocabulary means of the log-probs (rover only).
+
+    Returns:
+        ``(per_token_loss, tapered, ratio)``, each (B, T): float32 losses, bool tokens whose TOPR weight was
+        truncated (all False for rover), float32 ratio r = exp(logp - old_logp).
     """
-    config = model.config.get_text_config()
-    if getattr(config, "final_logit_softcapping", None) is not None:
-        return False
-    if any(getattr(config, name, None) not in (None, 1) for name in LOGIT_SCALES):
-        return False
-    head = model.get_output_embeddings()
-    if type(head) is not torch.nn.Linear or hasattr(head.weight, "ds_id"):
-        return False
-    try:
-        from torch.distributed.tensor import DTensor
-    except ImportError:
-        return True
-    return not isinstance(head.weight, DTensor)
-
-
-@torch.no_grad()
-def head_reproduces_logits(model, rtol: float = 1e-2) -> bool:
-    """Whether ``hidden @ lm_head.weight.T + bias`` gives the model's own logits on a 4-token probe.
-
-    Catches logit transforms that no config field announces (a model that rescales its hidden states or
-    logits in its own ``forward``). Runs the backbone and the full forward once, in eval mode.
-    """
-    head = model.get_output_embeddings()
-    ids = torch.arange(4, device=head.weight.device).unsqueeze(0) % model.config.get_text_config().vocab_size
-    training = model.training
-    model.eval()
-    try:
-        logits = model(input_ids=ids, use_cache=False).logits[0].float()
-        hidden = model.base_model(input_ids=ids, use_cache=False).last_hidden_state[0]
-        expected = torch.nn.functional.linear(hidden.to(head.weight), head.weight, head.bias).float()
-    finally:
-        model.train(training)
-    return bool(torch.allclose(expected, logits, rtol=rtol, atol=rtol * float(logits.abs().max())))
-
-
-def _scatter(values: torch.Tensor, keep: torch.Tensor) -> torch.Tensor:
-    # masked_scatter keeps the result attached to the graph even when no position is kept.
-    return values.new_zeros(keep.shape).masked_scatter(keep, values)
-
-
-def _fused_head_logprobs(model, hidden, targets, temperature, cast_lm_head_to_fp32) -> TokenLogprobs:
-    head = model.get_output_embeddings()
-    weight, bias = head.weight, head.bias
-    device_type = hidden.device.type
-    if cast_lm_head_to_fp32:
-        dtype = torch.float32
-    elif torch.is_autocast_enabled(device_type):
-        dtype = torch.get_autocast_dtype(device_type)  # what nn.Linear would compute in under autocast
-    else:
-        dtype = weight.dtype
-    keep = targets != IGNORE_INDEX
-    hidden = hidden.to(weight.device, dtype)[keep]  # only completion tokens reach the head
-    with torch.autocast(device_type, enabled=False):
-        out = linear_token_logprobs(hidden, weight.to(dtype), targets[keep], None if bias is None else bias.to(dtype),
-                                    temperature, return_entropy=True)
-    return TokenLogprobs(_scatter(out.logps, keep), _scatter(out.entropy, keep), None)
-
-
-def add_rlfuse_head(model, cast_lm_head_to_fp32: bool = False, fused: Optional[bool] = None) -> None:
-    """Patch ``model.forward`` so that ``model(..., rlfuse_targets=targets)`` returns per-token log-probs.
-
-    ``targets`` (B, T) int64 are the next tokens of the last T positions (-100 skips one). The patched
-    forward runs the backbone and :func:`rlfuse.kernels.linear_token_logprobs` when ``fused`` (default:
-    :func:`plain_lm_head` and :func:`head_reproduces_logits` at patch time) and, at each call,
-    :func:`plain_lm_head` hold; else the model's own forward on the last T + 1 positions and
-    :func:`rlfuse.kernels.token_logprobs`. Running inside ``forward`` keeps DDP and FSDP hooks armed. It returns a
-    :class:`rlfuse.kernels.TokenLogprobs` with ``logps`` and ``entropy`` (B, T) float32 (0 where skipped),
-    and ``vocab_mean=None``. Without ``rlfuse_targets`` the forward is the original one.
-    """
-    if fused is None:
-        fused = plain_lm_head(model) and head_reproduces_logits(model)
-    original_forward = model.forward
-
-    @functools.wraps(type(model).forward)
-    def forward(self, *args, rlfuse_targets=None, rlfuse_temperature=1.0, labels=None, **kwargs):
-        if rlfuse_targets is None:
-            if labels is not None:
-                kwargs["labels"] = labels
-            return original_forward(*args, **kwargs)
-        kwargs["use_cache"] = False
-        num = rlfuse_targets.size(1)
-        if fused and plain_lm_head(self):
-            hidden = self.base_model(*args, **kwargs).last_hidden_state[:, -num - 1 : -1]
-            return _fused_head_logprobs(self, hidden, rlfuse_targets, rlfuse_temperature, cast_lm_head_to_fp32)
-        logits = original_forward(*args, logits_to_keep=num + 1, **kwargs).logits[:, :-1]
-        out = token_logprobs(logits, rlfuse_targets.to(logits.device), rlfuse_temperature, return_entropy=True)
-        return TokenLogprobs(out.logps, out.entropy, None)
-
-    model.forward = types.MethodType(forward, model)
+    config = get_config(loss_type, importance_sampling_level=importance_sampling_level)
+    keep = mask.bool()
+    logps, old, vm, old_vm = (None if t is None else torch.where(keep, t, 0.0)
+                              for t in (per_token_logps, old_per_token_logps, vocab_mean, old_vocab_mean))
+    adv = advantages if advantages.shape[1] == 1 else torch.where(keep, advantages, 0.0)
+    return TOKEN_LOSSES[config.loss_type](logps, old, adv.to(logps.dtype), keep, config, vm, old_vm)
 
 
 def grpo_token_loss(
@@ -217,7 +169,11 @@ class FusedGRPOTrainer(trl.GRPOTrainer):
     or sequence ("Group Sequence Policy Optimization"); ``epsilon``/``epsilon_high``; ``delta``; ``beta``
     with TRL's k3 KL to the reference model and ``use_bias_correction_kl``; ``top_entropy_quantile``;
     ``off_policy_mask_threshold``; vLLM's importance-sampling correction; tool masks; PEFT (a LoRA policy,
-    the reference by disabling the adapter); ``cast_lm_head_to_fp32``.
+    the reference by disabling the adapter); ``cast_lm_head_to_fp32``. ``loss_type`` topr ("Tapered Off-Policy
+    REINFORCE") and rover ("Random Policy Valuation is Enough for LLM Reasoning with Verifiable Rewards") use
+    rlfuse's token losses (:func:`rlfuse_token_loss`) on TRL's advantages, reduced as dapo (token mean over the
+    accumulated batch), with the same masks and KL; ROVER's old vocabulary means come from TRL's old-policy pass
+    (:meth:`_generate_and_score_completions`), or from the current pass when the step is on-policy.
 
     Raises:
         ValueError: at construction, for options listed in :func:`check_grpo_config`, vision-language
@@ -244,6 +200,41 @@ class FusedGRPOTrainer(trl.GRPOTrainer):
                 add_rlfuse_head(target.get_base_model() if is_peft_model(target) else target,
                                 self.args.cast_lm_head_to_fp32)
 
+    _recorded_passes = None  # TokenLogprobs of each no-grad pass while ROVER's generation step records them
+
+    def _generate_and_score_completions(self, inputs):
+        """TRL's generation step; for ROVER it also stores ``old_vocab_mean`` (B, T) float32, the vocabulary means
+        of TRL's own old-policy pass, beside ``old_per_token_logps`` (absent when TRL skips that pass)."""
+        if self.loss_type != "rover":
+            return super()._generate_and_score_completions(inputs)
+        self._recorded_passes = []
+        try:
+            output = super()._generate_and_score_completions(inputs)
+        finally:
+            recorded, self._recorded_passes = self._recorded_passes, None
+        old = output.get("old_per_token_logps")
+        if old is not None:
+            (match,) = [out for out in recorded if out.logps is old][:1] or [None]
+            if match is None:
+                raise RuntimeError("TRL's old_per_token_logps is not the output of an old-policy pass of this "
+                                   "trainer, so ROVER's old vocabulary means are unknown")
+            output["old_vocab_mean"] = match.vocab_mean
+        return output
+
+    def _token_outputs(self, model, input_ids, attention_mask, logits_to_keep, batch_size=None) -> TokenLogprobs:
+        """:class:`rlfuse.kernels.TokenLogprobs` of the last ``logits_to_keep`` tokens, via :func:`add_rlfuse_head`:
+        ``logps``, ``entropy`` and (rover only) ``vocab_mean``, each (B, T) float32, 0 at padding."""
+        batch_size = batch_size or input_ids.size(0)
+        vocab_mean = self.loss_type == "rover"
+        parts = []
+        for start in range(0, input_ids.size(0), batch_size):
+            ids, attn = input_ids[start : start + batch_size], attention_mask[start : start + batch_size]
+            targets = ids[:, -logits_to_keep:].masked_fill(attn[:, -logits_to_keep:] == 0, IGNORE_INDEX)
+            with self.accelerator.autocast():
+                parts.append(model(input_ids=ids, attention_mask=attn, rlfuse_targets=targets,
+                                   rlfuse_temperature=self.temperature, rlfuse_vocab_mean=vocab_mean))
+        return TokenLogprobs(*(None if part[0] is None else torch.cat(part) for part in zip(*parts)))
+
     def _get_per_token_logps_and_entropies(self, model, input_ids, attention_mask, logits_to_keep, batch_size=None,
                                            compute_entropy=False, compute_aux_loss=False, **multimodal_inputs):
         """Per-token log-probs and entropies of the last ``logits_to_keep`` tokens, via :func:`add_rlfuse_head`.
@@ -260,17 +251,10 @@ class FusedGRPOTrainer(trl.GRPOTrainer):
         if compute_aux_loss or extra:
             raise ValueError(f"rlfuse's GRPOTrainer takes text-only models without router auxiliary loss; got "
                              f"{', '.join(extra) or 'compute_aux_loss=True'}")
-        batch_size = batch_size or input_ids.size(0)
-        logps, entropies = [], []
-        for start in range(0, input_ids.size(0), batch_size):
-            ids, attn = input_ids[start : start + batch_size], attention_mask[start : start + batch_size]
-            targets = ids[:, -logits_to_keep:].masked_fill(attn[:, -logits_to_keep:] == 0, IGNORE_INDEX)
-            with self.accelerator.autocast():
-                out = model(input_ids=ids, attention_mask=attn, rlfuse_targets=targets,
-                            rlfuse_temperature=self.temperature)
-            logps.append(out.logps)
-            entropies.append(out.entropy)
-        return torch.cat(logps), torch.cat(entropies) if compute_entropy else None, None
+        out = self._token_outputs(model, input_ids, attention_mask, logits_to_keep, batch_size)
+        if self._recorded_passes is not None and not torch.is_grad_enabled():
+            self._recorded_passes.append(out)
+        return out.logps, out.entropy if compute_entropy else None, None
 
     def _compute_loss(self, model, inputs):
         """TRL 1.16's GRPO loss on log-probs from :meth:`_get_per_token_logps_and_entropies`.
@@ -281,30 +265,43 @@ class FusedGRPOTrainer(trl.GRPOTrainer):
         (B, T) float32, ``importance_sampling_ratio`` (B, T) or (B, 1) float32, ``tool_mask`` (B, T) int64,
         and ``num_items_in_batch`` (scalar, completion tokens in the generation batch).
 
-        Token losses from :func:`grpo_token_loss`, times the off-policy mask, the high-entropy mask and the
-        vLLM importance ratio when enabled, plus beta·k3 KL; then reduced as TRL's ``loss_type`` does
+        Token losses from :func:`grpo_token_loss` (:func:`rlfuse_token_loss` for topr and rover), times the
+        off-policy mask, the high-entropy mask and the vLLM importance ratio when enabled, plus beta·k3 KL; then reduced as TRL's ``loss_type`` does
         (grpo: mean over sequences of token means; bnpo: token mean; dr_grpo: sum / (B·max_completion_length);
-        dapo, cispo: sum / tokens of the accumulated batch), scaled for gradient accumulation.
+        dapo, cispo, topr, rover: sum / tokens of the accumulated batch), scaled for gradient accumulation.
+        ROVER also reads ``old_vocab_mean`` (B, T) float32, or uses the current pass's when on-policy.
 
         Returns:
             The scalar float32 loss. Logs TRL's metrics under TRL's keys: ``entropy``, ``kl``,
-            ``clip_ratio/{low_mean,high_mean,region_mean,low_min,high_max}`` or ``cispo_clip_ratio``.
+            ``clip_ratio/{low_mean,high_mean,region_mean,low_min,high_max}`` or ``cispo_clip_ratio``; for topr
+            ``topr/tapered_ratio`` (share of tokens whose weight the taper truncated: A < 0 and r < 1), for rover
+            ``rover/td_error`` (mean |Q - target|).
         """
         completion_ids, completion_mask = inputs["completion_ids"], inputs["completion_mask"]
         input_ids = torch.cat([inputs["prompt_ids"], completion_ids], dim=1)
         attention_mask = torch.cat([inputs["prompt_mask"], completion_mask], dim=1)
         mask = completion_mask if "tool_mask" not in inputs else completion_mask * inputs["tool_mask"]
-        per_token_logps, entropies, _ = self._get_per_token_logps_and_entropies(
-            model, input_ids, attention_mask, completion_ids.size(1), compute_entropy=True)
+        out = self._token_outputs(model, input_ids, attention_mask, completion_ids.size(1))
+        per_token_logps, entropies = out.logps, out.entropy
         advantages = inputs["advantages"]
         advantages = advantages.unsqueeze(1) if advantages.dim() == 1 else advantages
         old_per_token_logps = inputs.get("old_per_token_logps")
-        old_per_token_logps = per_token_logps.detach() if old_per_token_logps is None else old_per_token_logps
+        on_policy = old_per_token_logps is None
+        old_per_token_logps = per_token_logps.detach() if on_policy else old_per_token_logps
 
-        per_token_loss, ratio = grpo_token_loss(
-            per_token_logps, old_per_token_logps, advantages, mask, loss_type=self.loss_type,
-            importance_sampling_level=self.importance_sampling_level, epsilon_low=self.epsilon_low,
-            epsilon_high=self.epsilon_high, delta=self.args.delta)
+        own_metrics = {}
+        if self.loss_type in RLFUSE_LOSS_TYPES:
+            old_vocab_mean = out.vocab_mean.detach() if on_policy and out.vocab_mean is not None else None
+            per_token_loss, tapered, ratio = rlfuse_token_loss(
+                self.loss_type, per_token_logps, old_per_token_logps, advantages, mask, self.importance_sampling_level,
+                out.vocab_mean, inputs.get("old_vocab_mean", old_vocab_mean))
+            own_metrics = ({"topr/tapered_ratio": tapered.float()} if self.loss_type == "topr"
+                           else {"rover/td_error": per_token_loss.detach().sqrt()})
+        else:
+            per_token_loss, ratio = grpo_token_loss(
+                per_token_logps, old_per_token_logps, advantages, mask, loss_type=self.loss_type,
+                importance_sampling_level=self.importance_sampling_level, epsilon_low=self.epsilon_low,
+                epsilon_high=self.epsilon_high, delta=self.args.delta)
         if self.off_policy_mask_threshold is not None:
             sampling_logps = inputs.get("sampling_per_token_logps", old_per_token_logps)
             per_token_loss = per_token_loss * self.get_off_policy_mask(
@@ -322,11 +319,11 @@ class FusedGRPOTrainer(trl.GRPOTrainer):
 
         mode = "train" if self.model.training else "eval"
         loss = self._aggregate(per_token_loss, mask, inputs, mode)
-        self._log_loss_metrics(mode, mask, ratio, advantages, entropies, per_token_kl)
+        self._log_loss_metrics(mode, mask, ratio, advantages, entropies, per_token_kl, own_metrics)
         return loss
 
     def _aggregate(self, per_token_loss, mask, inputs, mode) -> torch.Tensor:
-        if self.loss_type in ("dapo", "cispo"):
+        if self.loss_type in ("dapo", "cispo", *RLFUSE_LOSS_TYPES):
             # num_items_in_batch spans the generation batch; rescale it to one accumulation window
             normalizer = inputs["num_items_in_batch"].clamp(min=1.0) / self.accelerator.num_processes
             if mode == "train":
@@ -340,7 +337,7 @@ class FusedGRPOTrainer(trl.GRPOTrainer):
             loss = (per_token_loss * mask).sum() / (per_token_loss.size(0) * self.max_completion_length)
         return loss / (self.current_gradient_accumulation_steps if mode == "train" else 1.0)
 
-    def _log_loss_metrics(self, mode, mask, ratio, advantages, entropies, per_token_kl) -> None:
+    def _log_loss_metrics(self, mode, mask, ratio, advantages, entropies, per_token_kl, own_metrics=None) -> None:
         def masked_seq_mean(x):
             return x.squeeze(1) if x.shape[1] == 1 else (x * mask).sum(-1) / mask.sum(-1)
 
@@ -357,6 +354,10 @@ class FusedGRPOTrainer(trl.GRPOTrainer):
             metrics["kl"].append(global_masked_mean(per_token_kl.detach()))
         metrics["entropy"].append(global_masked_mean(entropies.detach()))
         ratio = ratio.detach()
+        if self.loss_type in RLFUSE_LOSS_TYPES:  # no ratio clip; each loss's own (B, T) metric instead
+            for key, value in own_metrics.items():
+                metrics[key].append(global_masked_mean(value))
+            return
         if self.loss_type == "cispo":
             clipped = (ratio > self.epsilon_high) & (advantages > 0)
             metrics["cispo_clip_ratio"].append(global_masked_mean(clipped.float()))
@@ -375,4 +376,4 @@ class FusedGRPOTrainer(trl.GRPOTrainer):
 GRPOTrainer = FusedGRPOTrainer
 
 __all__ = ["FusedGRPOTrainer", "GRPOTrainer", "add_rlfuse_head", "check_grpo_config", "grpo_token_loss",
-           "plain_lm_head"]
+           "head_reproduces_logits", "plain_lm_head", "rlfuse_token_loss"]

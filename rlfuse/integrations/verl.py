@@ -15,12 +15,15 @@ applied as verl's own ``vanilla`` loss applies them, so ``rlfuse_grpo`` is a dro
     actor_rollout_ref.actor.policy_loss.loss_mode=rlfuse_dapo
 
 verl imports ``external_lib`` in every worker; importing this module registers the losses whenever verl is
-already imported, and :func:`register` does it explicitly. The functions themselves never need verl, and
-``import rlfuse`` never imports this module.
+already imported, and :func:`register` does it explicitly. Registering also installs the ``rlfuse``
+fused-kernel backend (:mod:`rlfuse.integrations.verl_backend`) and the actor wrappers that give
+``rlfuse_rover`` its vocabulary means (:mod:`rlfuse.integrations.verl_actor`). The loss functions themselves
+never need verl, and ``import rlfuse`` never imports this module.
 """
 
 from __future__ import annotations
 
+import contextvars
 import sys
 from typing import Any, Dict, Optional, Tuple
 
@@ -34,6 +37,9 @@ VERL_LOSS_AGG_MODES = (
     "token-mean", "token-sum", "seq-mean-token-sum", "seq-mean-token-sum-norm", "seq-mean-token-mean",
 )
 DUAL_CLIP_ALGOS = ("grpo", "dapo")  # verl's vanilla always dual-clips; GSPO (like verl's gspo) never does
+# (vocab_mean, old_vocab_mean), each (B, T) float32, set by verl_actor's ppo_loss around verl's call of rlfuse_rover,
+# whose registry signature has no place for them.
+VOCAB_MEANS: contextvars.ContextVar = contextvars.ContextVar("rlfuse_verl_vocab_means", default=None)
 
 
 def _read(config: Any, name: str, default: Any) -> Any:
@@ -164,9 +170,10 @@ def verl_policy_loss(
     if cfg.loss_type == "rover" and (vocab_mean is None or old_vocab_mean is None):
         raise ValueError(
             "rlfuse_rover needs vocab_mean and old_vocab_mean, the (B, T) vocabulary means of the log-probs under "
-            "the current and the old policy, which verl's policy-loss interface does not pass (it passes only the "
-            "sampled tokens' log-probs). Compute them with rlfuse.token_logprobs(..., return_vocab_mean=True) in "
-            "an actor that calls rlfuse_rover(..., vocab_mean=..., old_vocab_mean=...); verl's stock actor cannot."
+            "the current and the old policy, which verl's policy-loss interface does not pass. In verl, run the "
+            "actor with use_fused_kernels=True and fused_kernel_options.impl_backend=rlfuse and load "
+            "rlfuse.integrations.verl (docs/verl.md); elsewhere pass rlfuse_rover(..., vocab_mean=..., "
+            "old_vocab_mean=...)."
         )
     check_policy_loss_inputs(log_prob, old_log_prob, advantages, response_mask, cfg, None, vocab_mean, old_vocab_mean)
     mask = response_mask.bool()
@@ -227,8 +234,9 @@ def rlfuse_topr(old_log_prob, log_prob, advantages, response_mask, loss_agg_mode
                 rollout_is_weights=None):
     """TOPR's -sg(alpha)·A·logp, alpha = clamp(ratio, 0, 1) where A < 0 ("Tapered Off-Policy REINFORCE", eq. 7).
 
-    The advantages are verl's as given (the paper's are reward - baseline, rewards ±1); the clip dials are
-    unused. Arguments and errors: :func:`verl_policy_loss`.
+    The advantages are verl's as given; the paper's are R - baseline with correctness rewards R = +1 (correct)
+    and -1 (wrong), which ``algorithm.adv_estimator=rlfuse_topr`` (:func:`rlfuse_topr_advantage`) computes
+    from a reward function scoring ±1. The clip dials are unused. Arguments and errors: :func:`verl_policy_loss`.
     """
     return verl_policy_loss("topr", old_log_prob, log_prob, advantages, response_mask, loss_agg_mode, config,
                             rollout_is_weights)
@@ -238,11 +246,32 @@ def rlfuse_rover(old_log_prob, log_prob, advantages, response_mask, loss_agg_mod
                  rollout_is_weights=None, *, vocab_mean=None, old_vocab_mean=None):
     """ROVER's (Q - sg(target))² ("Random Policy Valuation is Enough for LLM Reasoning with Verifiable Rewards").
 
-    Needs ``vocab_mean`` and ``old_vocab_mean`` (B, T), which verl's stock actor does not pass: called by verl
-    as registered it raises ``ValueError`` rather than compute another loss. Arguments: :func:`verl_policy_loss`.
+    Needs ``vocab_mean`` and ``old_vocab_mean`` (B, T); when not passed they are read from :data:`VOCAB_MEANS`,
+    which the actor wrapper of :mod:`rlfuse.integrations.verl_actor` sets around verl's call. Without either it
+    raises ``ValueError`` rather than compute another loss. Arguments: :func:`verl_policy_loss`.
     """
+    if vocab_mean is None and old_vocab_mean is None and VOCAB_MEANS.get() is not None:
+        vocab_mean, old_vocab_mean = VOCAB_MEANS.get()
     return verl_policy_loss("rover", old_log_prob, log_prob, advantages, response_mask, loss_agg_mode, config,
                             rollout_is_weights, vocab_mean, old_vocab_mean)
+
+
+def rlfuse_topr_advantage(token_level_rewards: torch.Tensor, response_mask: torch.Tensor, config: Any = None,
+                          **kwargs) -> Tuple[torch.Tensor, torch.Tensor]:
+    """TOPR's advantage as a verl advantage estimator: A = R on every response token, no group statistics
+    ("Tapered Off-Policy REINFORCE" with baseline 0 and correctness rewards R = ±1; rlfuse's ``TOPRConfig``).
+
+    Args:
+        token_level_rewards: (B, T) float, the score on the last response token (verl's layout); R is the row sum.
+        response_mask: (B, T) 0/1 or bool.
+        config, kwargs: what verl passes to every estimator (``AlgoConfig``, ``index``, ...), unused.
+
+    Returns:
+        ``(advantages, returns)``, both (B, T) float32: R·mask.
+    """
+    scores = token_level_rewards.float().sum(-1, keepdim=True)
+    advantages = scores * response_mask.to(scores.dtype)
+    return advantages, advantages
 
 
 VERL_POLICY_LOSSES = {
@@ -254,16 +283,28 @@ VERL_POLICY_LOSSES = {
 }
 
 
-def register() -> Tuple[str, ...]:
-    """Register :data:`VERL_POLICY_LOSSES` in verl's ``POLICY_LOSS_REGISTRY``; returns their names.
+def register(install: bool = True) -> Tuple[str, ...]:
+    """Register :data:`VERL_POLICY_LOSSES` in verl's ``POLICY_LOSS_REGISTRY`` and :func:`rlfuse_topr_advantage`
+    as the advantage estimator ``rlfuse_topr``; returns the losses' names.
+
+    With ``install`` also make verl accept ``fused_kernel_options.impl_backend=rlfuse``
+    (:func:`rlfuse.integrations.verl_backend.install_backend`) and wrap its actor for ``rlfuse_rover``
+    (:func:`rlfuse.integrations.verl_actor.install_actor`).
 
     Raises:
         ImportError: ``verl.trainer.ppo.core_algos`` cannot be imported (verl or one of its dependencies missing).
     """
-    from verl.trainer.ppo.core_algos import register_policy_loss
+    from verl.trainer.ppo.core_algos import register_adv_est, register_policy_loss
 
     for name, fn in VERL_POLICY_LOSSES.items():
         register_policy_loss(name)(fn)
+    register_adv_est("rlfuse_topr")(rlfuse_topr_advantage)
+    if install:
+        from rlfuse.integrations.verl_actor import install_actor
+        from rlfuse.integrations.verl_backend import install_backend
+
+        install_backend()
+        install_actor()
     return tuple(VERL_POLICY_LOSSES)
 
 
