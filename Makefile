@@ -1,10 +1,11 @@
-# The two commands of the README: `make train` and `make test`. Both set everything up first.
+# The commands of the README: `make train`, `make test` and, on a machine with a CUDA GPU, `make gpu-check`.
+# All of them set everything up first. CI runs `make test` only.
 PYTHON ?= python3
 VENV := .venv
 PY := $(VENV)/bin/python
 STAMP := $(VENV)/.rlfuse-installed
 
-.PHONY: setup train test clean
+.PHONY: setup train test gpu-check clean
 
 setup: $(STAMP)
 
@@ -27,6 +28,13 @@ train: setup
 
 test: setup
 	$(PY) -m pytest -q
+
+# On a CUDA GPU, with compiled kernels (never the interpreter): every test on the GPU, then the full
+# benchmark suite (JSON in bench/results/), then bench/REPORT.md and bench/plots/ from those results.
+gpu-check: setup
+	env -u TRITON_INTERPRET $(PY) -m pytest -q --device cuda
+	env -u TRITON_INTERPRET $(PY) -m pytest bench --benchmark-only --full -q
+	$(PY) -m bench.report
 
 clean:
 	rm -rf $(VENV) runs .pytest_cache

@@ -23,16 +23,16 @@ class TinyTokenizer:
         (Path(folder) / "tokenizer.json").write_text("{}")
 
 
-def make(tmp_path):
-    model = TinyModel()
+def make(tmp_path, device):
+    model = TinyModel().to(device)
     optimizer = torch.optim.AdamW(model.parameters(), lr=0.1)
-    model.linear(torch.randn(4, 3)).sum().backward()
+    model.linear(torch.randn(4, 3, device=device)).sum().backward()
     optimizer.step()
     return model, optimizer
 
 
-def test_save_and_load_round_trip(tmp_path):
-    model, optimizer = make(tmp_path)
+def test_save_and_load_round_trip(tmp_path, device):
+    model, optimizer = make(tmp_path, device)
     torch.manual_seed(123)
     path = ckpt.save_checkpoint(tmp_path, model, TinyTokenizer(), optimizer, {"step": 3})
     expected = torch.rand(5)
@@ -46,8 +46,8 @@ def test_save_and_load_round_trip(tmp_path):
     assert not list(tmp_path.glob(".checkpoint-*"))  # no staging folder left behind
 
 
-def test_failed_write_keeps_previous_checkpoint(tmp_path, monkeypatch):
-    model, optimizer = make(tmp_path)
+def test_failed_write_keeps_previous_checkpoint(tmp_path, monkeypatch, device):
+    model, optimizer = make(tmp_path, device)
     ckpt.save_checkpoint(tmp_path, model, TinyTokenizer(), optimizer, {"step": 1})
 
     def crash(*args, **kwargs):
@@ -61,8 +61,8 @@ def test_failed_write_keeps_previous_checkpoint(tmp_path, monkeypatch):
     assert not list(tmp_path.glob(".checkpoint-*"))
 
 
-def test_crash_between_renames_falls_back_to_old(tmp_path):
-    model, optimizer = make(tmp_path)
+def test_crash_between_renames_falls_back_to_old(tmp_path, device):
+    model, optimizer = make(tmp_path, device)
     path = ckpt.save_checkpoint(tmp_path, model, TinyTokenizer(), optimizer, {"step": 4})
     path.rename(tmp_path / "checkpoint.old")  # the state after the first of the two renames
     found = ckpt.find_checkpoint(tmp_path)

@@ -1,4 +1,5 @@
-"""The Triton kernels, run on CPU tensors by Triton's interpreter, against float64 references.
+"""The Triton kernels against float64 references: on CPU tensors through Triton's interpreter, or compiled
+on a GPU under ``pytest --device cuda``.
 
 Covers token_logprobs (forward, backward for any mix of outputs, in-place backward), the fused
 policy_loss_from_logits for every config, and the group_advantages kernel.
@@ -31,18 +32,19 @@ def oracle_logprobs(logits, targets, temperature):
     probs = log_probs.exp()
     entropy = -(probs * torch.where(probs > 0, log_probs, 0.0)).sum(-1)
     vocab_mean = log_probs.mean(-1)
-    zero = torch.zeros((), dtype=F64)
+    zero = z.new_zeros(())
     return tuple(torch.where(keep, x, zero) for x in (logps, entropy, vocab_mean))
 
 
-def make_logits(shape, vocab, dtype, seed, scale=10.0, neg_inf=False):
-    """Random logits up to about ±30 with some -inf entries, as a float64 master copy and a ``dtype`` leaf."""
+def make_logits(shape, vocab, dtype, seed, scale=10.0, neg_inf=False, device="cpu"):
+    """Random logits up to about ±30 with some -inf entries, as a float64 master copy on ``device`` and the
+    CPU generator that drew them (later draws stay the same on every device)."""
     gen = torch.Generator().manual_seed(seed)
     master = (torch.randn(*shape, vocab, generator=gen, dtype=F64) * scale).clamp(-30, 30)
     if neg_inf:
         master.view(-1, vocab)[::2, 1::7] = float("-inf")
     master = master.to(dtype).to(F64)  # round once, so both sides see the same values
-    return master, gen
+    return master.to(device), gen
 
 
 def close(actual, expected, dtype):
@@ -53,9 +55,10 @@ def close(actual, expected, dtype):
 @pytest.mark.parametrize("vocab", [1, 7, 1007, 3001])
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16, torch.float16])
 @pytest.mark.parametrize("temperature", [1.0, 0.7])
-def test_token_logprobs_forward_backward(vocab, dtype, temperature):
-    master, gen = make_logits((3, 5), vocab, dtype, seed=vocab * 7 + int(temperature * 10), neg_inf=vocab > 7)
-    targets = torch.randint(0, vocab, (3, 5), generator=gen)
+def test_token_logprobs_forward_backward(vocab, dtype, temperature, device):
+    master, gen = make_logits((3, 5), vocab, dtype, seed=vocab * 7 + int(temperature * 10), neg_inf=vocab > 7,
+                              device=device)
+    targets = torch.randint(0, vocab, (3, 5), generator=gen).to(device)
     if vocab > 7:
         targets = torch.where(targets % 7 == 1, targets - 1, targets)  # targets avoid the -inf columns
     targets[1, 2] = -100
@@ -68,7 +71,7 @@ def test_token_logprobs_forward_backward(vocab, dtype, temperature):
         finite = torch.isfinite(want)
         close(got[finite], want[finite], dtype)
         assert torch.equal(torch.isfinite(got), finite), name
-    weights = [torch.randn(3, 5, generator=gen, dtype=F64) for _ in range(3)]
+    weights = [torch.randn(3, 5, generator=gen, dtype=F64).to(device) for _ in range(3)]
     used = [(o, w) for o, w, r in zip(out, weights, ref) if torch.isfinite(r).all()]  # vocab mean is -inf with -inf logits
     torch.autograd.backward([o for o, _ in used], [w.float() for _, w in used])
     ref_used = [(r, w) for r, w in zip(ref, weights) if torch.isfinite(r).all()]
@@ -78,11 +81,11 @@ def test_token_logprobs_forward_backward(vocab, dtype, temperature):
     assert torch.count_nonzero(logits.grad[1, 2]) == 0  # ignored target: no gradient
 
 
-def test_token_logprobs_production_vocabularies():
+def test_token_logprobs_production_vocabularies(device):
     """Real vocabulary sizes (SmolLM2, Llama 3, Qwen2.5, Gemma 3): many tiles and a ragged last one."""
     for vocab in (49152, 128256, 151936, 262144):
-        master, gen = make_logits((2,), vocab, torch.bfloat16, seed=vocab)
-        targets = torch.randint(0, vocab, (2,), generator=gen)
+        master, gen = make_logits((2,), vocab, torch.bfloat16, seed=vocab, device=device)
+        targets = torch.randint(0, vocab, (2,), generator=gen).to(device)
         logits = master.to(torch.bfloat16).requires_grad_(True)
         out = token_logprobs(logits, targets, 1.0, return_entropy=True)
         ref_leaf = master.clone().requires_grad_(True)
@@ -95,23 +98,23 @@ def test_token_logprobs_production_vocabularies():
 
 
 @pytest.mark.parametrize("which", [(True, False, False), (False, True, False), (False, False, True), (True, True, False)])
-def test_token_logprobs_each_output_gradient(which):
-    master, gen = make_logits((4, 3), 515, torch.float32, seed=3)
-    targets = torch.randint(0, 515, (4, 3), generator=gen)
+def test_token_logprobs_each_output_gradient(which, device):
+    master, gen = make_logits((4, 3), 515, torch.float32, seed=3, device=device)
+    targets = torch.randint(0, 515, (4, 3), generator=gen).to(device)
     logits = master.float().requires_grad_(True)
     ref_leaf = master.clone().requires_grad_(True)
     out = token_logprobs(logits, targets, 0.7, return_entropy=True, return_vocab_mean=True)
     ref = oracle_logprobs(ref_leaf, targets, 0.7)
-    weight = torch.randn(4, 3, generator=gen, dtype=F64)
+    weight = torch.randn(4, 3, generator=gen, dtype=F64).to(device)
     sum((o * weight.float()).sum() for o, w in zip(out, which) if w).backward()
     sum((r * weight).sum() for r, w in zip(ref, which) if w).backward()
     close(logits.grad, ref_leaf.grad, torch.float32)
 
 
-def test_token_logprobs_strided_views_and_inplace_backward():
-    master, gen = make_logits((2, 6), 333, torch.float32, seed=11)
+def test_token_logprobs_strided_views_and_inplace_backward(device):
+    master, gen = make_logits((2, 6), 333, torch.float32, seed=11, device=device)
     full = master.float().clone().requires_grad_(False)
-    targets = torch.randint(0, 333, (2, 5), generator=gen)
+    targets = torch.randint(0, 333, (2, 5), generator=gen).to(device)
     leaf = full.clone().requires_grad_(True)
     sliced = leaf[:, :-1]  # non-contiguous rows, as logits[:, :-1] in training
     assert not sliced.is_contiguous()
@@ -119,7 +122,7 @@ def test_token_logprobs_strided_views_and_inplace_backward():
     ref_leaf = master.clone().requires_grad_(True)
     ref = oracle_logprobs(ref_leaf[:, :-1], targets, 1.0)[0]
     close(logps, ref, torch.float32)
-    weight = torch.randn(2, 5, generator=gen)
+    weight = torch.randn(2, 5, generator=gen).to(device)
     (logps * weight).sum().backward()
     (ref * weight.double()).sum().backward()
     close(leaf.grad, ref_leaf.grad, torch.float32)
@@ -134,24 +137,25 @@ def test_token_logprobs_strided_views_and_inplace_backward():
     torch.testing.assert_close(inner[:, :-1].detach(), buffer.grad[:, :-1])  # the storage now holds d(logits)
 
 
-def test_token_logprobs_transposed_and_flat_inputs():
-    master, gen = make_logits((4,), 129, torch.float32, seed=5)
-    targets = torch.randint(0, 129, (4,), generator=gen)
+def test_token_logprobs_transposed_and_flat_inputs(device):
+    master, gen = make_logits((4,), 129, torch.float32, seed=5, device=device)
+    targets = torch.randint(0, 129, (4,), generator=gen).to(device)
     transposed = master.float().t().contiguous().t()  # vocabulary stride != 1
     close(token_logprobs(transposed, targets, 1.0), oracle_logprobs(master, targets, 1.0)[0], torch.float32)
     one = token_logprobs(master[0].float(), targets[0], 1.0)
     close(one, oracle_logprobs(master[0], targets[0], 1.0)[0], torch.float32)
 
 
-def test_token_logprobs_errors_on_triton_path():
-    logits = torch.randn(2, 3, 10)
+def test_token_logprobs_errors_on_triton_path(device):
+    logits = torch.randn(2, 3, 10, device=device)
     with pytest.raises(ValueError, match="outside the vocabulary"):
-        token_logprobs(logits, torch.full((2, 3), 10))
+        token_logprobs(logits, torch.full((2, 3), 10, device=device))
     with pytest.raises(ValueError, match="targets shape"):
-        token_logprobs(logits, torch.zeros(2, 4, dtype=torch.long))
+        token_logprobs(logits, torch.zeros(2, 4, dtype=torch.long, device=device))
 
 
-def loss_inputs(config, batch=4, seq=5, vocab=211, dtype=torch.float32, seed=0):
+def loss_inputs(config, batch=4, seq=5, vocab=211, dtype=torch.float32, seed=0, device="cpu"):
+    """Drawn on the CPU (the same values on every device), returned on ``device``."""
     master, gen = make_logits((batch, seq), vocab, dtype, seed=seed, scale=3.0)
     targets = torch.randint(0, vocab, (batch, seq), generator=gen)
     ref_logps = oracle_logprobs(master, targets, 0.7)[0]
@@ -160,9 +164,10 @@ def loss_inputs(config, batch=4, seq=5, vocab=211, dtype=torch.float32, seed=0):
     mask[1] = False  # a fully masked row
     mask[0, 0] = True
     rewards = torch.randn(batch, generator=gen)
-    return dict(master=master, targets=targets, old_logps=old, advantages=rewards, completion_mask=mask,
-                ref_logps=(ref_logps + 0.2 * torch.randn(batch, seq, generator=gen, dtype=F64)).float(),
-                old_vocab_mean=(oracle_logprobs(master, targets, 0.7)[2] + 0.1).float())
+    inputs = dict(master=master, targets=targets, old_logps=old, advantages=rewards, completion_mask=mask,
+                  ref_logps=(ref_logps + 0.2 * torch.randn(batch, seq, generator=gen, dtype=F64)).float(),
+                  old_vocab_mean=(oracle_logprobs(master, targets, 0.7)[2] + 0.1).float())
+    return {name: value.to(device) for name, value in inputs.items()}
 
 
 def oracle_policy_loss(master, inputs, config):
@@ -190,8 +195,8 @@ CONFIG_CASES = [pytest.param(cls(), id=name) for name, cls in ALGO_CONFIGS.items
 
 @pytest.mark.parametrize("config", CONFIG_CASES)
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
-def test_policy_loss_from_logits_matches_reference(config, dtype):
-    inputs = loss_inputs(config, dtype=dtype, seed=sum(map(ord, config.algo)))
+def test_policy_loss_from_logits_matches_reference(config, dtype, device):
+    inputs = loss_inputs(config, dtype=dtype, seed=sum(map(ord, config.algo)), device=device)
     master = inputs["master"]
     logits = master.to(dtype).requires_grad_(True)
     kwargs = {k: inputs[k] for k in ("old_logps", "advantages", "completion_mask")}
@@ -209,9 +214,9 @@ def test_policy_loss_from_logits_matches_reference(config, dtype):
     assert torch.count_nonzero(logits.grad[1]) == 0  # the fully masked row
 
 
-def test_policy_loss_from_logits_scales_and_writes_in_place():
+def test_policy_loss_from_logits_scales_and_writes_in_place(device):
     config = ALGO_CONFIGS["dapo"]()
-    inputs = loss_inputs(config, seed=9)
+    inputs = loss_inputs(config, seed=9, device=device)
     master = inputs["master"]
     kwargs = {k: inputs[k] for k in ("old_logps", "advantages", "completion_mask", "ref_logps")}
     _, _, want_grad = oracle_policy_loss(master, inputs, config)
@@ -228,9 +233,9 @@ def test_policy_loss_from_logits_scales_and_writes_in_place():
     close(base.grad, want_grad, torch.float32)
 
 
-def test_policy_loss_from_logits_checks_inputs():
+def test_policy_loss_from_logits_checks_inputs(device):
     config = ALGO_CONFIGS["grpo"]()
-    inputs = loss_inputs(config)
+    inputs = loss_inputs(config, device=device)
     logits = inputs["master"].float()
     with pytest.raises(ValueError, match="old_logps"):
         policy_loss_from_logits(logits, inputs["targets"], inputs["old_logps"][:, :2], inputs["advantages"],
@@ -244,9 +249,9 @@ def test_policy_loss_from_logits_checks_inputs():
 @pytest.mark.parametrize("scale", ["group", "batch", "none"])
 @pytest.mark.parametrize("estimator", ["grpo", "rloo"])
 @pytest.mark.parametrize("dtype", [torch.float32, torch.float64])
-def test_group_advantages_kernel_matches_reference(group_size, scale, estimator, dtype, monkeypatch):
+def test_group_advantages_kernel_matches_reference(group_size, scale, estimator, dtype, monkeypatch, device):
     gen = torch.Generator().manual_seed(group_size * 31)
-    rewards = torch.randn(4 * group_size, generator=gen, dtype=dtype)
+    rewards = torch.randn(4 * group_size, generator=gen, dtype=dtype).to(device)
     rewards[:group_size] = 0.3  # a group of equal rewards
     got = group_advantages(rewards, group_size, scale=scale, estimator=estimator)
     monkeypatch.setenv("RLFUSE_BACKEND", "torch")
@@ -256,7 +261,7 @@ def test_group_advantages_kernel_matches_reference(group_size, scale, estimator,
     assert torch.count_nonzero(got[:group_size]) == 0
 
 
-def test_backend_variable_is_validated(monkeypatch):
+def test_backend_variable_is_validated(monkeypatch, device):
     monkeypatch.setenv("RLFUSE_BACKEND", "cuda-please")
     with pytest.raises(ValueError, match="RLFUSE_BACKEND"):
-        token_logprobs(torch.randn(2, 5), torch.zeros(2, dtype=torch.long))
+        token_logprobs(torch.randn(2, 5, device=device), torch.zeros(2, dtype=torch.long, device=device))

@@ -1,5 +1,8 @@
 """Log-probs and policy losses from hidden states and the LM head, on both paths (chunked PyTorch and
-Triton under the interpreter), against the materialized float64 reference; plus Liger-Kernel as a peer."""
+Triton: interpreted on the CPU, compiled under ``pytest --device cuda``), against the materialized float64
+reference; plus Liger-Kernel as a peer."""
+
+import os
 
 import pytest
 import torch
@@ -9,6 +12,8 @@ from rlfuse.kernels import linear_token_logprobs_reference
 
 F64 = torch.float64
 TOL = {torch.float32: (1e-5, 1e-4), torch.bfloat16: (2e-2, 5e-2)}
+# Compiled on a GPU, the Triton kernel's tl.dot on float32 operands runs in TF32 (10-bit mantissa).
+TF32_TOL = (1e-2, 2e-2)
 
 
 @pytest.fixture(params=["torch", "triton"])
@@ -24,30 +29,34 @@ def oracle(hidden, weight, bias, targets, temperature):
     keep = targets != -100
     logps = log_probs.gather(-1, torch.where(keep, targets, 0).unsqueeze(-1)).squeeze(-1)
     entropy = -(log_probs.exp() * log_probs).sum(-1)
-    zero = torch.zeros((), dtype=F64)
+    zero = z.new_zeros(())
     return tuple(torch.where(keep, x, zero) for x in (logps, entropy, log_probs.mean(-1)))
 
 
-def make(batch, seq, size_h, vocab, dtype, seed, with_bias=True):
+def make(batch, seq, size_h, vocab, dtype, seed, with_bias=True, device="cpu"):
+    """Drawn on the CPU (the same values on every device); the tensors are returned on ``device``."""
     gen = torch.Generator().manual_seed(seed)
     hidden = torch.randn(batch, seq + 1, size_h, generator=gen, dtype=F64).to(dtype).to(F64)
     weight = (torch.randn(vocab, size_h, generator=gen, dtype=F64) * 3 / size_h ** 0.5).to(dtype).to(F64)
     bias = torch.randn(vocab, generator=gen, dtype=F64).to(dtype).to(F64) if with_bias else None
     targets = torch.randint(0, vocab, (batch, seq), generator=gen)
     targets[0, 1] = -100
-    return hidden, weight, bias, targets, gen
+    hidden, weight, targets = hidden.to(device), weight.to(device), targets.to(device)
+    return hidden, weight, None if bias is None else bias.to(device), targets, gen
 
 
 def close(actual, expected, dtype):
-    rtol, atol = TOL[dtype]
+    tf32 = dtype == torch.float32 and actual.is_cuda and os.environ.get("RLFUSE_BACKEND") == "triton"
+    rtol, atol = TF32_TOL if tf32 else TOL[dtype]
     torch.testing.assert_close(actual.to(F64), expected.to(F64), rtol=rtol, atol=atol)
 
 
 @pytest.mark.parametrize("size_h, vocab", [(40, 301), (16, 64), (33, 1000)])  # not multiples of the tiles
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
 @pytest.mark.parametrize("with_bias", [True, False])
-def test_values_and_gradients(backend, size_h, vocab, dtype, with_bias):
-    hidden, weight, bias, targets, gen = make(2, 9, size_h, vocab, dtype, seed=size_h + vocab, with_bias=with_bias)
+def test_values_and_gradients(backend, size_h, vocab, dtype, with_bias, device):
+    hidden, weight, bias, targets, gen = make(2, 9, size_h, vocab, dtype, seed=size_h + vocab, with_bias=with_bias,
+                                              device=device)
     leaves = [t.to(dtype).requires_grad_(True) if t is not None else None for t in (hidden, weight, bias)]
     refs = [t.clone().requires_grad_(True) if t is not None else None for t in (hidden, weight, bias)]
     # A strided slice, as h[:, P - 1:-1] in training.
@@ -56,7 +65,7 @@ def test_values_and_gradients(backend, size_h, vocab, dtype, with_bias):
     for got, want in zip(out, ref):
         assert got.dtype == torch.float32 and got.shape == targets.shape
         close(got, want, dtype)
-    weights = [torch.randn(targets.shape, generator=gen, dtype=F64) for _ in range(3)]
+    weights = [torch.randn(targets.shape, generator=gen, dtype=F64).to(device) for _ in range(3)]
     sum((o.to(F64) * w).sum() for o, w in zip(out, weights)).backward()
     sum((r * w).sum() for r, w in zip(ref, weights)).backward()
     for leaf, ref_leaf in zip(leaves, refs):
@@ -66,8 +75,8 @@ def test_values_and_gradients(backend, size_h, vocab, dtype, with_bias):
 
 
 @pytest.mark.parametrize("which", [(True, False, False), (False, True, False), (False, False, True)])
-def test_each_output_alone(backend, which):
-    hidden, weight, bias, targets, gen = make(3, 4, 24, 130, torch.float32, seed=5)
+def test_each_output_alone(backend, which, device):
+    hidden, weight, bias, targets, gen = make(3, 4, 24, 130, torch.float32, seed=5, device=device)
     leaves = [t.float().requires_grad_(True) for t in (hidden, weight, bias)]
     refs = [t.clone().requires_grad_(True) for t in (hidden, weight, bias)]
     out = linear_token_logprobs(leaves[0][:, 1:], leaves[1], targets, leaves[2], 1.0, True, True)
@@ -78,13 +87,13 @@ def test_each_output_alone(backend, which):
         close(leaf.grad, ref_leaf.grad, torch.float32)
 
 
-def test_tied_embedding_gets_both_gradients(backend):
+def test_tied_embedding_gets_both_gradients(backend, device):
     """The LM head is the input embedding: its gradient is the sum of both uses."""
     gen = torch.Generator().manual_seed(3)
     vocab, size_h = 97, 24
-    table = torch.randn(vocab, size_h, generator=gen, dtype=F64) * 0.3
-    ids = torch.randint(0, vocab, (2, 6), generator=gen)
-    targets = torch.randint(0, vocab, (2, 5), generator=gen)
+    table = (torch.randn(vocab, size_h, generator=gen, dtype=F64) * 0.3).to(device)
+    ids = torch.randint(0, vocab, (2, 6), generator=gen).to(device)
+    targets = torch.randint(0, vocab, (2, 5), generator=gen).to(device)
     leaf, ref_leaf = table.float().requires_grad_(True), table.clone().requires_grad_(True)
     hidden = torch.tanh(torch.nn.functional.embedding(ids, leaf))[:, :-1]
     linear_token_logprobs(hidden, leaf, targets).sum().backward()
@@ -93,8 +102,8 @@ def test_tied_embedding_gets_both_gradients(backend):
     close(leaf.grad, ref_leaf.grad, torch.float32)
 
 
-def test_flat_inputs_and_errors(backend):
-    hidden, weight, bias, targets, _ = make(1, 7, 16, 50, torch.float32, seed=1)
+def test_flat_inputs_and_errors(backend, device):
+    hidden, weight, bias, targets, _ = make(1, 7, 16, 50, torch.float32, seed=1, device=device)
     flat = linear_token_logprobs(hidden[0, :7].float(), weight.float(), targets[0])
     close(flat, oracle(hidden[0, :7], weight, None, targets[0], 1.0)[0], torch.float32)
     with pytest.raises(ValueError, match="hidden_states"):
@@ -114,15 +123,15 @@ CONFIGS = [pytest.param(cls(), id=name) for name, cls in ALGO_CONFIGS.items()] +
 
 
 @pytest.mark.parametrize("config", CONFIGS)
-def test_fused_linear_policy_loss_matches_materialized(backend, config):
-    hidden, weight, bias, targets, gen = make(4, 6, 20, 150, torch.float32, seed=len(config.algo))
+def test_fused_linear_policy_loss_matches_materialized(backend, config, device):
+    hidden, weight, bias, targets, gen = make(4, 6, 20, 150, torch.float32, seed=len(config.algo), device=device)
     with torch.no_grad():
         logps, _, vocab_mean = oracle(hidden[:, :-1], weight, bias, targets, 0.7)
-    old = (logps + 0.2 * torch.randn(logps.shape, generator=gen, dtype=F64)).float()
-    ref_logps = (logps + 0.1 * torch.randn(logps.shape, generator=gen, dtype=F64)).float()
+    old = (logps + 0.2 * torch.randn(logps.shape, generator=gen, dtype=F64).to(device)).float()
+    ref_logps = (logps + 0.1 * torch.randn(logps.shape, generator=gen, dtype=F64).to(device)).float()
     old_vocab_mean = (vocab_mean + 0.05).float()
-    advantages = torch.randn(4, generator=gen)
-    mask = torch.rand(4, 6, generator=gen) > 0.2
+    advantages = torch.randn(4, generator=gen).to(device)
+    mask = (torch.rand(4, 6, generator=gen) > 0.2).to(device)
     mask[2] = False  # a fully masked row
     leaves = [t.float().requires_grad_(True) for t in (hidden, weight, bias)]
     loss, metrics = FusedLinearPolicyLoss(config, temperature=0.7, chunk_size=7)(
@@ -144,19 +153,19 @@ def test_fused_linear_policy_loss_matches_materialized(backend, config):
 
 
 @pytest.mark.parametrize("algo, loss_type", [("grpo", "grpo"), ("dapo", "dapo"), ("dr_grpo", "dr_grpo")])
-def test_matches_liger_fused_linear_grpo_loss(algo, loss_type, monkeypatch):
-    """Same inputs, same loss and gradients as Liger-Kernel's LigerFusedLinearGRPOLoss (its CPU path)."""
+def test_matches_liger_fused_linear_grpo_loss(algo, loss_type, monkeypatch, device):
+    """Same inputs, same loss and gradients as Liger-Kernel's LigerFusedLinearGRPOLoss (its PyTorch path)."""
     chunked_loss = pytest.importorskip("liger_kernel.chunked_loss")
     monkeypatch.setenv("RLFUSE_BACKEND", "torch")
     config = get_config(algo)
-    hidden, weight, _, targets, gen = make(3, 5, 16, 50, torch.float32, seed=11)
+    hidden, weight, _, targets, gen = make(3, 5, 16, 50, torch.float32, seed=11, device=device)
     targets[0, 1] = 3  # Liger has no ignore_index; the mask does the skipping
-    mask = torch.ones(3, 5, dtype=torch.long)
+    mask = torch.ones(3, 5, dtype=torch.long, device=device)
     mask[1, 3:] = 0
-    advantages = torch.randn(3, generator=gen)
+    advantages = torch.randn(3, generator=gen).to(device)
     with torch.no_grad():
         old = (oracle(hidden[:, :-1], weight, None, targets, 0.7)[0]
-               + 0.1 * torch.randn(3, 5, generator=gen, dtype=F64)).float()
+               + 0.1 * torch.randn(3, 5, generator=gen, dtype=F64).to(device)).float()
     liger = chunked_loss.LigerFusedLinearGRPOLoss(
         beta=0.0, compiled=False, use_ref_model=False, epsilon_low=config.epsilon_low,
         epsilon_high=config.epsilon_high, loss_type=loss_type, max_completion_length=5, temperature=0.7)

@@ -8,7 +8,8 @@ the closed forms (not autograd):
     d vmean / dz_v  = (1 / V - p_v) / T
 
 with z the raw logits and T the temperature. Values and gradients (for random cotangents on every
-requested output) of the package are compared with it.
+requested output) of the package are compared with it. The oracle always runs on the CPU; the package runs
+on the ``device`` fixture's device (its Triton kernel under ``pytest --device cuda``).
 """
 
 from __future__ import annotations
@@ -46,7 +47,7 @@ def oracle(logits: torch.Tensor, targets: torch.Tensor, temperature: float):
     (None for ignored rows) used by :func:`oracle_grad`.
     """
     V = logits.shape[-1]
-    rows = logits.detach().to(F64).reshape(-1, V)
+    rows = logits.detach().to("cpu", F64).reshape(-1, V)
     tgts = targets.reshape(-1).tolist()
     logp, ent, vmean, probs = [], [], [], []
     for row, y in zip(rows, tgts):
@@ -97,16 +98,16 @@ def oracle_grad(logits, targets, temperature, probs, g_logp=None, g_ent=None, g_
 # --------------------------------------------------------------------------------------------------
 
 
-def make_logits(B, T, V, dtype, layout, gen, scale=3.0):
-    """(leaf, logits view) with logits (B, T, V) in ``dtype`` laid out as asked."""
+def make_logits(B, T, V, dtype, layout, gen, scale=3.0, device="cpu"):
+    """(leaf, logits view) with logits (B, T, V) in ``dtype`` on ``device``, laid out as asked."""
     if layout == "contiguous":
-        leaf = (torch.randn(B, T, V, generator=gen) * scale).to(dtype).requires_grad_(True)
+        leaf = (torch.randn(B, T, V, generator=gen) * scale).to(dtype).to(device).requires_grad_(True)
         view = leaf
     elif layout == "slice":  # logits[:, :-1] of a bigger tensor
-        leaf = (torch.randn(B, T + 1, V, generator=gen) * scale).to(dtype).requires_grad_(True)
+        leaf = (torch.randn(B, T + 1, V, generator=gen) * scale).to(dtype).to(device).requires_grad_(True)
         view = leaf[:, :-1]
     elif layout == "transpose":  # a (B, V, T) buffer seen as (B, T, V)
-        leaf = (torch.randn(B, V, T, generator=gen) * scale).to(dtype).requires_grad_(True)
+        leaf = (torch.randn(B, V, T, generator=gen) * scale).to(dtype).to(device).requires_grad_(True)
         view = leaf.transpose(1, 2)
     else:
         raise AssertionError(layout)
@@ -127,7 +128,7 @@ def leaf_grad_as_view(grad_leaf, layout):
     return grad_leaf.transpose(1, 2)
 
 
-def make_targets(shape, V, gen, ignore_frac=0.25, ignore_row=True):
+def make_targets(shape, V, gen, ignore_frac=0.25, ignore_row=True, device="cpu"):
     targets = torch.randint(0, V, shape, generator=gen)
     if ignore_frac:
         drop = torch.rand(shape, generator=gen) < ignore_frac
@@ -138,11 +139,11 @@ def make_targets(shape, V, gen, ignore_frac=0.25, ignore_row=True):
     flat = targets.view(-1)
     if flat.numel() and bool((flat == IGNORE_INDEX).all()):
         flat[-1] = V - 1
-    return targets
+    return targets.to(device)
 
 
 def assert_close(actual, expected, rtol=RTOL, atol=ATOL, what=""):
-    torch.testing.assert_close(actual.detach().to(F64), expected.to(F64), rtol=rtol, atol=atol, msg=lambda m: f"{what}: {m}")
+    torch.testing.assert_close(actual.detach().to("cpu", F64), expected.to(F64), rtol=rtol, atol=atol, msg=lambda m: f"{what}: {m}")
 
 
 # --------------------------------------------------------------------------------------------------
@@ -154,11 +155,11 @@ def assert_close(actual, expected, rtol=RTOL, atol=ATOL, what=""):
 @pytest.mark.parametrize("temperature", [1.0, 0.7])
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16, torch.float16, torch.float64], ids=str)
 @pytest.mark.parametrize("V", [7, 128, 1007])
-def test_values_and_grads_match_oracle(V, dtype, temperature, layout):
+def test_values_and_grads_match_oracle(V, dtype, temperature, layout, device):
     gen = torch.Generator().manual_seed(1000 + V + int(temperature * 10) + len(layout))
     B, T = 3, 5
-    leaf, logits = make_logits(B, T, V, dtype, layout, gen)
-    targets = make_targets((B, T), V, gen)
+    leaf, logits = make_logits(B, T, V, dtype, layout, gen, device=device)
+    targets = make_targets((B, T), V, gen, device=device)
 
     out = token_logprobs(logits, targets, temperature=temperature, return_entropy=True, return_vocab_mean=True)
     assert isinstance(out, TokenLogprobs)
@@ -177,7 +178,7 @@ def test_values_and_grads_match_oracle(V, dtype, temperature, layout):
         assert torch.all(field[ignored] == 0)
 
     # gradients for random cotangents on the three outputs at once
-    g = [torch.randn(B, T, generator=gen) for _ in range(3)]
+    g = [torch.randn(B, T, generator=gen).to(device) for _ in range(3)]
     total = (out.logps * g[0]).sum() + (out.entropy * g[1]).sum() + (out.vocab_mean * g[2]).sum()
     (grad_leaf,) = torch.autograd.grad(total, leaf)
     assert grad_leaf.dtype == dtype
@@ -193,13 +194,13 @@ def test_values_and_grads_match_oracle(V, dtype, temperature, layout):
 @pytest.mark.parametrize(
     "flags", [(False, False), (True, False), (False, True), (True, True)], ids=["plain", "entropy", "vmean", "both"]
 )
-def test_return_types_and_each_output_gradient(fn, flags):
+def test_return_types_and_each_output_gradient(fn, flags, device):
     """Without flags a bare tensor; with flags a TokenLogprobs with None for what was not asked for."""
     return_entropy, return_vocab_mean = flags
     gen = torch.Generator().manual_seed(7 + 2 * return_entropy + return_vocab_mean)
     B, T, V = 2, 4, 33
-    logits = (torch.randn(B, T, V, generator=gen) * 2).requires_grad_(True)
-    targets = make_targets((B, T), V, gen, ignore_frac=0.2, ignore_row=False)
+    logits = (torch.randn(B, T, V, generator=gen) * 2).to(device).requires_grad_(True)
+    targets = make_targets((B, T), V, gen, ignore_frac=0.2, ignore_row=False, device=device)
     out = fn(logits, targets, 1.0, return_entropy, return_vocab_mean)
     want_logp, want_ent, want_vm, probs = oracle(logits, targets, 1.0)
     if not (return_entropy or return_vocab_mean):
@@ -220,7 +221,7 @@ def test_return_types_and_each_output_gradient(fn, flags):
         checks.append(("vocab_mean", vm, want_vm, {"g_vmean": None}))
     # each output on its own: gradient of (cotangent · output)
     for name, value, _, kw in checks:
-        cot = torch.randn(B, T, generator=gen)
+        cot = torch.randn(B, T, generator=gen).to(device)
         (grad,) = torch.autograd.grad((value * cot).sum(), logits, retain_graph=True)
         kw = {k: cot for k in kw}
         assert_close(grad, oracle_grad(logits, targets, 1.0, probs, **kw), what=f"d {name}/dlogits")
@@ -230,35 +231,35 @@ def test_return_types_and_each_output_gradient(fn, flags):
     "shape", [(), (6,), (2, 3), (2, 2, 3)], ids=lambda s: "x".join(map(str, s)) or "scalar"
 )
 @pytest.mark.parametrize("V", [2, 1007])
-def test_any_number_of_leading_dims(shape, V):
+def test_any_number_of_leading_dims(shape, V, device):
     gen = torch.Generator().manual_seed(31 + len(shape) + V)
-    logits = (torch.randn(*shape, V, generator=gen) * 2).requires_grad_(True)
-    targets = torch.randint(0, V, shape, generator=gen)
+    logits = (torch.randn(*shape, V, generator=gen) * 2).to(device).requires_grad_(True)
+    targets = torch.randint(0, V, shape, generator=gen).to(device)
     out = token_logprobs(logits, targets, temperature=0.7, return_entropy=True, return_vocab_mean=True)
     want_logp, want_ent, want_vm, probs = oracle(logits, targets, 0.7)
     for got, want, name in zip(out, (want_logp, want_ent, want_vm), ("logps", "entropy", "vocab_mean")):
         assert tuple(got.shape) == shape
         assert_close(got, want, what=name)
-    cot = [torch.randn(shape, generator=gen, dtype=torch.float32) for _ in range(3)]
+    cot = [torch.randn(shape, generator=gen, dtype=torch.float32).to(device) for _ in range(3)]
     total = sum((o * c).sum() for o, c in zip(out, cot))
     (grad,) = torch.autograd.grad(total, logits)
     assert_close(grad, oracle_grad(logits, targets, 0.7, probs, *cot), what="d/dlogits")
 
 
 @pytest.mark.parametrize("temperature", [1.0, 0.7, 2.5])
-def test_large_and_shifted_logits_are_stable(temperature):
+def test_large_and_shifted_logits_are_stable(temperature, device):
     """Logits of magnitude ~1e3 would overflow a naive exp; max subtraction must keep things finite."""
     gen = torch.Generator().manual_seed(5)
     B, T, V = 2, 3, 257
-    logits = (torch.randn(B, T, V, generator=gen) * 40 + 1000).requires_grad_(True)
-    targets = torch.randint(0, V, (B, T), generator=gen)
+    logits = (torch.randn(B, T, V, generator=gen) * 40 + 1000).to(device).requires_grad_(True)
+    targets = torch.randint(0, V, (B, T), generator=gen).to(device)
     out = token_logprobs(logits, targets, temperature=temperature, return_entropy=True, return_vocab_mean=True)
     want_logp, want_ent, want_vm, probs = oracle(logits, targets, temperature)
     for got, want, name in zip(out, (want_logp, want_ent, want_vm), ("logps", "entropy", "vocab_mean")):
         assert torch.isfinite(got).all(), name
         # |values| reach ~1e2 here, so relative error of float32 log-softmax applies
         assert_close(got, want, rtol=1e-5, atol=1e-4, what=name)
-    cot = torch.randn(B, T, generator=gen)
+    cot = torch.randn(B, T, generator=gen).to(device)
     (grad,) = torch.autograd.grad((out.logps * cot).sum(), logits)
     assert_close(grad, oracle_grad(logits, targets, temperature, probs, g_logp=cot), what="d logps/dlogits")
 
@@ -269,28 +270,28 @@ def test_large_and_shifted_logits_are_stable(temperature):
 
 
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16], ids=str)
-def test_all_targets_ignored_give_zeros_and_zero_grad(dtype):
+def test_all_targets_ignored_give_zeros_and_zero_grad(dtype, device):
     gen = torch.Generator().manual_seed(11)
-    logits = torch.randn(3, 4, 19, generator=gen).to(dtype).requires_grad_(True)
-    targets = torch.full((3, 4), IGNORE_INDEX, dtype=torch.long)
+    logits = torch.randn(3, 4, 19, generator=gen).to(dtype).to(device).requires_grad_(True)
+    targets = torch.full((3, 4), IGNORE_INDEX, dtype=torch.long, device=device)
     out = token_logprobs(logits, targets, return_entropy=True, return_vocab_mean=True)
     for field in out:
         assert field.dtype == torch.float32
         assert torch.all(field == 0)
-    cot = [torch.randn(3, 4, generator=gen) for _ in range(3)]
+    cot = [torch.randn(3, 4, generator=gen).to(device) for _ in range(3)]
     (grad,) = torch.autograd.grad(sum((o * c).sum() for o, c in zip(out, cot)), logits)
     assert torch.count_nonzero(grad).item() == 0
 
 
-def test_ignored_position_is_zero_even_if_its_logits_are_garbage_free_of_influence():
+def test_ignored_position_is_zero_even_if_its_logits_are_garbage_free_of_influence(device):
     """Changing the logits of an ignored position changes nothing in the kept ones."""
     gen = torch.Generator().manual_seed(12)
-    logits = torch.randn(2, 3, 50, generator=gen)
-    targets = torch.randint(0, 50, (2, 3), generator=gen)
+    logits = torch.randn(2, 3, 50, generator=gen).to(device)
+    targets = torch.randint(0, 50, (2, 3), generator=gen).to(device)
     targets[1, 1] = IGNORE_INDEX
     a = token_logprobs(logits, targets, return_entropy=True, return_vocab_mean=True)
     logits2 = logits.clone()
-    logits2[1, 1] = torch.randn(50, generator=gen) * 10
+    logits2[1, 1] = torch.randn(50, generator=gen).to(device) * 10
     b = token_logprobs(logits2, targets, return_entropy=True, return_vocab_mean=True)
     for x, y in zip(a, b):
         assert torch.equal(x, y)
@@ -302,8 +303,8 @@ def test_ignored_position_is_zero_even_if_its_logits_are_garbage_free_of_influen
 # --------------------------------------------------------------------------------------------------
 
 
-def logits_with_neg_inf(B, T, V, dtype, gen, frac=0.3):
-    """Random logits where ~frac of the entries are -inf, never at the target; one row is one-hot."""
+def logits_with_neg_inf(B, T, V, dtype, gen, frac=0.3, device="cpu"):
+    """Random logits on ``device`` where ~frac of the entries are -inf, never at the target; one row is one-hot."""
     logits = torch.randn(B, T, V, generator=gen) * 2
     targets = torch.randint(0, V, (B, T), generator=gen)
     dead = torch.rand(B, T, V, generator=gen) < frac
@@ -311,15 +312,15 @@ def logits_with_neg_inf(B, T, V, dtype, gen, frac=0.3):
     dead[0, 0] = True  # only the target survives in this row: p = 1, logp = 0, H = 0
     dead[0, 0, targets[0, 0]] = False
     logits = logits.masked_fill(dead, float("-inf")).to(dtype)
-    return logits, targets, dead
+    return logits.to(device), targets.to(device), dead.to(device)
 
 
 @pytest.mark.parametrize("temperature", [1.0, 0.7])
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16], ids=str)
 @pytest.mark.parametrize("V", [5, 1007])
-def test_neg_inf_logits_values_finite_and_logp_grad(V, dtype, temperature):
+def test_neg_inf_logits_values_finite_and_logp_grad(V, dtype, temperature, device):
     gen = torch.Generator().manual_seed(21 + V)
-    logits, targets, dead = logits_with_neg_inf(2, 4, V, dtype, gen)
+    logits, targets, dead = logits_with_neg_inf(2, 4, V, dtype, gen, device=device)
     targets[1, 2] = IGNORE_INDEX
     logits.requires_grad_(True)
     out = token_logprobs(logits, targets, temperature=temperature, return_entropy=True)
@@ -330,7 +331,7 @@ def test_neg_inf_logits_values_finite_and_logp_grad(V, dtype, temperature):
     assert out.logps[0, 0].item() == pytest.approx(0.0, abs=1e-6)
     assert out.entropy[0, 0].item() == pytest.approx(0.0, abs=1e-6)
 
-    cot = torch.randn(2, 4, generator=gen)
+    cot = torch.randn(2, 4, generator=gen).to(device)
     (grad,) = torch.autograd.grad((out.logps * cot).sum(), logits)
     assert torch.isfinite(grad).all()
     rtol, atol = GRAD_TOL[dtype]
@@ -339,12 +340,12 @@ def test_neg_inf_logits_values_finite_and_logp_grad(V, dtype, temperature):
 
 
 @pytest.mark.parametrize("V", [5, 1007])
-def test_neg_inf_logits_entropy_grad_finite(V):
+def test_neg_inf_logits_entropy_grad_finite(V, device):
     gen = torch.Generator().manual_seed(41 + V)
-    logits, targets, dead = logits_with_neg_inf(2, 3, V, torch.float32, gen)
+    logits, targets, dead = logits_with_neg_inf(2, 3, V, torch.float32, gen, device=device)
     logits.requires_grad_(True)
     out = token_logprobs(logits, targets, return_entropy=True)
-    cot = torch.randn(2, 3, generator=gen)
+    cot = torch.randn(2, 3, generator=gen).to(device)
     (grad,) = torch.autograd.grad((out.entropy * cot).sum(), logits)
     _, _, _, probs = oracle(logits, targets, 1.0)
     assert torch.isfinite(grad).all()
@@ -357,9 +358,9 @@ def test_neg_inf_logits_entropy_grad_finite(V):
 
 
 @pytest.mark.parametrize("bad", [7, 8, 1000, -1, -2, -101])
-def test_out_of_range_token_ids_raise(bad):
-    logits = torch.randn(2, 3, 7)
-    targets = torch.randint(0, 7, (2, 3))
+def test_out_of_range_token_ids_raise(bad, device):
+    logits = torch.randn(2, 3, 7, device=device)
+    targets = torch.randint(0, 7, (2, 3), device=device)
     targets[1, 2] = bad
     with pytest.raises(ValueError, match=rf"targets.*{bad}"):
         token_logprobs(logits, targets)
@@ -369,40 +370,44 @@ def test_out_of_range_token_ids_raise(bad):
     "logits_shape,targets_shape",
     [((2, 3, 7), (2, 4)), ((2, 3, 7), (2, 3, 7)), ((2, 3, 7), (3,)), ((2, 3, 7), (3, 2))],
 )
-def test_shape_mismatch_raises(logits_shape, targets_shape):
+def test_shape_mismatch_raises(logits_shape, targets_shape, device):
     with pytest.raises(ValueError, match="targets shape"):
-        token_logprobs(torch.randn(logits_shape), torch.zeros(targets_shape, dtype=torch.long))
+        token_logprobs(torch.randn(logits_shape, device=device),
+                       torch.zeros(targets_shape, dtype=torch.long, device=device))
 
 
 @pytest.mark.parametrize("dtype", [torch.float32, torch.float16, torch.bool], ids=str)
-def test_non_integer_targets_raise(dtype):
+def test_non_integer_targets_raise(dtype, device):
     with pytest.raises(TypeError, match="targets"):
-        token_logprobs(torch.randn(2, 3, 7), torch.zeros(2, 3, dtype=dtype))
+        token_logprobs(torch.randn(2, 3, 7, device=device), torch.zeros(2, 3, dtype=dtype, device=device))
 
 
 @pytest.mark.parametrize("dtype", [torch.int64, torch.int32, torch.bool], ids=str)
-def test_non_float_logits_raise(dtype):
+def test_non_float_logits_raise(dtype, device):
     with pytest.raises(TypeError, match="logits"):
-        token_logprobs(torch.zeros(2, 3, 7, dtype=dtype), torch.zeros(2, 3, dtype=torch.long))
+        token_logprobs(torch.zeros(2, 3, 7, dtype=dtype, device=device),
+                       torch.zeros(2, 3, dtype=torch.long, device=device))
 
 
 @pytest.mark.parametrize("temperature", [0.0, -0.7, float("inf"), float("nan")])
-def test_bad_temperature_raises(temperature):
+def test_bad_temperature_raises(temperature, device):
     with pytest.raises(ValueError, match="temperature"):
-        token_logprobs(torch.randn(2, 3, 7), torch.zeros(2, 3, dtype=torch.long), temperature=temperature)
+        token_logprobs(torch.randn(2, 3, 7, device=device), torch.zeros(2, 3, dtype=torch.long, device=device),
+                       temperature=temperature)
 
 
-def test_int32_targets_accepted_like_int64():
+def test_int32_targets_accepted_like_int64(device):
     gen = torch.Generator().manual_seed(3)
-    logits = torch.randn(2, 3, 11, generator=gen)
-    targets = torch.randint(0, 11, (2, 3), generator=gen)
+    logits = torch.randn(2, 3, 11, generator=gen).to(device)
+    targets = torch.randint(0, 11, (2, 3), generator=gen).to(device)
     assert torch.equal(token_logprobs(logits, targets.int()), token_logprobs(logits, targets))
 
 
-@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device to put tensors on two devices")
-def test_device_mismatch_raises():
+def test_device_mismatch_raises(device):
+    if device.type != "cuda":
+        pytest.skip("needs pytest --device cuda to put tensors on two devices")
     with pytest.raises(ValueError, match="targets are on"):
-        token_logprobs(torch.randn(2, 3, 7, device="cuda"), torch.zeros(2, 3, dtype=torch.long))
+        token_logprobs(torch.randn(2, 3, 7, device=device), torch.zeros(2, 3, dtype=torch.long))
 
 
 def test_oracle_sanity_against_math():

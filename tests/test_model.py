@@ -23,13 +23,13 @@ def test_missing_gguf_file(tmp_path):
         model_mod.resolve_model(str(tmp_path / "x.gguf"))
 
 
-def test_gguf_load_clears_quantization_marks_and_matches_folder(smollm2_dir):
-    gguf_model, tokenizer = model_mod.load_model_and_tokenizer("smollm2-135m")
+def test_gguf_load_clears_quantization_marks_and_matches_folder(smollm2_dir, device):
+    gguf_model, tokenizer = model_mod.load_model_and_tokenizer("smollm2-135m", device=device)
     assert gguf_model.hf_quantizer is None and not gguf_model.is_quantized
     assert getattr(gguf_model.config, "quantization_config", None) is None
     assert tokenizer.padding_side == "left" and tokenizer.pad_token_id is not None
-    folder_model, _ = model_mod.load_model_and_tokenizer(smollm2_dir)
-    ids = torch.randint(0, folder_model.config.vocab_size, (2, 9), generator=torch.Generator().manual_seed(0))
+    folder_model, _ = model_mod.load_model_and_tokenizer(smollm2_dir, device=device)
+    ids = torch.randint(0, folder_model.config.vocab_size, (2, 9), generator=torch.Generator().manual_seed(0)).to(device)
     with torch.no_grad():
         a = gguf_model(ids).logits
         b = folder_model(ids).logits

@@ -1,4 +1,5 @@
-"""The shared-prefix packed training forward equals the naive per-sample padded forward: values and gradients."""
+"""The shared-prefix packed training forward equals the naive per-sample padded forward: values and gradients,
+on the ``device`` fixture's device."""
 
 import pytest
 import torch
@@ -21,13 +22,14 @@ CONFIGS = {
 }
 
 
-def tiny_model(name, seed=0):
+def tiny_model(name, seed=0, device="cpu"):
     torch.manual_seed(seed)
-    return AutoModelForCausalLM.from_config(CONFIGS[name](), attn_implementation="sdpa").double()
+    return AutoModelForCausalLM.from_config(CONFIGS[name](), attn_implementation="sdpa").double().to(device)
 
 
-def random_batch(prompt_lengths, G, T, seed, vocab=101):
-    """Groups of G rows sharing a left-padded prompt; completions of random lengths 0..T, right-padded."""
+def random_batch(prompt_lengths, G, T, seed, vocab=101, device="cpu"):
+    """Groups of G rows sharing a left-padded prompt; completions of random lengths 0..T, right-padded; drawn on
+    the CPU, returned on ``device``."""
     gen = torch.Generator().manual_seed(seed)
     prompts = [torch.randint(1, vocab, (n,), generator=gen).tolist() for n in prompt_lengths]
     ids, mask = left_pad(prompts, 0)
@@ -37,14 +39,15 @@ def random_batch(prompt_lengths, G, T, seed, vocab=101):
     lengths[0], lengths[-1] = T, 1  # a full completion and a single-token one
     completion_mask = torch.arange(T)[None] < lengths[:, None]
     completion = torch.where(completion_mask, completion, 0)
-    return RolloutBatch(ids.repeat_interleave(G, 0), mask.repeat_interleave(G, 0), completion, completion_mask)
+    tensors = (ids.repeat_interleave(G, 0), mask.repeat_interleave(G, 0), completion, completion_mask)
+    return RolloutBatch(*(t.to(device) for t in tensors))
 
 
 @pytest.mark.parametrize("name", list(CONFIGS))
 @pytest.mark.parametrize("G", [1, 3])
-def test_packed_hidden_states_equal_the_padded_forward(name, G):
-    model = tiny_model(name)
-    batch = random_batch([5, 9, 2], G, 7, seed=G)
+def test_packed_hidden_states_equal_the_padded_forward(name, G, device):
+    model = tiny_model(name, device=device)
+    batch = random_batch([5, 9, 2], G, 7, seed=G, device=device)
     want = completion_hidden_states(model, batch)[0]
     got = shared_prefix_completion_hidden_states(DecoderLM(model), batch, G)
     m = batch.completion_mask
@@ -54,19 +57,22 @@ def test_packed_hidden_states_equal_the_padded_forward(name, G):
 
 @pytest.mark.parametrize("config", [GRPOConfig(beta=0.05), DAPOConfig(), ROVERConfig()], ids=["grpo-kl", "dapo", "rover"])
 @pytest.mark.parametrize("checkpoint", [False, True])
-def test_packed_loss_and_gradients_equal_the_padded_forward(config, checkpoint):
+def test_packed_loss_and_gradients_equal_the_padded_forward(config, checkpoint, device, monkeypatch):
+    # The float64 loss path on every device: on a GPU the default would be the float32 (TF32 matmul) Triton
+    # kernel, tested against its own reference elsewhere; here only the packing is under test.
+    monkeypatch.setenv("RLFUSE_BACKEND", "torch")
     G = 4
-    batch = random_batch([6, 3], G, 9, seed=7)
+    batch = random_batch([6, 3], G, 9, seed=7, device=device)
     rows, T = batch.completion_ids.shape
     gen = torch.Generator().manual_seed(8)
-    old_logps = -torch.rand(rows, T, generator=gen, dtype=torch.float64) * 3
-    ref_logps = -torch.rand(rows, T, generator=gen, dtype=torch.float64) * 3
-    old_vocab_mean = -torch.rand(rows, T, generator=gen, dtype=torch.float64) * 6 - 4
-    advantages = torch.randn(rows, generator=gen, dtype=torch.float64)
+    old_logps = (-torch.rand(rows, T, generator=gen, dtype=torch.float64) * 3).to(device)
+    ref_logps = (-torch.rand(rows, T, generator=gen, dtype=torch.float64) * 3).to(device)
+    old_vocab_mean = (-torch.rand(rows, T, generator=gen, dtype=torch.float64) * 6 - 4).to(device)
+    advantages = torch.randn(rows, generator=gen, dtype=torch.float64).to(device)
     loss_fn = FusedLinearPolicyLoss(config, temperature=0.7)
     results = []
     for packed in (False, True):
-        model = tiny_model("qwen2", seed=1)
+        model = tiny_model("qwen2", seed=1, device=device)
         if packed:
             hidden = shared_prefix_completion_hidden_states(DecoderLM(model), batch, G, checkpoint=checkpoint)
             head = model.get_output_embeddings()
@@ -86,30 +92,30 @@ def test_packed_loss_and_gradients_equal_the_padded_forward(config, checkpoint):
         torch.testing.assert_close(got_grads[name], grad, rtol=1e-5, atol=1e-6 * float(grad.abs().max()), msg=name)
 
 
-def test_each_prompt_is_packed_once_without_padding():
+def test_each_prompt_is_packed_once_without_padding(device):
     G = 3
-    batch = random_batch([4, 7], G, 5, seed=3)
+    batch = random_batch([4, 7], G, 5, seed=3, device=device)
     packed = pack_groups(batch, G)
     lengths = batch.completion_mask.sum(1).clamp(min=1) - 1
     assert packed.input_ids.shape[1] == 4 + 7 + int(lengths.sum())
     assert packed.group_length == max(4 + int(lengths[:3].sum()), 7 + int(lengths[3:].sum()))
 
 
-def test_mask_rule():
+def test_mask_rule(device):
     # one group: prompt of 2 tokens, completion 0 with 2 tokens, completion 1 with 1 token, one padding slot
-    seq = torch.tensor([[-1, -1, 0, 0, 1, -2]])
-    allowed = shared_prefix_mask(seq, torch.tensor([[0, 1, 2, 3, 2, 0]]))[0, 0]
+    seq = torch.tensor([[-1, -1, 0, 0, 1, -2]], device=device)
+    allowed = shared_prefix_mask(seq, torch.tensor([[0, 1, 2, 3, 2, 0]], device=device))[0, 0]
     want = torch.tensor([[1, 0, 0, 0, 0, 0],
                          [1, 1, 0, 0, 0, 0],
                          [1, 1, 1, 0, 0, 0],
                          [1, 1, 1, 1, 0, 0],
                          [1, 1, 0, 0, 1, 0],
-                         [0, 0, 0, 0, 0, 1]], dtype=torch.bool)
+                         [0, 0, 0, 0, 0, 1]], dtype=torch.bool, device=device)
     assert torch.equal(allowed, want)
 
 
-def test_rows_of_a_group_must_share_the_prompt():
-    batch = random_batch([4, 6], 2, 3, seed=0)
+def test_rows_of_a_group_must_share_the_prompt(device):
+    batch = random_batch([4, 6], 2, 3, seed=0, device=device)
     with pytest.raises(ValueError, match="share one prompt"):
         pack_groups(batch, 4)  # a "group" of 4 spans two different prompts
     with pytest.raises(ValueError, match="num_generations must divide"):

@@ -4,7 +4,8 @@ The oracle walks every token with Python float64 scalars (``math``), computes th
 closed-form derivative d loss_t / d logp_t (all the algorithms' token losses depend on logp_t only
 through that token, GSPO's stop-gradients included), the clip flags, ratio and KL, then aggregates with
 explicit per-token weights w_bt so that loss = sum w·l and d loss / d logp_bt = w_bt · d l_bt / d logp_bt.
-Masked tokens are never read, so NaN there is never seen by the oracle.
+Masked tokens are never read, so NaN there is never seen by the oracle. Inputs are drawn on the CPU and
+moved to the ``device`` fixture's device; the oracle's results stay on the CPU.
 """
 
 from __future__ import annotations
@@ -168,7 +169,7 @@ def make_mask(B, T, kind, gen):
 
 
 def make_inputs(B=4, T=5, adv_shape="B", mask_kind="row_masked", seed=0, spread=0.3, with_ref=True,
-                with_vocab_mean=True):
+                with_vocab_mean=True, device="cpu"):
     gen = torch.Generator().manual_seed(seed)
     logps = -(torch.rand(B, T, generator=gen) * 3 + 0.05)
     old = logps + torch.randn(B, T, generator=gen) * spread
@@ -182,8 +183,11 @@ def make_inputs(B=4, T=5, adv_shape="B", mask_kind="row_masked", seed=0, spread=
     if with_vocab_mean:
         vm = -(torch.rand(B, T, generator=gen) * 2 + 6)
         ovm = vm + torch.randn(B, T, generator=gen) * 0.2
-    return dict(logps=logps.requires_grad_(True), old_logps=old, advantages=adv, completion_mask=mask,
-                ref_logps=ref, vocab_mean=vm, old_vocab_mean=ovm)
+    inputs = dict(logps=logps, old_logps=old, advantages=adv, completion_mask=mask, ref_logps=ref, vocab_mean=vm,
+                  old_vocab_mean=ovm)
+    inputs = {name: None if value is None else value.to(device) for name, value in inputs.items()}
+    inputs["logps"].requires_grad_(True)
+    return inputs
 
 
 def run_both(inp, cfg, rtol=RTOL, atol=ATOL):
@@ -195,11 +199,11 @@ def run_both(inp, cfg, rtol=RTOL, atol=ATOL):
     want_loss, want_grad, want_metrics, info = oracle(logps, old, adv, mask, cfg, kw.get("ref_logps"),
                                                       kw.get("vocab_mean"), kw.get("old_vocab_mean"))
     assert loss.dim() == 0 and loss.dtype == torch.float32
-    torch.testing.assert_close(loss.detach().to(F64), torch.tensor(want_loss, dtype=F64), rtol=rtol, atol=atol)
+    torch.testing.assert_close(loss.detach().to("cpu", F64), torch.tensor(want_loss, dtype=F64), rtol=rtol, atol=atol)
     (grad,) = torch.autograd.grad(loss, logps, allow_unused=True)
     if grad is None:
         grad = torch.zeros_like(logps)
-    torch.testing.assert_close(grad.to(F64), want_grad, rtol=rtol, atol=atol)
+    torch.testing.assert_close(grad.to("cpu", F64), want_grad, rtol=rtol, atol=atol)
     assert set(metrics) >= {"clip_frac", "kl", "ratio_mean"}
     for name, want in want_metrics.items():
         got = metrics[name]
@@ -208,7 +212,7 @@ def run_both(inp, cfg, rtol=RTOL, atol=ATOL):
             continue
         assert isinstance(got, torch.Tensor) and got.dim() == 0, name
         assert not got.requires_grad, name
-        torch.testing.assert_close(got.to(F64), torch.tensor(want, dtype=F64), rtol=rtol, atol=atol,
+        torch.testing.assert_close(got.to("cpu", F64), torch.tensor(want, dtype=F64), rtol=rtol, atol=atol,
                                    msg=lambda s, n=name: f"metric {n}: {s}")
     return info, loss, grad
 
@@ -225,10 +229,10 @@ def cfg_of(algo, **changes):
 @pytest.mark.parametrize("adv_shape", ["B", "BT"])
 @pytest.mark.parametrize("agg", AGG_MODES)
 @pytest.mark.parametrize("algo", ALL_ALGOS)
-def test_every_algo_every_aggregation(algo, agg, adv_shape):
+def test_every_algo_every_aggregation(algo, agg, adv_shape, device):
     cfg = cfg_of(algo, loss_agg_mode=agg)
     seed = ALL_ALGOS.index(algo) * 10 + AGG_MODES.index(agg) + (100 if adv_shape == "BT" else 0)
-    inp = make_inputs(B=4, T=6, adv_shape=adv_shape, mask_kind="row_masked", seed=seed)
+    inp = make_inputs(device=device, B=4, T=6, adv_shape=adv_shape, mask_kind="row_masked", seed=seed)
     info, _, _ = run_both(inp, cfg)
     assert info["tokens"] > 0
 
@@ -236,16 +240,16 @@ def test_every_algo_every_aggregation(algo, agg, adv_shape):
 @pytest.mark.parametrize("mask_kind", ["full", "random", "padded", "row_masked"])
 @pytest.mark.parametrize("B,T", [(1, 1), (1, 7), (3, 1), (8, 7)])
 @pytest.mark.parametrize("algo", ALL_ALGOS)
-def test_shapes_and_masks(algo, B, T, mask_kind):
+def test_shapes_and_masks(algo, B, T, mask_kind, device):
     seed = 1000 + ALL_ALGOS.index(algo) * 100 + B * 10 + T
-    inp = make_inputs(B=B, T=T, adv_shape="B", mask_kind=mask_kind, seed=seed)
+    inp = make_inputs(device=device, B=B, T=T, adv_shape="B", mask_kind=mask_kind, seed=seed)
     run_both(inp, cfg_of(algo))
 
 
 @pytest.mark.parametrize("mask_dtype", [torch.bool, torch.float32, torch.int64, torch.uint8], ids=str)
 @pytest.mark.parametrize("algo", ALL_ALGOS)
-def test_mask_may_be_bool_or_0_1(algo, mask_dtype):
-    inp = make_inputs(B=3, T=5, mask_kind="random", seed=77 + ALL_ALGOS.index(algo))
+def test_mask_may_be_bool_or_0_1(algo, mask_dtype, device):
+    inp = make_inputs(device=device, B=3, T=5, mask_kind="random", seed=77 + ALL_ALGOS.index(algo))
     inp["completion_mask"] = inp["completion_mask"].to(mask_dtype)
     run_both(inp, cfg_of(algo, loss_agg_mode="seq-mean-token-mean"))
 
@@ -258,17 +262,17 @@ def test_mask_may_be_bool_or_0_1(algo, mask_dtype):
 @pytest.mark.parametrize("beta", [0.0, 0.04, 1.0])
 @pytest.mark.parametrize("estimator", ["k1", "k2", "k3"])
 @pytest.mark.parametrize("algo", ALL_ALGOS)
-def test_kl_estimators(algo, estimator, beta):
+def test_kl_estimators(algo, estimator, beta, device):
     cfg = cfg_of(algo, kl_estimator=estimator, beta=beta)
-    inp = make_inputs(B=3, T=6, adv_shape="BT", mask_kind="random",
+    inp = make_inputs(device=device, B=3, T=6, adv_shape="BT", mask_kind="random",
                       seed=300 + ALL_ALGOS.index(algo) * 10 + int(beta * 100), spread=0.6)
     run_both(inp, cfg)
 
 
 @pytest.mark.parametrize("algo", ALL_ALGOS)
-def test_beta_changes_loss_only_through_kl(algo):
+def test_beta_changes_loss_only_through_kl(algo, device):
     """loss(beta) - loss(0) equals beta · aggregated KL (a cross-check that does not use the oracle's loss)."""
-    inp = make_inputs(B=3, T=4, mask_kind="random", seed=5)
+    inp = make_inputs(device=device, B=3, T=4, mask_kind="random", seed=5)
     base = cfg_of(algo, loss_agg_mode="token-mean", kl_estimator="k3")
     args = (inp["logps"], inp["old_logps"], inp["advantages"], inp["completion_mask"])
     extra = dict(ref_logps=inp["ref_logps"], vocab_mean=inp["vocab_mean"], old_vocab_mean=inp["old_vocab_mean"])
@@ -280,8 +284,8 @@ def test_beta_changes_loss_only_through_kl(algo):
 
 
 @pytest.mark.parametrize("algo", ALL_ALGOS)
-def test_beta_without_ref_raises(algo):
-    inp = make_inputs(B=2, T=3, with_ref=False)
+def test_beta_without_ref_raises(algo, device):
+    inp = make_inputs(device=device, B=2, T=3, with_ref=False)
     with pytest.raises(ValueError, match="ref_logps"):
         policy_loss(inp["logps"], inp["old_logps"], inp["advantages"], inp["completion_mask"],
                     config=cfg_of(algo, beta=0.1), vocab_mean=inp["vocab_mean"], old_vocab_mean=inp["old_vocab_mean"])
@@ -292,14 +296,14 @@ def test_beta_without_ref_raises(algo):
 # --------------------------------------------------------------------------------------------------
 
 
-def wide_ratio_inputs(B, T, seed, adv_shape="B"):
+def wide_ratio_inputs(B, T, seed, adv_shape="B", device="cpu"):
     """Per-row log-ratio offsets spanning strongly-below to strongly-above 1, both advantage signs."""
-    inp = make_inputs(B=B, T=T, adv_shape=adv_shape, mask_kind="random", seed=seed, spread=0.05)
-    offsets = torch.tensor([-2.0, -0.6, -0.05, 0.05, 0.6, 2.0, 1.3, -1.3])[:B]
+    inp = make_inputs(device=device, B=B, T=T, adv_shape=adv_shape, mask_kind="random", seed=seed, spread=0.05)
+    offsets = torch.tensor([-2.0, -0.6, -0.05, 0.05, 0.6, 2.0, 1.3, -1.3], device=device)[:B]
     with torch.no_grad():
         inp["old_logps"] = inp["logps"].detach() - offsets.unsqueeze(1) + inp["old_logps"] - inp["logps"].detach()
     adv = inp["advantages"]
-    signs = torch.tensor([1.0, -1.0] * 4)[:B]
+    signs = torch.tensor([1.0, -1.0] * 4, device=device)[:B]
     inp["advantages"] = adv.abs() * (signs if adv.dim() == 1 else signs.unsqueeze(1))
     return inp
 
@@ -307,23 +311,24 @@ def wide_ratio_inputs(B, T, seed, adv_shape="B"):
 @pytest.mark.parametrize("adv_shape", ["B", "BT"])
 @pytest.mark.parametrize("c", [None, 1.5, 3.0])
 @pytest.mark.parametrize("cfg_cls", PPO_FAMILY, ids=lambda c: c.__name__)
-def test_ppo_clip_and_dual_clip(cfg_cls, c, adv_shape):
+def test_ppo_clip_and_dual_clip(cfg_cls, c, adv_shape, device):
     cfg = cfg_cls().replace(clip_ratio_c=c, epsilon_low=0.2, epsilon_high=0.28, loss_agg_mode="token-mean")
-    inp = wide_ratio_inputs(8, 5, seed=PPO_FAMILY.index(cfg_cls) + int((c or 0) * 10), adv_shape=adv_shape)
+    inp = wide_ratio_inputs(8, 5, device=device, seed=PPO_FAMILY.index(cfg_cls) + int((c or 0) * 10),
+                            adv_shape=adv_shape)
     info, loss, grad = run_both(inp, cfg)
     # the inputs really exercise the clip (and not everything is clipped)
     assert 0 < info["clipped"] < info["tokens"]
 
 
 @pytest.mark.parametrize("cfg_cls", PPO_FAMILY, ids=lambda c: c.__name__)
-def test_dual_clip_caps_negative_advantage_loss(cfg_cls):
+def test_dual_clip_caps_negative_advantage_loss(cfg_cls, device):
     """With A < 0 and a huge ratio, the token loss is exactly -A·c and carries no gradient."""
     B, T, c = 2, 4, 3.0
-    logps = torch.full((B, T), -1.0).requires_grad_(True)
-    old = logps.detach() - torch.tensor([[2.0], [0.0]])  # ratio e^2 ≈ 7.39 > c in row 0, 1 in row 1
+    logps = torch.full((B, T), -1.0, device=device).requires_grad_(True)
+    old = logps.detach() - torch.tensor([[2.0], [0.0]], device=device)  # ratio e^2 ≈ 7.39 > c in row 0, 1 in row 1
     gen = torch.Generator().manual_seed(3)
-    adv = torch.tensor([-0.5 - torch.rand(1, generator=gen).item(), -0.7])
-    mask = torch.ones(B, T, dtype=torch.bool)
+    adv = torch.tensor([-0.5 - torch.rand(1, generator=gen).item(), -0.7], device=device)
+    mask = torch.ones(B, T, dtype=torch.bool, device=device)
     cfg = cfg_cls().replace(clip_ratio_c=c, loss_agg_mode="token-mean")
     loss, metrics = policy_loss(logps, old, adv, mask, config=cfg)
     a0, a1 = adv.tolist()
@@ -331,15 +336,16 @@ def test_dual_clip_caps_negative_advantage_loss(cfg_cls):
     assert loss.item() == pytest.approx(want, rel=1e-6)
     (grad,) = torch.autograd.grad(loss, logps)
     assert torch.count_nonzero(grad[0]).item() == 0
-    torch.testing.assert_close(grad[1], torch.full((T,), -a1 / (B * T)))
+    torch.testing.assert_close(grad[1], torch.full((T,), -a1 / (B * T), device=device))
     assert metrics["clip_frac"].item() == pytest.approx(0.5)
 
 
 @pytest.mark.parametrize("eps", [(3e-4, 4e-4), (0.5, 0.5)], ids=["gspo_default_eps", "wide_eps"])
 @pytest.mark.parametrize("agg", AGG_MODES)
-def test_gspo_gradient_uses_sequence_ratio(eps, agg):
+def test_gspo_gradient_uses_sequence_ratio(eps, agg, device):
     cfg = GSPOConfig().replace(epsilon_low=eps[0], epsilon_high=eps[1], loss_agg_mode=agg)
-    inp = make_inputs(B=4, T=6, adv_shape="B", mask_kind="row_masked", seed=11 + AGG_MODES.index(agg), spread=0.3)
+    inp = make_inputs(device=device, B=4, T=6, adv_shape="B", mask_kind="row_masked", seed=11 + AGG_MODES.index(agg),
+                      spread=0.3)
     info, _, grad = run_both(inp, cfg)
     if eps[0] == 0.5:
         # nothing is clipped: in each row d loss/d logp_t / w_t = -A·s, the same s for every token
@@ -360,8 +366,8 @@ def test_gspo_gradient_uses_sequence_ratio(eps, agg):
             assert g.sign().eq(-math.copysign(1.0, float(adv[b]))).all()
 
 
-def test_gspo_fully_masked_row_is_harmless():
-    inp = make_inputs(B=3, T=4, mask_kind="row_masked", seed=4)
+def test_gspo_fully_masked_row_is_harmless(device):
+    inp = make_inputs(device=device, B=3, T=4, mask_kind="row_masked", seed=4)
     with torch.no_grad():
         inp["old_logps"][1] = inp["old_logps"][1] + 50  # would be a huge ratio if the masked row counted
     info, _, grad = run_both(inp, GSPOConfig().replace(epsilon_low=0.5, epsilon_high=0.5))
@@ -376,27 +382,27 @@ def test_gspo_fully_masked_row_is_harmless():
 @pytest.mark.parametrize("adv_shape", ["B", "BT"])
 @pytest.mark.parametrize("agg", AGG_MODES)
 @pytest.mark.parametrize("level", ["token", "sequence"])
-def test_topr(level, agg, adv_shape):
+def test_topr(level, agg, adv_shape, device):
     cfg = TOPRConfig().replace(importance_sampling_level=level, loss_agg_mode=agg)
-    inp = wide_ratio_inputs(8, 4, seed=50 + AGG_MODES.index(agg), adv_shape=adv_shape)
+    inp = wide_ratio_inputs(8, 4, device=device, seed=50 + AGG_MODES.index(agg), adv_shape=adv_shape)
     if adv_shape == "BT":
         inp["advantages"][0, 1] = 0.0  # A = 0 counts as non-negative
     info, _, _ = run_both(inp, cfg)
     assert 0 < info["clipped"] < info["tokens"]
 
 
-def test_topr_sequence_ratio_is_a_sum_not_a_mean():
+def test_topr_sequence_ratio_is_a_sum_not_a_mean(device):
     """Log ratio -0.3 on each of 3 tokens: a mean would taper by e^-0.3, the trajectory ratio (sum) by e^-0.9."""
-    logps = torch.tensor([[-1.0, -2.0, -0.5]]).requires_grad_(True)
+    logps = torch.tensor([[-1.0, -2.0, -0.5]], device=device).requires_grad_(True)
     old = logps.detach() + 0.3  # log ratio -0.3 per token
-    adv = torch.tensor([-1.0])
-    mask = torch.ones(1, 3, dtype=torch.bool)
+    adv = torch.tensor([-1.0], device=device)
+    mask = torch.ones(1, 3, dtype=torch.bool, device=device)
     cfg = TOPRConfig().replace(importance_sampling_level="sequence", loss_agg_mode="seq-mean-token-sum")
     loss, metrics = policy_loss(logps, old, adv, mask, config=cfg)
     alpha = math.exp(-0.9)
     assert loss.item() == pytest.approx(alpha * (-1.0 - 2.0 - 0.5), rel=1e-5)
     (grad,) = torch.autograd.grad(loss, logps)
-    torch.testing.assert_close(grad, torch.full((1, 3), alpha))
+    torch.testing.assert_close(grad, torch.full((1, 3), alpha, device=device))
     assert metrics["ratio_mean"].item() == pytest.approx(alpha, rel=1e-5)
     assert metrics["clip_frac"].item() == 1.0
 
@@ -409,15 +415,16 @@ def test_topr_sequence_ratio_is_a_sum_not_a_mean():
 @pytest.mark.parametrize("mask_kind", ["full", "random", "padded", "row_masked"])
 @pytest.mark.parametrize("adv_shape", ["B", "BT"])
 @pytest.mark.parametrize("rho", [0.5, 1.0, 2.0])
-def test_rover(rho, adv_shape, mask_kind):
+def test_rover(rho, adv_shape, mask_kind, device):
     cfg = ROVERConfig().replace(rho=rho)
-    inp = make_inputs(B=4, T=6, adv_shape=adv_shape, mask_kind=mask_kind, seed=int(rho * 10) + len(mask_kind))
+    inp = make_inputs(device=device, B=4, T=6, adv_shape=adv_shape, mask_kind=mask_kind,
+                      seed=int(rho * 10) + len(mask_kind))
     info, _, _ = run_both(inp, cfg)
     assert info["clipped"] == 0
 
 
-def test_rover_gives_no_gradient_to_vocab_means():
-    inp = make_inputs(B=3, T=5, seed=8)
+def test_rover_gives_no_gradient_to_vocab_means(device):
+    inp = make_inputs(device=device, B=3, T=5, seed=8)
     vm = inp["vocab_mean"].clone().requires_grad_(True)
     ovm = inp["old_vocab_mean"].clone().requires_grad_(True)
     loss, _ = policy_loss(inp["logps"], inp["old_logps"], inp["advantages"], inp["completion_mask"],
@@ -428,8 +435,8 @@ def test_rover_gives_no_gradient_to_vocab_means():
 
 
 @pytest.mark.parametrize("missing", ["vocab_mean", "old_vocab_mean", "both"])
-def test_rover_without_vocab_mean_raises(missing):
-    inp = make_inputs(B=2, T=3)
+def test_rover_without_vocab_mean_raises(missing, device):
+    inp = make_inputs(device=device, B=2, T=3)
     kw = {"vocab_mean": inp["vocab_mean"], "old_vocab_mean": inp["old_vocab_mean"]}
     for k in (["vocab_mean", "old_vocab_mean"] if missing == "both" else [missing]):
         kw[k] = None
@@ -467,9 +474,9 @@ def _nan_value_params():
 
 @pytest.mark.parametrize("algo,field", _nan_value_params())
 @pytest.mark.parametrize("agg", AGG_MODES)
-def test_nan_on_masked_positions_does_not_touch_loss(algo, field, agg):
+def test_nan_on_masked_positions_does_not_touch_loss(algo, field, agg, device):
     cfg = cfg_of(algo, loss_agg_mode=agg, beta=0.1, kl_estimator="k3")
-    inp = make_inputs(B=4, T=5, adv_shape="BT", mask_kind="padded", seed=21 + AGG_MODES.index(agg))
+    inp = make_inputs(device=device, B=4, T=5, adv_shape="BT", mask_kind="padded", seed=21 + AGG_MODES.index(agg))
     inp["completion_mask"][0, -1] = False  # at least one padded position in a kept row
     inp = put_nan_on_masked(inp, field)
     kw = dict(inp)
@@ -478,12 +485,12 @@ def test_nan_on_masked_positions_does_not_touch_loss(algo, field, agg):
     want_loss, want_grad, want_metrics, _ = oracle(logps, old, adv, mask, cfg, kw["ref_logps"], kw["vocab_mean"],
                                                    kw["old_vocab_mean"])
     assert torch.isfinite(loss)
-    torch.testing.assert_close(loss.detach().to(F64), torch.tensor(want_loss, dtype=F64), rtol=RTOL, atol=ATOL)
+    torch.testing.assert_close(loss.detach().to("cpu", F64), torch.tensor(want_loss, dtype=F64), rtol=RTOL, atol=ATOL)
     for name, want in want_metrics.items():
-        torch.testing.assert_close(metrics[name].to(F64), torch.tensor(want, dtype=F64), rtol=RTOL, atol=ATOL)
+        torch.testing.assert_close(metrics[name].to("cpu", F64), torch.tensor(want, dtype=F64), rtol=RTOL, atol=ATOL)
     (grad,) = torch.autograd.grad(loss, logps)
     # gradient on the kept tokens is untouched by the NaN next door
-    torch.testing.assert_close(grad[mask].to(F64), want_grad[mask], rtol=RTOL, atol=ATOL)
+    torch.testing.assert_close(grad[mask].to("cpu", F64), want_grad[mask.cpu()], rtol=RTOL, atol=ATOL)
 
 
 def _nan_grad_params():
@@ -495,8 +502,8 @@ def _nan_grad_params():
 
 
 @pytest.mark.parametrize("algo,field", _nan_grad_params())
-def test_nan_on_masked_positions_gives_zero_grad_there(algo, field):
-    inp = make_inputs(B=3, T=5, adv_shape="BT", mask_kind="padded", seed=33, with_ref=False)
+def test_nan_on_masked_positions_gives_zero_grad_there(algo, field, device):
+    inp = make_inputs(device=device, B=3, T=5, adv_shape="BT", mask_kind="padded", seed=33, with_ref=False)
     inp["completion_mask"][0, -1] = False
     inp = put_nan_on_masked(inp, field)
     kw = dict(inp)
@@ -509,8 +516,8 @@ def test_nan_on_masked_positions_gives_zero_grad_there(algo, field):
 
 @pytest.mark.parametrize("agg", AGG_MODES)
 @pytest.mark.parametrize("algo", ALL_ALGOS)
-def test_all_masked_batch_gives_zero(algo, agg):
-    inp = make_inputs(B=3, T=4, mask_kind="all_masked", seed=2)
+def test_all_masked_batch_gives_zero(algo, agg, device):
+    inp = make_inputs(device=device, B=3, T=4, mask_kind="all_masked", seed=2)
     kw = dict(inp)
     logps, old, adv, mask = (kw.pop(k) for k in ("logps", "old_logps", "advantages", "completion_mask"))
     loss, metrics = policy_loss(logps, old, adv, mask, config=cfg_of(algo, loss_agg_mode=agg, beta=0.2), **kw)
@@ -523,8 +530,8 @@ def test_all_masked_batch_gives_zero(algo, agg):
 
 @pytest.mark.parametrize("with_ref", [True, False])
 @pytest.mark.parametrize("algo", ALL_ALGOS)
-def test_metrics_are_detached_scalars(algo, with_ref):
-    inp = make_inputs(B=3, T=4, mask_kind="random", seed=6, with_ref=with_ref)
+def test_metrics_are_detached_scalars(algo, with_ref, device):
+    inp = make_inputs(device=device, B=3, T=4, mask_kind="random", seed=6, with_ref=with_ref)
     kw = dict(inp)
     logps, old, adv, mask = (kw.pop(k) for k in ("logps", "old_logps", "advantages", "completion_mask"))
     # advantages / old / ref requiring grad must not leak into the metrics either
@@ -548,8 +555,8 @@ def test_metrics_are_detached_scalars(algo, with_ref):
 # --------------------------------------------------------------------------------------------------
 
 
-def _base_args(B=3, T=4):
-    inp = make_inputs(B=B, T=T, seed=1)
+def _base_args(B=3, T=4, device="cpu"):
+    inp = make_inputs(device=device, B=B, T=T, seed=1)
     return dict(logps=inp["logps"], old_logps=inp["old_logps"], advantages=inp["advantages"],
                 completion_mask=inp["completion_mask"], ref_logps=inp["ref_logps"],
                 vocab_mean=inp["vocab_mean"], old_vocab_mean=inp["old_vocab_mean"])
@@ -562,43 +569,45 @@ def _base_args(B=3, T=4):
      ("advantages", (3, 4, 1)), ("advantages", (1,)), ("vocab_mean", (3, 5)), ("old_vocab_mean", (2, 4))],
 )
 @pytest.mark.parametrize("algo", ["grpo", "rover"])
-def test_shape_mismatch_raises_naming_the_argument(algo, name, shape):
-    args = _base_args()
+def test_shape_mismatch_raises_naming_the_argument(algo, name, shape, device):
+    args = _base_args(device=device)
     dtype = torch.bool if name == "completion_mask" else torch.float32
-    args[name] = torch.ones(shape, dtype=dtype)
+    args[name] = torch.ones(shape, dtype=dtype, device=device)
     with pytest.raises(ValueError, match=name):
         policy_loss(args.pop("logps"), args.pop("old_logps"), args.pop("advantages"), args.pop("completion_mask"),
                     config=cfg_of(algo), **args)
 
 
 @pytest.mark.parametrize("shape", [(12,), (3, 4, 1), ()], ids=str)
-def test_logps_not_2d_raises(shape):
-    logps = torch.randn(shape)
+def test_logps_not_2d_raises(shape, device):
+    logps = torch.randn(shape, device=device)
     with pytest.raises(ValueError, match="logps"):
-        policy_loss(logps, logps.clone(), torch.randn(3), torch.ones(shape, dtype=torch.bool), config=GRPOConfig())
+        policy_loss(logps, logps.clone(), torch.randn(3, device=device),
+                    torch.ones(shape, dtype=torch.bool, device=device), config=GRPOConfig())
 
 
 @pytest.mark.parametrize("name", ["old_logps", "ref_logps", "advantages"])
-def test_integer_dtype_raises_naming_the_argument(name):
-    args = _base_args()
+def test_integer_dtype_raises_naming_the_argument(name, device):
+    args = _base_args(device=device)
     args[name] = args[name].round().long()
     with pytest.raises(TypeError, match=name):
         policy_loss(args.pop("logps"), args.pop("old_logps"), args.pop("advantages"), args.pop("completion_mask"),
                     config=GRPOConfig(), **args)
 
 
-def test_config_must_be_a_policy_loss_config():
-    args = _base_args()
+def test_config_must_be_a_policy_loss_config(device):
+    args = _base_args(device=device)
     with pytest.raises(TypeError, match="config"):
         policy_loss(args["logps"], args["old_logps"], args["advantages"], args["completion_mask"],
                     config={"loss_type": "ppo_clip"})
 
 
-@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device to put tensors on two devices")
-def test_device_mismatch_raises():
-    args = _base_args()
+def test_device_mismatch_raises(device):
+    if device.type != "cuda":
+        pytest.skip("needs pytest --device cuda to put tensors on two devices")
+    args = _base_args(device=device)
     with pytest.raises(ValueError, match="old_logps"):
-        policy_loss(args["logps"], args["old_logps"].cuda(), args["advantages"], args["completion_mask"],
+        policy_loss(args["logps"], args["old_logps"].cpu(), args["advantages"], args["completion_mask"],
                     config=GRPOConfig())
 
 

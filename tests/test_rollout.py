@@ -7,8 +7,8 @@ from rlfuse.engine.rollout import HFRollout, completion_mask_from_ids, left_pad
 from rlfuse.engine.trainer import completion_logprobs
 
 
-def test_completion_mask_stops_after_first_stop_token():
-    ids = torch.tensor([[5, 2, 7, 2], [5, 6, 7, 8], [2, 3, 3, 3]])
+def test_completion_mask_stops_after_first_stop_token(device):
+    ids = torch.tensor([[5, 2, 7, 2], [5, 6, 7, 8], [2, 3, 3, 3]], device=device)
     mask = completion_mask_from_ids(ids, [2])
     assert mask.tolist() == [[True, True, False, False], [True] * 4, [True, False, False, False]]
 
@@ -18,8 +18,8 @@ def test_left_pad():
     assert ids.tolist() == [[1, 2, 3], [0, 0, 4]] and mask.tolist() == [[1, 1, 1], [0, 0, 1]]
 
 
-def test_training_logprobs_match_sampler_scores(smollm2_dir):
-    model, tokenizer = load_model_and_tokenizer(smollm2_dir)
+def test_training_logprobs_match_sampler_scores(smollm2_dir, device):
+    model, tokenizer = load_model_and_tokenizer(smollm2_dir, device=device)
     rollout = HFRollout(model, tokenizer)
     prompts = [tokenizer("What is 2+2?")["input_ids"], tokenizer("Name a prime number larger than ten, please.")["input_ids"]]
     torch.manual_seed(0)
@@ -38,8 +38,8 @@ def test_training_logprobs_match_sampler_scores(smollm2_dir):
             torch.testing.assert_close(logps[row][: len(completion)], expected, rtol=1e-4, atol=1e-4)
 
 
-def test_fused_linear_logprobs_equal_logits_path(smollm2_dir):
-    model, tokenizer = load_model_and_tokenizer(smollm2_dir)
+def test_fused_linear_logprobs_equal_logits_path(smollm2_dir, device):
+    model, tokenizer = load_model_and_tokenizer(smollm2_dir, device=device)
     rollout = HFRollout(model, tokenizer)
     torch.manual_seed(1)
     batch = rollout.generate([tokenizer("Count to three:")["input_ids"], tokenizer("Hi")["input_ids"]],
@@ -47,5 +47,7 @@ def test_fused_linear_logprobs_equal_logits_path(smollm2_dir):
     with torch.no_grad():
         via_logits = completion_logprobs(model, batch, 0.7, True, True, loss_impl="logits")
         fused = completion_logprobs(model, batch, 0.7, True, True, loss_impl="fused_linear")
+    # Compiled on a GPU, the fused kernel's tl.dot on float32 operands runs in TF32 (10-bit mantissa), H = 576.
+    rtol, atol = (1e-2, 5e-2) if device.type == "cuda" else (1e-4, 1e-4)
     for a, b in zip(fused, via_logits):
-        torch.testing.assert_close(a, b, rtol=1e-4, atol=1e-4)
+        torch.testing.assert_close(a, b, rtol=rtol, atol=atol)

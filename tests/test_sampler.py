@@ -1,4 +1,5 @@
-"""The compact decoder and the shared-prefix sampler against transformers."""
+"""The compact decoder and the shared-prefix sampler against transformers, on the ``device`` fixture's device
+(CUDA graphs and flash-attn included under ``pytest --device cuda``)."""
 
 import pytest
 import torch
@@ -24,15 +25,15 @@ CONFIGS = {
 }
 
 
-def tiny_model(name, seed=0):
+def tiny_model(name, seed=0, device="cpu"):
     torch.manual_seed(seed)
-    return AutoModelForCausalLM.from_config(CONFIGS[name]()).float().eval()
+    return AutoModelForCausalLM.from_config(CONFIGS[name]()).float().eval().to(device)
 
 
 @pytest.mark.parametrize("name", list(CONFIGS))
-def test_decoder_matches_transformers(name):
-    hf = tiny_model(name)
-    ids = torch.randint(0, 97, (3, 11), generator=torch.Generator().manual_seed(1))
+def test_decoder_matches_transformers(name, device):
+    hf = tiny_model(name, device=device)
+    ids = torch.randint(0, 97, (3, 11), generator=torch.Generator().manual_seed(1)).to(device)
     mask = torch.ones_like(ids)
     mask[0, :4] = 0  # left padding
     with torch.no_grad():
@@ -42,8 +43,8 @@ def test_decoder_matches_transformers(name):
     torch.testing.assert_close(got[real], want[real].float(), rtol=1e-5, atol=1e-5)
 
 
-def test_decoder_shares_the_parameters():
-    hf = tiny_model("llama")
+def test_decoder_shares_the_parameters(device):
+    hf = tiny_model("llama", device=device)
     decoder = DecoderLM(hf)
     assert {p.data_ptr() for p in decoder.parameters()} <= {p.data_ptr() for p in hf.parameters()}
 
@@ -54,9 +55,9 @@ class StubTokenizer:
 
 
 @pytest.mark.parametrize("name", ["llama", "qwen3"])
-def test_recorded_logprobs_equal_a_fresh_forward_with_early_stops(name):
+def test_recorded_logprobs_equal_a_fresh_forward_with_early_stops(name, device):
     """Samples that stop early leave the batch by groups; what the sampler recorded must still be exact."""
-    hf = tiny_model(name, seed=3)
+    hf = tiny_model(name, seed=3, device=device)
     hf.generation_config.eos_token_id = 5
     sampler = SharedPrefixSampler(hf, StubTokenizer())
     gen = torch.Generator().manual_seed(4)
@@ -76,12 +77,12 @@ def test_recorded_logprobs_equal_a_fresh_forward_with_early_stops(name):
     m = batch.completion_mask
     torch.testing.assert_close(batch.logps[m], want[m], rtol=1e-4, atol=1e-4)
     torch.testing.assert_close(batch.vocab_mean[m], log_probs.mean(-1)[m], rtol=1e-4, atol=1e-4)
-    ends = batch.completion_ids[torch.arange(15), lengths - 1]
+    ends = batch.completion_ids[torch.arange(15, device=device), lengths - 1]
     assert ((ends == 5) | (lengths == 12)).all()  # each sample ends at its stop token or the length limit
 
 
-def test_sample_tokens_filters():
-    logits = torch.randn(64, 50, generator=torch.Generator().manual_seed(0))
+def test_sample_tokens_filters(device):
+    logits = torch.randn(64, 50, generator=torch.Generator().manual_seed(0)).to(device)
     assert torch.equal(sample_tokens(logits, 1.0, greedy=True), logits.argmax(-1))
     assert torch.equal(sample_tokens(logits, 1.0, top_k=1), logits.argmax(-1))
     assert torch.equal(sample_tokens(logits, 0.7, top_p=1e-6), logits.argmax(-1))
@@ -90,8 +91,8 @@ def test_sample_tokens_filters():
     assert (top5 == drawn[:, None]).any(-1).all()
 
 
-def test_greedy_matches_transformers_generate_on_smollm2(smollm2_dir):
-    model, tokenizer = load_model_and_tokenizer(smollm2_dir)
+def test_greedy_matches_transformers_generate_on_smollm2(smollm2_dir, device):
+    model, tokenizer = load_model_and_tokenizer(smollm2_dir, device=device)
     from pathlib import Path
 
     examples = read_jsonl(Path(__file__).parent / "data" / "gsm8k_test_sample.jsonl")[:3]
@@ -108,18 +109,18 @@ def test_greedy_matches_transformers_generate_on_smollm2(smollm2_dir):
     torch.testing.assert_close(sampled.logps[m], fresh.logps[m], rtol=1e-4, atol=1e-4)
 
 
-def test_static_shape_decode_step_equals_the_sliced_one(monkeypatch):
+def test_static_shape_decode_step_equals_the_sliced_one(monkeypatch, device):
     """The masked full-cache read that CUDA graphs replay gives the tokens and log-probs of the eager read."""
-    hf = tiny_model("qwen2", seed=2)
+    hf = tiny_model("qwen2", seed=2, device=device)
     hf.generation_config.eos_token_id = 5
     hf.lm_head.weight.data[5] += 0.5  # early stops, so compaction runs between steps
     prompts = [torch.randint(6, 97, (n,), generator=torch.Generator().manual_seed(n)).tolist() for n in (4, 9, 6)]
     results = []
     for static in (False, True):
-        sampler = SharedPrefixSampler(hf, StubTokenizer())
+        sampler = SharedPrefixSampler(hf, StubTokenizer(), cuda_graphs=False)  # eager both times, on any device
         if static:
             def step_function(state, groups, device, sampler=sampler):
-                return lambda new, step: sampler.decode_step(state, groups, new, torch.tensor([step]))
+                return lambda new, step: sampler.decode_step(state, groups, new, torch.tensor([step], device=device))
             monkeypatch.setattr(sampler, "_step_function", step_function)
         torch.manual_seed(11)
         results.append(sampler.generate(prompts, 4, 14, 1.1))
@@ -129,11 +130,11 @@ def test_static_shape_decode_step_equals_the_sliced_one(monkeypatch):
     torch.testing.assert_close(static.logps, sliced.logps, rtol=1e-5, atol=1e-5)
 
 
-def test_finished_samples_leave_the_decode_batch(monkeypatch):
-    hf = tiny_model("llama", seed=3)
+def test_finished_samples_leave_the_decode_batch(monkeypatch, device):
+    hf = tiny_model("llama", seed=3, device=device)
     hf.generation_config.eos_token_id = 5
     hf.lm_head.weight.data[5] += 0.8
-    sampler = SharedPrefixSampler(hf, StubTokenizer())
+    sampler = SharedPrefixSampler(hf, StubTokenizer(), cuda_graphs=False)  # one decode_step call per step
     sizes = []
     decode_step = sampler.decode_step
     monkeypatch.setattr(sampler, "decode_step", lambda state, *a, **k: sizes.append(state.rows.numel()) or decode_step(state, *a, **k))
@@ -145,9 +146,11 @@ def test_finished_samples_leave_the_decode_batch(monkeypatch):
         assert size >= int((lengths > step + 1).sum())
 
 
-@pytest.mark.skipif(not torch.cuda.is_available(), reason="CUDA graphs need a GPU")
-def test_cuda_graph_decode_matches_eager():
-    hf = tiny_model("qwen3", seed=4).cuda()
+@pytest.mark.filterwarnings("error:CUDA graph capture")  # a failed capture falls back to eager: fail instead
+def test_cuda_graph_decode_matches_eager(device):
+    if device.type != "cuda":
+        pytest.skip("CUDA graphs need pytest --device cuda")
+    hf = tiny_model("qwen3", seed=4, device=device)
     hf.generation_config.eos_token_id = 5
     prompts = [[7, 8, 9, 10], [11, 12], [13, 14, 15, 16, 17, 18]]
     eager = SharedPrefixSampler(hf, StubTokenizer(), cuda_graphs=False).generate(prompts, 4, 24, 1.0, greedy=True)
@@ -156,15 +159,16 @@ def test_cuda_graph_decode_matches_eager():
     torch.testing.assert_close(graphed.logps, eager.logps, rtol=1e-4, atol=1e-4)
 
 
-@pytest.mark.skipif(not torch.cuda.is_available(), reason="flash-attn runs on a GPU")
-def test_flash_attn_prefill_matches_sdpa():
+def test_flash_attn_prefill_matches_sdpa(device):
+    if device.type != "cuda":
+        pytest.skip("flash-attn needs pytest --device cuda")
     pytest.importorskip("flash_attn")
     from rlfuse.engine.decoder import causal_attend, causal_padding_mask, sdpa
 
-    gen = torch.Generator(device="cuda").manual_seed(0)
-    q = torch.randn(3, 4, 9, 16, device="cuda", dtype=torch.bfloat16, generator=gen)
-    k, v = (torch.randn(3, 2, 9, 16, device="cuda", dtype=torch.bfloat16, generator=gen) for _ in range(2))
-    mask = torch.ones(3, 9, dtype=torch.bool, device="cuda")
+    gen = torch.Generator(device=device).manual_seed(0)
+    q = torch.randn(3, 4, 9, 16, device=device, dtype=torch.bfloat16, generator=gen)
+    k, v = (torch.randn(3, 2, 9, 16, device=device, dtype=torch.bfloat16, generator=gen) for _ in range(2))
+    mask = torch.ones(3, 9, dtype=torch.bool, device=device)
     mask[1, :4] = False
     got = causal_attend(mask)(0, q, k, v)
     want = sdpa(q, k, v, causal_padding_mask(mask))

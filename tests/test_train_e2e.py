@@ -1,4 +1,5 @@
-"""End to end on the real SmolLM2-135M-Instruct: every --algo trains 2 steps, checkpoints, and resumes."""
+"""End to end on the real SmolLM2-135M-Instruct: every --algo trains 2 steps, checkpoints, and resumes; on the
+``device`` fixture's device (``--device`` of the CLI)."""
 
 import json
 import math
@@ -53,9 +54,9 @@ def noisy_rewards(monkeypatch):
 
 
 @pytest.mark.parametrize("algo", ALGOS)
-def test_algo_trains_checkpoints_and_resumes(algo, smollm2_dir, tmp_path, noisy_rewards):
+def test_algo_trains_checkpoints_and_resumes(algo, smollm2_dir, tmp_path, noisy_rewards, device):
     out = tmp_path / algo
-    common = ["train", "--algo", algo, "--model", smollm2_dir, *TINY, "--output-dir", str(out)]
+    common = ["train", "--algo", algo, "--model", smollm2_dir, *TINY, "--output-dir", str(out), "--device", device.type]
     assert main([*common, "--steps", "2", "--eval-every", "2", "--eval-prompts", "2"]) == 0
     records = read_metrics(out)
     assert [r["step"] for r in records] == [1, 2]
@@ -71,7 +72,8 @@ def test_algo_trains_checkpoints_and_resumes(algo, smollm2_dir, tmp_path, noisy_
     assert checkpoint_step(out) == 2
     trained = load_file(out / "checkpoint" / "model.safetensors")
     initial = load_file(Path(smollm2_dir) / "model.safetensors")
-    assert any(not torch.equal(trained[k], initial[k]) for k in initial)  # the update changed the weights
+    # The update changed the weights (compared in the saved dtype: bfloat16 on a GPU).
+    assert any(not torch.equal(trained[k], initial[k].to(trained[k].dtype)) for k in initial)
 
     assert main([*common, "--steps", "3", "--resume"]) == 0
     resumed = read_metrics(out)
@@ -80,9 +82,10 @@ def test_algo_trains_checkpoints_and_resumes(algo, smollm2_dir, tmp_path, noisy_
     assert checkpoint_step(out) == 3
 
 
-def test_kl_reference_and_multiple_iterations_on_the_baseline_paths(smollm2_dir, tmp_path, noisy_rewards):
+def test_kl_reference_and_multiple_iterations_on_the_baseline_paths(smollm2_dir, tmp_path, noisy_rewards, device):
     out = tmp_path / "kl"
     args = ["train", "--algo", "grpo", "--model", smollm2_dir, *TINY, "--output-dir", str(out), "--steps", "1",
+            "--device", device.type,
             "--beta", "0.04", "--kl-estimator", "k3", "--num-iterations", "3", "--loss-impl", "logits",
             "--rollout", "hf", "--training-forward", "padded"]
     assert main(args) == 0
@@ -92,18 +95,18 @@ def test_kl_reference_and_multiple_iterations_on_the_baseline_paths(smollm2_dir,
     assert record["ratio_mean"] != 1.0  # the later iterations ran off the sampling policy
 
 
-def test_sampler_log_probs_serve_as_old_log_probs(smollm2_dir, tmp_path, noisy_rewards):
+def test_sampler_log_probs_serve_as_old_log_probs(smollm2_dir, tmp_path, noisy_rewards, device):
     out = tmp_path / "sampler-old"
     assert main(["train", "--algo", "rover", "--model", smollm2_dir, *TINY, "--output-dir", str(out),
-                 "--steps", "1", "--num-iterations", "2", "--gradient-checkpointing"]) == 0
+                 "--device", device.type, "--steps", "1", "--num-iterations", "2", "--gradient-checkpointing"]) == 0
     (record,) = read_metrics(out)
     assert math.isfinite(record["loss"]) and record["ratio_mean"] != 1.0  # the second update ran off-policy
 
 
-def test_killed_run_resumes_to_the_same_result(smollm2_dir, tmp_path):
+def test_killed_run_resumes_to_the_same_result(smollm2_dir, tmp_path, device):
     """Kill a run after its first checkpoint; the resumed run matches an uninterrupted one step for step."""
     killed, whole = tmp_path / "killed", tmp_path / "whole"
-    args = ["--algo", "topr", "--model", smollm2_dir, *TINY, "--steps", "3"]
+    args = ["--algo", "topr", "--model", smollm2_dir, *TINY, "--steps", "3", "--device", device.type]
     env = dict(os.environ, PYTHONUNBUFFERED="1")
     proc = subprocess.Popen([sys.executable, "-m", "rlfuse", "train", *args, "--output-dir", str(killed)],
                             stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, env=env)
@@ -125,9 +128,10 @@ def test_killed_run_resumes_to_the_same_result(smollm2_dir, tmp_path):
         assert a["loss"] == pytest.approx(b["loss"], rel=1e-4, abs=1e-6)
 
 
-def test_gguf_alias_runs_one_step(tmp_path):
+def test_gguf_alias_runs_one_step(tmp_path, device):
     out = tmp_path / "alias"
-    assert main(["train", "--model", "smollm2-135m", *TINY, "--steps", "1", "--output-dir", str(out)]) == 0
+    assert main(["train", "--model", "smollm2-135m", *TINY, "--steps", "1", "--output-dir", str(out),
+                 "--device", device.type]) == 0
     assert checkpoint_step(out) == 1
     config = json.loads((out / "checkpoint" / "config.json").read_text())
     assert "quantization_config" not in config  # saved as plain float weights, loadable by any trainer
@@ -171,14 +175,15 @@ def length_rewards(texts, golds, *args, **kwargs):
 
 
 @pytest.mark.parametrize("loss_impl", ["fused_linear", "logits"])
-def test_shared_prefix_training_forward_matches_the_padded_one(loss_impl, smollm2_dir, tmp_path, monkeypatch):
+def test_shared_prefix_training_forward_matches_the_padded_one(loss_impl, smollm2_dir, tmp_path, monkeypatch, device):
     monkeypatch.setattr(trainer_mod, "gsm8k_rewards", length_rewards)
     records, weights = [], []
     for forward in ("shared_prefix", "padded"):
         args = TrainArgs(algo="grpo", model=smollm2_dir, data=str(DATA / "gsm8k_train_sample.jsonl"),
                          prompts_per_step=2, num_generations=3, max_new_tokens=6, beta=0.04, num_iterations=2,
                          recompute_old_logps=True, learning_rate=1e-4, training_forward=forward,
-                         loss_impl=loss_impl, output_dir=str(tmp_path / forward))
+                         loss_impl=loss_impl, output_dir=str(tmp_path / forward), device=device.type,
+                         dtype="float32")  # float32 on every device (auto is bfloat16 on a GPU)
         trainer = Trainer(args)
         records.append(trainer.step(1))
         weights.append(trainer.model.model.layers[0].self_attn.q_proj.weight.detach().clone())
@@ -189,11 +194,11 @@ def test_shared_prefix_training_forward_matches_the_padded_one(loss_impl, smollm
     torch.testing.assert_close(weights[0], weights[1], rtol=1e-4, atol=1e-6)
 
 
-def test_lora_reference_is_the_base_with_adapters_disabled(smollm2_dir, tmp_path, monkeypatch):
+def test_lora_reference_is_the_base_with_adapters_disabled(smollm2_dir, tmp_path, monkeypatch, device):
     monkeypatch.setattr(trainer_mod, "gsm8k_rewards", length_rewards)
     out = tmp_path / "lora"
     common = ["train", "--model", smollm2_dir, *TINY, "--output-dir", str(out), "--lora-rank", "4", "--beta", "0.1",
-              "--learning-rate", "1e-3"]
+              "--learning-rate", "1e-3", "--device", device.type]
     assert main([*common, "--steps", "2"]) == 0
     first, second = read_metrics(out)
     assert first["kl"] == pytest.approx(0.0, abs=1e-7)  # B = 0 at init: the adapted model is the base
