@@ -58,8 +58,8 @@ def test_packed_hidden_states_equal_the_padded_forward(name, G, device):
 @pytest.mark.parametrize("config", [GRPOConfig(beta=0.05), DAPOConfig(), ROVERConfig()], ids=["grpo-kl", "dapo", "rover"])
 @pytest.mark.parametrize("checkpoint", [False, True])
 def test_packed_loss_and_gradients_equal_the_padded_forward(config, checkpoint, device, monkeypatch):
-    # The float64 loss path on every device: on a GPU the default would be the float32 (TF32 matmul) Triton
-    # kernel, tested against its own reference elsewhere; here only the packing is under test.
+    # The float64 loss path on every device: on a GPU the default would be the float32 Triton kernel, tested
+    # against its own reference elsewhere; here only the packing is under test.
     monkeypatch.setenv("RLFUSE_BACKEND", "torch")
     G = 4
     batch = random_batch([6, 3], G, 9, seed=7, device=device)
