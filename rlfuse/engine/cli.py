@@ -1,4 +1,4 @@
-"""The ``rlfuse`` command line: ``rlfuse train [OPTIONS]`` (options documented by ``--help``)."""
+"""The ``rlfuse`` command line: ``rlfuse train|eval|compare [OPTIONS]`` (options documented by ``--help``)."""
 
 from __future__ import annotations
 
@@ -9,6 +9,28 @@ from typing import Optional, Sequence
 import tyro
 
 from rlfuse.engine.args import TrainArgs
+from rlfuse.engine.compare import CompareArgs
+from rlfuse.engine.evaluate import EvalArgs
+
+
+def _run(args) -> str:
+    """Run the parsed subcommand; return the line to print when it is done."""
+    if isinstance(args, CompareArgs):
+        from rlfuse.engine.compare import run_compare
+
+        folder = run_compare(args)
+        print((folder / "summary.md").read_text())
+        return f"rlfuse: done. Outputs in {folder}/: compare.png, summary.json, summary.md, one folder per algorithm"
+    if isinstance(args, EvalArgs):
+        from rlfuse.engine.evaluate import format_table, run_eval
+
+        result, path = run_eval(args)
+        print(format_table(result, args.num_samples, args.temperature))
+        return f"rlfuse: done. Metrics in {path}"
+    from rlfuse.engine.trainer import train  # heavy imports only once the options parsed
+
+    output_dir = train(args)
+    return f"rlfuse: done. Outputs in {output_dir}/: metrics.jsonl, reward.png, checkpoint/"
 
 
 def main(argv: Optional[Sequence[str]] = None) -> int:
@@ -17,17 +39,16 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
     Bad options or inputs (``ValueError``, ``FileNotFoundError``) end with a one-line error on stderr and
     exit code 2; ``RLFUSE_DEBUG=1`` re-raises them with their traceback.
     """
-    args = tyro.extras.subcommand_cli_from_dict({"train": TrainArgs}, args=argv, prog="rlfuse")
-    from rlfuse.engine.trainer import train  # heavy imports only once the options parsed
-
+    args = tyro.extras.subcommand_cli_from_dict({"train": TrainArgs, "eval": EvalArgs, "compare": CompareArgs},
+                                                args=argv, prog="rlfuse")
     try:
-        output_dir = train(args)
+        message = _run(args)
     except (ValueError, FileNotFoundError) as error:
         if os.environ.get("RLFUSE_DEBUG"):
             raise
         print(f"rlfuse: error: {error}  (set RLFUSE_DEBUG=1 for the traceback)", file=sys.stderr)
         return 2
-    print(f"rlfuse: done. Outputs in {output_dir}/: metrics.jsonl, reward.png, checkpoint/")
+    print(message)
     return 0
 
 

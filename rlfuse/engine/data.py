@@ -1,4 +1,8 @@
-"""GSM8K-format data: read JSONL (``question``, ``answer`` ending in ``#### N``) and build chat prompts."""
+"""GSM8K-format data: read JSONL (``question``, ``answer`` ending in ``#### N``) and build chat prompts.
+
+Two named data sets load by name: ``gsm8k`` ("Training Verifiers to Solve Math Word Problems") and ``svamp``
+("Are NLP Models really able to Solve Simple Math Word Problems?"), the latter converted to the GSM8K layout.
+"""
 
 from __future__ import annotations
 
@@ -8,7 +12,8 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import List, Optional
 
-INSTRUCTION = "Answer briefly, and end with a last line '#### <number>' holding only the final number."
+INSTRUCTION = "Solve the problem step by step. End with a last line '#### <number>' holding only the final number."
+DATASETS = ("gsm8k", "svamp")  # names --data and --eval-data accept besides a JSONL path
 
 
 @dataclass(frozen=True)
@@ -40,7 +45,7 @@ def read_jsonl(path: str | os.PathLike) -> List[Example]:
     """
     path = Path(path)
     if not path.is_file():
-        raise FileNotFoundError(f"data file {path} does not exist; pass --data with a GSM8K-format JSONL or 'gsm8k'")
+        raise FileNotFoundError(f"data file {path} does not exist; pass a GSM8K-format JSONL or one of {DATASETS}")
     examples = []
     with path.open(encoding="utf-8") as handle:
         for number, line in enumerate(handle, start=1):
@@ -61,10 +66,10 @@ def read_jsonl(path: str | os.PathLike) -> List[Example]:
     return examples
 
 
-def shared_gsm8k_path(split: str) -> Optional[Path]:
-    """The workspace copy of GSM8K ``split`` (``train``/``test``), if one exists.
+def shared_data_path(name: str, split: str) -> Optional[Path]:
+    """The workspace copy of data set ``name`` (``gsm8k``/``svamp``), split ``split`` (``train``/``test``), if any.
 
-    Looks in ``$RLFUSE_DATA_DIR/gsm8k``, then ``../shared/data/gsm8k`` beside the working directory and
+    Looks in ``$RLFUSE_DATA_DIR/<name>``, then ``../shared/data/<name>`` beside the working directory and
     beside the source checkout.
     """
     roots = []
@@ -73,27 +78,44 @@ def shared_gsm8k_path(split: str) -> Optional[Path]:
     roots.append(Path.cwd().parent / "shared" / "data")
     roots.append(Path(__file__).resolve().parents[3] / "shared" / "data")
     for root in roots:
-        candidate = root / "gsm8k" / f"{split}.jsonl"
+        candidate = root / name / f"{split}.jsonl"
         if candidate.is_file():
             return candidate
     return None
 
 
-def load_gsm8k(data: str, split: str = "train") -> List[Example]:
-    """Examples from ``data``: a JSONL path, or ``gsm8k`` (the shared copy if present, else ``openai/gsm8k``).
+def shared_gsm8k_path(split: str) -> Optional[Path]:
+    """The workspace copy of GSM8K ``split``; see :func:`shared_data_path`."""
+    return shared_data_path("gsm8k", split)
+
+
+def load_examples(data: str, split: str = "train") -> List[Example]:
+    """Examples from ``data``: a JSONL path, or a name of :data:`DATASETS` (its ``split``).
+
+    ``gsm8k`` reads the workspace copy if present, else ``openai/gsm8k`` through ``datasets``; ``svamp`` reads
+    the workspace copy (``$RLFUSE_DATA_DIR/svamp/{train,test}.jsonl``).
 
     Raises:
-        FileNotFoundError, ValueError: as :func:`read_jsonl`.
+        FileNotFoundError: a path that does not exist, or ``svamp`` without a workspace copy.
+        ValueError: as :func:`read_jsonl`.
     """
-    if data != "gsm8k":
+    if data not in DATASETS:
         return read_jsonl(data)
-    local = shared_gsm8k_path(split)
+    local = shared_data_path(data, split)
     if local is not None:
         return read_jsonl(local)
+    if data == "svamp":
+        raise FileNotFoundError(f"no SVAMP {split} split found: put svamp/{split}.jsonl (GSM8K layout) under "
+                                "$RLFUSE_DATA_DIR, or pass the JSONL path")
     from datasets import load_dataset  # only when no local copy exists
 
     rows = load_dataset("openai/gsm8k", "main", split=split)
     return [Example(row["question"].strip(), gold_answer(row["answer"])) for row in rows]
+
+
+def load_gsm8k(data: str, split: str = "train") -> List[Example]:
+    """The same as :func:`load_examples` (the name predates SVAMP)."""
+    return load_examples(data, split)
 
 
 def build_prompt(tokenizer, question: str) -> List[int]:

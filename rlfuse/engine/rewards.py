@@ -1,14 +1,18 @@
-"""GSM8K rewards: answer correctness checked with math-verify, plus a small format reward.
+"""Math word-problem rewards (GSM8K, SVAMP): answer correctness checked with math-verify, and a format bonus
+paid only on top of a correct answer.
 
-Correctness plus format rewards are the standard recipe of "DeepSeek-R1: Incentivizing Reasoning
-Capability in LLMs via Reinforcement Learning" and its open reproductions.
+Correctness plus format rewards are the recipe of "DeepSeek-R1: Incentivizing Reasoning Capability in LLMs
+via Reinforcement Learning". Here the format part is gated on correctness, so no part of the reward can be
+earned by a completion that does no work (a bare ``#### 5`` guess earns nothing unless 5 is the answer), and a
+completion cut at the length limit earns the incorrect reward: it never gave its final answer.
 """
 
 from __future__ import annotations
 
+import math
 import re
 from dataclasses import dataclass
-from typing import List, Sequence
+from typing import List, Optional, Sequence
 
 from math_verify import ExprExtractionConfig, parse, verify
 
@@ -19,7 +23,11 @@ NUMBER_ONLY = [ExprExtractionConfig()]
 
 @dataclass(frozen=True)
 class RewardResult:
-    """Per-sample rewards: ``rewards`` = correctness part + format part, and the two flags behind them."""
+    """Per-sample rewards and the flags behind them (lists of one entry per completion).
+
+    ``correct`` and ``formatted`` describe the text alone; :func:`gsm8k_rewards` gives how ``rewards``
+    follow from them and from truncation.
+    """
 
     rewards: List[float]
     correct: List[bool]
@@ -33,6 +41,25 @@ def extract_answer(completion: str):
     if hashes:
         return parse(hashes[-1].replace(",", "").replace("$", "").strip(), extraction_config=NUMBER_ONLY)
     return parse(completion)
+
+
+def answer_key(completion: str) -> Optional[str]:
+    """A canonical string of the completion's final answer, for counting distinct answers; None if it has none.
+
+    Numbers are compared as values rounded to 6 decimals (``72``, ``72.0`` and ``#### 72.000`` give one key);
+    other answers by math-verify's string form.
+    """
+    predicted = extract_answer(completion)
+    if not predicted:
+        return None
+    value = predicted[0]
+    try:
+        number = float(value)
+    except (TypeError, ValueError):
+        return str(value)
+    if not math.isfinite(number):
+        return str(value)
+    return format(round(number, 6), ".6g") if abs(number) < 1e15 else repr(number)
 
 
 def is_correct(completion: str, gold: str) -> bool:
@@ -55,20 +82,38 @@ def gsm8k_rewards(
     format_reward: float = 0.1,
     correct_reward: float = 1.0,
     incorrect_reward: float = 0.0,
+    truncated: Optional[Sequence[bool]] = None,
 ) -> RewardResult:
     """Score completions against their gold answers.
 
-    reward = (``correct_reward`` if correct else ``incorrect_reward``) + (``format_reward`` if formatted).
+    ======================================  ==========================================
+    completion                              reward
+    ======================================  ==========================================
+    correct, ends with one ``#### N`` line  ``correct_reward + format_reward``
+    correct, no final line                  ``correct_reward``
+    wrong (a bare final line or after work) ``incorrect_reward``
+    cut at the length limit (``truncated``)  ``incorrect_reward``, whatever its text
+    ======================================  ==========================================
+
     TOPR passes ``incorrect_reward=-1`` to score correctness as ±1.
 
+    Args:
+        completions: the decoded completions.
+        golds: their gold final answers (the text after ``####``).
+        truncated: per completion, True when it was cut at ``--max-new-tokens`` without a stop token.
+
     Raises:
-        ValueError: ``completions`` and ``golds`` differ in length.
+        ValueError: ``completions``, ``golds`` and ``truncated`` differ in length.
     """
     if len(completions) != len(golds):
         raise ValueError(f"{len(completions)} completions but {len(golds)} gold answers; they must pair up")
+    truncated = [False] * len(completions) if truncated is None else [bool(t) for t in truncated]
+    if len(truncated) != len(completions):
+        raise ValueError(f"{len(completions)} completions but {len(truncated)} truncated flags; they must pair up")
     correct = [is_correct(text, gold) for text, gold in zip(completions, golds)]
     formatted = [is_formatted(text) for text in completions]
-    rewards = [
-        (correct_reward if c else incorrect_reward) + (format_reward if f else 0.0) for c, f in zip(correct, formatted)
-    ]
+    rewards = []
+    for c, f, t in zip(correct, formatted, truncated):
+        paid = c and not t
+        rewards.append((correct_reward + (format_reward if f else 0.0)) if paid else incorrect_reward)
     return RewardResult(rewards, correct, formatted)

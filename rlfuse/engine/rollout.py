@@ -60,6 +60,20 @@ def completion_mask_from_ids(completion_ids: torch.Tensor, stop_ids: Sequence[in
     return stops_before == 0
 
 
+def truncated_rows(completion_ids: torch.Tensor, completion_mask: torch.Tensor, stop_ids) -> torch.Tensor:
+    """(B,) bool: True for completions cut at the length limit, whose last real token is not a stop token.
+
+    Args:
+        completion_ids: (B, T) int64, right-padded.
+        completion_mask: (B, T) bool, True up to and including each row's stop token.
+        stop_ids: the stop token ids (a sequence or a 1-D int64 tensor).
+    """
+    last = (completion_mask.sum(1) - 1).clamp(min=0)
+    last_ids = completion_ids.gather(1, last[:, None])[:, 0]
+    stop = torch.as_tensor(stop_ids, dtype=torch.long, device=completion_ids.device)
+    return ~torch.isin(last_ids, stop)
+
+
 def left_pad(sequences: Sequence[List[int]], pad_id: int):
     """Left-pad token lists into ``(ids, mask)``, both (N, max_len) int64."""
     length = max(len(seq) for seq in sequences)

@@ -17,13 +17,15 @@ from tqdm.auto import tqdm
 from rlfuse.algos import FusedLinearPolicyLoss, compute_advantages, policy_loss
 from rlfuse.engine.args import TrainArgs
 from rlfuse.engine.checkpoint import find_checkpoint, load_training_state, save_checkpoint
-from rlfuse.engine.data import Example, build_prompt, load_gsm8k
+from rlfuse.engine.data import Example, build_prompt, load_examples
+from rlfuse.engine.evaluate import evaluate_examples, flat_metrics
+from rlfuse.engine.memory import peak_memory_gb, reset_peak_memory
 from rlfuse.engine.metrics import METRICS_FILE, MetricsLog
 from rlfuse.engine.decoder import DecoderLM
 from rlfuse.engine.model import add_lora, load_model_and_tokenizer, resolve_dtype
 from rlfuse.engine.packing import shared_prefix_completion_hidden_states
 from rlfuse.engine.rewards import gsm8k_rewards
-from rlfuse.engine.rollout import HFRollout, RolloutBatch
+from rlfuse.engine.rollout import HFRollout, RolloutBatch, truncated_rows
 from rlfuse.engine.sampler import SharedPrefixSampler
 from rlfuse.kernels import TokenLogprobs, linear_token_logprobs, token_logprobs
 
@@ -112,8 +114,9 @@ class Trainer:
         self.device = args.torch_device()
         self.output_dir = Path(args.output_dir or f"runs/{args.algo}-{datetime.now():%Y%m%d-%H%M%S}")
         checkpoint = self._find_resume_checkpoint()
-        self.train_examples = load_gsm8k(args.data, "train")
-        self.eval_examples = load_gsm8k(args.eval_data, "test")[: args.eval_prompts] if args.eval_every else []
+        self.train_examples = load_examples(args.data, "train")
+        eval_data = args.eval_data or args.data
+        self.eval_examples = load_examples(eval_data, "test")[: args.eval_prompts] if args.eval_every else []
         self._seed(args.seed)
         dtype = resolve_dtype(args.dtype, self.device)
         # A LoRA checkpoint holds only the adapters: the base comes from --model.
@@ -203,7 +206,7 @@ class Trainer:
         for step in range(self.start_step + 1, args.steps + 1):
             record = self.step(step)
             if args.eval_every and (step % args.eval_every == 0 or step == args.steps):
-                record["eval_accuracy"] = self.evaluate()
+                record.update(self.evaluate())
             self.log.append(record)
             if step % args.save_every == 0 or step == args.steps:
                 state = {"step": step, "args": dataclasses.asdict(args), "config": dataclasses.asdict(self.config)}
@@ -217,15 +220,16 @@ class Trainer:
     def step(self, step: int) -> Dict[str, object]:
         """One RL step on ``prompts_per_step`` prompts × G samples; returns its metrics record."""
         args, config = self.args, self.config
-        if self.device.type == "cuda":
-            torch.cuda.reset_peak_memory_stats(self.device)
+        reset_peak_memory(self.device)
         start = time.perf_counter()
         examples = step_examples(self.train_examples, step, args.prompts_per_step, args.seed)
         prompts = [build_prompt(self.tokenizer, ex.question) for ex in examples]
         batch = self.rollout.generate(prompts, args.num_generations, args.max_new_tokens, args.temperature)
         texts = self.tokenizer.batch_decode(batch.completion_ids, skip_special_tokens=True)
         golds = [ex.gold for ex in examples for _ in range(args.num_generations)]
-        scored = gsm8k_rewards(texts, golds, args.format_reward, incorrect_reward=config.incorrect_reward)
+        truncated = truncated_rows(batch.completion_ids, batch.completion_mask, self.rollout.stop_ids)
+        scored = gsm8k_rewards(texts, golds, args.format_reward, incorrect_reward=config.incorrect_reward,
+                               truncated=truncated.tolist())
         rewards = torch.tensor(scored.rewards, dtype=torch.float32)
         advantages = compute_advantages(rewards, args.num_generations, config).to(self.device)
         time_rollout = time.perf_counter() - start
@@ -263,6 +267,7 @@ class Trainer:
             "accuracy": float(np.mean(scored.correct)),
             "format_rate": float(np.mean(scored.formatted)),
             "completion_len_mean": mask.sum(1).float().mean().item(),
+            "truncated_rate": truncated.float().mean().item(),
             "kl": metrics["kl"].item() if metrics["kl"] is not None and config.beta > 0 else None,
             "clip_frac": metrics["clip_frac"].item(),
             "ratio_mean": metrics["ratio_mean"].item(),
@@ -272,9 +277,8 @@ class Trainer:
             "time_rollout": time_rollout,
             "time_logprobs": time_logprobs,
             "time_update": time_update,
+            "peak_mem_gb": peak_memory_gb(self.device),
         }
-        if self.device.type == "cuda":
-            record["peak_mem_gb"] = torch.cuda.max_memory_allocated(self.device) / 2**30
         return record
 
     def _loss(self, batch: RolloutBatch, advantages, old_logps, ref_logps, old_vocab_mean):
@@ -302,16 +306,14 @@ class Trainer:
         return loss, metrics
 
     @torch.no_grad()
-    def evaluate(self, batch_size: int = 16) -> float:
-        """Greedy accuracy on the first ``eval_prompts`` questions of ``eval_data`` (test split)."""
-        correct = 0
-        for offset in range(0, len(self.eval_examples), batch_size):
-            chunk = self.eval_examples[offset: offset + batch_size]
-            prompts = [build_prompt(self.tokenizer, ex.question) for ex in chunk]
-            batch = self.rollout.generate(prompts, 1, self.args.max_new_tokens, 1.0, greedy=True)
-            texts = self.tokenizer.batch_decode(batch.completion_ids, skip_special_tokens=True)
-            correct += sum(gsm8k_rewards(texts, [ex.gold for ex in chunk]).correct)
-        return correct / len(self.eval_examples)
+    def evaluate(self) -> Dict[str, float]:
+        """Metrics of the first ``eval_prompts`` test questions (:func:`rlfuse.engine.evaluate.flat_metrics`):
+        greedy ``eval_accuracy``, and ``eval_pass@k`` and ``eval_diversity`` with ``--eval-samples``."""
+        args = self.args
+        result = evaluate_examples(self.rollout, self.tokenizer, self.eval_examples, args.eval_samples,
+                                   max_new_tokens=args.max_new_tokens, temperature=args.temperature,
+                                   batch_size=max(1, 32 // max(1, args.eval_samples)), seed=args.seed)
+        return flat_metrics(result)
 
 
 def train(args: TrainArgs) -> Path:

@@ -1,0 +1,240 @@
+"""``rlfuse eval``: greedy pass@1, sampled pass@k, answer diversity, format and truncation rates of a model.
+
+One evaluation decodes every problem once greedily (pass@1) and, when asked, ``num_samples`` times at a
+temperature through the engine's sampler, from which pass@k follows by the unbiased estimator of "Evaluating
+Large Language Models Trained on Code" (:mod:`rlfuse.engine.passk`). Diversity is the mean number of distinct
+final answers among a problem's samples. pass@k and diversity show whether a policy keeps several paths to
+an answer, which is what ROVER and TOPR claim to preserve.
+"""
+
+from __future__ import annotations
+
+import json
+from dataclasses import asdict, dataclass
+from datetime import datetime
+from pathlib import Path
+from typing import Dict, List, Literal, Optional, Sequence, Tuple
+
+import torch
+
+from rlfuse.engine.data import Example, build_prompt, load_examples
+from rlfuse.engine.passk import default_ks, mean_pass_at_k
+from rlfuse.engine.rewards import answer_key, gsm8k_rewards
+from rlfuse.engine.rollout import truncated_rows
+
+
+@dataclass
+class EvalArgs:
+    """Evaluate a model or a training checkpoint on a test split: pass@1 (greedy), pass@k, diversity."""
+
+    model: str = "smollm2-135m"
+    """A model (local HF folder, hub id, .gguf file, alias smollm2-135m), a checkpoint folder written by
+    'rlfuse train', or a run folder (its checkpoint/ is used)."""
+    base_model: Optional[str] = None
+    """For a LoRA checkpoint (adapters only): the base model (default: the one its run was trained from)."""
+    data: str = "svamp"
+    """Problems: gsm8k, svamp, or a GSM8K-format JSONL."""
+    split: str = "test"
+    """Split of a named data set (ignored for a JSONL path)."""
+    num_problems: int = 0
+    """Evaluate the first N problems (0: all)."""
+    num_samples: int = 8
+    """n: sampled completions per problem for pass@k and diversity (0: greedy pass@1 only)."""
+    ks: Tuple[int, ...] = ()
+    """The k of pass@k, each in [1, n] (default: 1, 2, 4, ... up to n)."""
+    temperature: float = 0.7
+    """Sampling temperature of the n samples."""
+    max_new_tokens: int = 256
+    """Completion length limit, in tokens; completions cut there count as truncated and wrong."""
+    batch_size: int = 8
+    """Problems decoded together (each with its n samples)."""
+    seed: int = 0
+    """Seed of the sampling."""
+    output: Optional[str] = None
+    """JSON file to write (default: runs/eval-<data>-<split>-<time>.json)."""
+    device: str = "auto"
+    """cpu, cuda, or auto (cuda when available)."""
+    dtype: Literal["auto", "float32", "bfloat16", "float16"] = "auto"
+    """Model dtype: auto is float32 on the CPU, bfloat16 on a GPU."""
+
+    def validate(self) -> None:
+        """Raise ``ValueError`` naming the option for values that cannot run."""
+        for name in ("max_new_tokens", "batch_size"):
+            if getattr(self, name) < 1:
+                raise ValueError(f"--{name.replace('_', '-')} must be >= 1, got {getattr(self, name)}")
+        if self.num_problems < 0 or self.num_samples < 0:
+            raise ValueError("--num-problems and --num-samples must be >= 0 (0: all problems; greedy only)")
+        if not self.temperature > 0:
+            raise ValueError(f"--temperature must be > 0, got {self.temperature}")
+        bad = [k for k in self.ks if not 1 <= k <= self.num_samples]
+        if bad:
+            raise ValueError(f"--ks {bad}: each k must be in [1, --num-samples] = [1, {self.num_samples}]")
+
+
+def _decode(rollout, tokenizer, examples: Sequence[Example], num_generations: int, max_new_tokens: int,
+            temperature: float, greedy: bool, batch_size: int):
+    """(texts, lengths, truncated), one entry per completion, problems in order and each one's samples together."""
+    texts: List[str] = []
+    lengths: List[int] = []
+    truncated: List[bool] = []
+    for offset in range(0, len(examples), batch_size):
+        chunk = examples[offset: offset + batch_size]
+        prompts = [build_prompt(tokenizer, ex.question) for ex in chunk]
+        batch = rollout.generate(prompts, num_generations, max_new_tokens, temperature, greedy=greedy)
+        texts += tokenizer.batch_decode(batch.completion_ids, skip_special_tokens=True)
+        lengths += batch.completion_mask.sum(1).tolist()
+        truncated += truncated_rows(batch.completion_ids, batch.completion_mask, rollout.stop_ids).tolist()
+    return texts, lengths, truncated
+
+
+def _mean(values: Sequence[float]) -> float:
+    return float(sum(values)) / len(values)
+
+
+def _rates(texts, lengths, truncated, golds) -> Tuple[List[bool], Dict[str, float]]:
+    scored = gsm8k_rewards(texts, golds, truncated=truncated)
+    # A truncated completion never gave its answer: it counts as wrong, as in training.
+    correct = [c and not t for c, t in zip(scored.correct, truncated)]
+    return correct, {"accuracy": _mean(correct), "format_rate": _mean(scored.formatted),
+                     "truncated_rate": _mean(truncated), "completion_len_mean": _mean(lengths)}
+
+
+def evaluate_examples(rollout, tokenizer, examples: Sequence[Example], num_samples: int = 0,
+                      ks: Sequence[int] = (), max_new_tokens: int = 256, temperature: float = 0.7,
+                      batch_size: int = 8, seed: int = 0) -> Dict[str, object]:
+    """Evaluate a model, through its ``rollout`` (a :class:`rlfuse.engine.rollout.Rollout` with ``stop_ids``),
+    on ``examples``.
+
+    Returns a dict: ``pass@1`` (greedy accuracy), ``greedy`` (its ``format_rate``, ``truncated_rate`` and
+    ``completion_len_mean`` in tokens), and with ``num_samples`` n > 0 also ``pass@k`` (``{str(k): value}`` from
+    the n samples, ``ks`` defaulting to 1, 2, 4, ... n), ``diversity`` (mean number of distinct final answers per
+    problem; a problem whose samples give no answer counts 0) and ``sampled`` (the rates of the samples). The
+    sampling draws from its own generator seeded by ``seed``: the caller's random state is left as it was.
+
+    Raises:
+        ValueError: no examples, or a k outside [1, n].
+    """
+    if not examples:
+        raise ValueError("no problems to evaluate; pass at least one")
+    golds = [ex.gold for ex in examples]
+    greedy = _decode(rollout, tokenizer, examples, 1, max_new_tokens, 1.0, True, batch_size)
+    greedy_correct, greedy_rates = _rates(*greedy, golds)
+    result: Dict[str, object] = {"num_problems": len(examples), "pass@1": _mean(greedy_correct),
+                                 "greedy": greedy_rates}
+    if not num_samples:
+        return result
+    ks = list(ks) or default_ks(num_samples)
+    device = next(rollout.model.parameters()).device
+    with torch.random.fork_rng(devices=[device] if device.type == "cuda" else []):
+        torch.manual_seed(seed)
+        texts, lengths, truncated = _decode(rollout, tokenizer, examples, num_samples, max_new_tokens, temperature,
+                                            False, batch_size)
+    sample_golds = [gold for gold in golds for _ in range(num_samples)]
+    correct, rates = _rates(texts, lengths, truncated, sample_golds)
+    counts, distinct = [], []
+    for start in range(0, len(texts), num_samples):
+        counts.append(sum(correct[start: start + num_samples]))
+        keys = {answer_key(text) for text in texts[start: start + num_samples]} - {None}
+        distinct.append(len(keys))
+    result["pass@k"] = {str(k): v for k, v in mean_pass_at_k(num_samples, counts, ks).items()}
+    result["diversity"] = _mean(distinct)
+    result["sampled"] = rates
+    return result
+
+
+def flat_metrics(result: Dict[str, object], prefix: str = "eval_") -> Dict[str, float]:
+    """One flat record of :func:`evaluate_examples`'s result, for ``metrics.jsonl``: ``eval_accuracy`` (greedy
+    pass@1), the greedy ``eval_format_rate``, ``eval_truncated_rate`` and ``eval_completion_len_mean``, and
+    with samples ``eval_pass@k`` for each k (sampled) and ``eval_diversity``."""
+    record = {f"{prefix}accuracy": result["pass@1"]}
+    record.update({f"{prefix}{key}": value for key, value in result["greedy"].items() if key != "accuracy"})
+    record.update({f"{prefix}pass@{k}": value for k, value in result.get("pass@k", {}).items()})
+    if "diversity" in result:
+        record[f"{prefix}diversity"] = result["diversity"]
+    return record
+
+
+def format_table(result: Dict[str, object], num_samples: int = 0, temperature: float = 0.0) -> str:
+    """The metrics of :func:`evaluate_examples` as a two-column markdown table."""
+    rows = [("problems", f"{result['num_problems']}"), ("pass@1 (greedy)", f"{result['pass@1']:.4f}")]
+    for k, value in result.get("pass@k", {}).items():
+        rows.append((f"pass@{k} (n={num_samples}, T={temperature:g})", f"{value:.4f}"))
+    if "diversity" in result:
+        rows.append(("distinct answers per problem", f"{result['diversity']:.2f}"))
+    for part in ("greedy", "sampled"):
+        if part in result:
+            rates = result[part]
+            rows += [(f"{part}: format rate", f"{rates['format_rate']:.4f}"),
+                     (f"{part}: truncated rate", f"{rates['truncated_rate']:.4f}"),
+                     (f"{part}: mean length (tokens)", f"{rates['completion_len_mean']:.1f}")]
+    width = max(len(name) for name, _ in rows)
+    lines = [f"| {'metric'.ljust(width)} | value |", f"| {'-' * width} | ----- |"]
+    lines += [f"| {name.ljust(width)} | {value} |" for name, value in rows]
+    return "\n".join(lines)
+
+
+def _resolve_checkpoint(model: str) -> str:
+    """A run folder's checkpoint/ for a run folder; ``model`` otherwise."""
+    from rlfuse.engine.checkpoint import find_checkpoint
+
+    folder = Path(model)
+    if folder.is_dir() and not (folder / "config.json").exists() and not (folder / "adapter_config.json").exists():
+        checkpoint = find_checkpoint(folder)
+        if checkpoint is not None:
+            return str(checkpoint)
+    return model
+
+
+def load_for_eval(model: str, base_model: Optional[str], dtype: torch.dtype, device: torch.device):
+    """``(model, tokenizer)`` in eval mode: a full model or checkpoint as is, a LoRA checkpoint merged into its base.
+
+    Raises:
+        ValueError: a LoRA checkpoint whose base model is neither given nor recorded in its run state.
+    """
+    from rlfuse.engine.checkpoint import STATE_FILE
+    from rlfuse.engine.model import load_model_and_tokenizer
+
+    model = _resolve_checkpoint(model)
+    folder = Path(model)
+    if not (folder / "adapter_config.json").is_file():
+        policy, tokenizer = load_model_and_tokenizer(model, dtype, str(device))
+        return policy.eval(), tokenizer
+    if base_model is None and (folder / STATE_FILE).is_file():
+        base_model = json.loads((folder / STATE_FILE).read_text()).get("args", {}).get("model")
+    if base_model is None:
+        raise ValueError(f"{folder} holds LoRA adapters only; pass --base-model with the model they were trained on")
+    from peft import PeftModel
+
+    base, tokenizer = load_model_and_tokenizer(base_model, dtype, str(device))
+    return PeftModel.from_pretrained(base, str(folder)).merge_and_unload().eval(), tokenizer
+
+
+def make_rollout(model, tokenizer):
+    """The engine's sampler for ``model``, or transformers ``generate`` for a model it cannot run."""
+    from rlfuse.engine.rollout import HFRollout
+    from rlfuse.engine.sampler import SharedPrefixSampler
+
+    try:
+        return SharedPrefixSampler(model, tokenizer)
+    except ValueError:
+        return HFRollout(model, tokenizer)
+
+
+def run_eval(args: EvalArgs) -> Tuple[Dict[str, object], Path]:
+    """Run ``rlfuse eval``: evaluate, write the JSON (metrics plus the options), return ``(result, path)``."""
+    from rlfuse.engine.model import resolve_dtype
+
+    args.validate()
+    examples = load_examples(args.data, args.split)
+    if args.num_problems:
+        examples = examples[: args.num_problems]
+    device = torch.device(("cuda" if torch.cuda.is_available() else "cpu") if args.device == "auto" else args.device)
+    model, tokenizer = load_for_eval(args.model, args.base_model, resolve_dtype(args.dtype, device), device)
+    result = evaluate_examples(make_rollout(model, tokenizer), tokenizer, examples, args.num_samples, args.ks,
+                               args.max_new_tokens, args.temperature, args.batch_size, args.seed)
+    result["args"] = asdict(args)
+    name = Path(args.data).stem if args.data.endswith(".jsonl") else f"{args.data}-{args.split}"
+    path = Path(args.output or f"runs/eval-{name}-{datetime.now():%Y%m%d-%H%M%S}.json")
+    path.parent.mkdir(parents=True, exist_ok=True)
+    path.write_text(json.dumps(result, indent=2) + "\n")
+    return result, path

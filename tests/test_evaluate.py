@@ -1,0 +1,156 @@
+"""rlfuse eval: the metrics of scripted completions against hand-counted values, truncation flags, CPU peak
+memory, and the command on the real SmolLM2-135M-Instruct with a tiny budget."""
+
+import json
+import math
+from pathlib import Path
+
+import pytest
+import torch
+
+from rlfuse.engine.cli import main
+from rlfuse.engine.data import Example
+from rlfuse.engine.evaluate import evaluate_examples, flat_metrics, format_table
+from rlfuse.engine.memory import peak_memory_gb, reset_peak_memory
+from rlfuse.engine.rollout import RolloutBatch, truncated_rows
+
+DATA = Path(__file__).parent / "data"
+STOP, CUT = 0, 1  # the fake vocabulary's stop token, and a token that is not one
+
+
+def test_truncated_rows_against_a_loop(device):
+    ids = torch.tensor([[5, 6, 0, 9], [5, 6, 7, 8], [0, 9, 9, 9], [5, 2, 2, 2]], device=device)
+    mask = torch.tensor([[1, 1, 1, 0], [1, 1, 1, 1], [1, 0, 0, 0], [1, 1, 0, 0]], dtype=torch.bool, device=device)
+    stop_ids = [0, 2]
+    expected = []
+    for row, row_mask in zip(ids.tolist(), mask.tolist()):
+        last = [token for token, keep in zip(row, row_mask) if keep][-1]
+        expected.append(last not in stop_ids)
+    assert truncated_rows(ids, mask, stop_ids).tolist() == expected == [False, True, False, False]
+    assert truncated_rows(ids, mask, torch.tensor(stop_ids)).tolist() == expected
+
+
+class FakeTokenizer:
+    """Prompts are the questions' indices; a completion row [text id, STOP or CUT] decodes to its text."""
+
+    def __init__(self, questions, texts):
+        self.questions, self.texts = questions, texts
+
+    def apply_chat_template(self, messages, add_generation_prompt, tokenize):
+        return messages[0]["content"].split("\n")[0]
+
+    def __call__(self, text, add_special_tokens):
+        return {"input_ids": [self.questions.index(text)]}
+
+    def batch_decode(self, ids, skip_special_tokens):
+        return [self.texts[row[0]] for row in ids.tolist()]
+
+
+class FakeRollout:
+    """Scripted completions: ``script[(problem, greedy)]`` lists (text id, truncated) for its samples."""
+
+    def __init__(self, script):
+        self.script, self.stop_ids = script, [STOP]
+        self.model = torch.nn.Linear(1, 1)
+
+    def generate(self, prompts, num_generations, max_new_tokens, temperature, greedy=False):
+        torch.rand(3)  # sampling consumes random numbers, as the real sampler does
+        rows = [[text, CUT if cut else STOP] for (problem,) in prompts for text, cut in self.script[problem, greedy]]
+        assert len(rows) == len(prompts) * num_generations
+        ids = torch.tensor(rows)
+        return RolloutBatch(ids[:, :1], torch.ones_like(ids[:, :1]), ids, torch.ones_like(ids, dtype=torch.bool))
+
+
+TEXTS = ["Half of 4 is 2.\n#### 2", "#### 4", "#### 2", "It is 2", "#### 3", "#### 5", "no answer"]
+
+
+def comb_pass_at_k(n, c, k):
+    return 1.0 - math.comb(n - c, k) / math.comb(n, k)
+
+
+def test_metrics_of_scripted_completions():
+    examples = [Example("q0", "2"), Example("q1", "5")]
+    script = {
+        (0, True): [(0, False)], (1, True): [(1, False)],  # greedy: right, then wrong
+        (0, False): [(2, False), (3, False), (4, False), (2, True)],  # 2 right; the cut "#### 2" is wrong
+        (1, False): [(5, False), (5, False), (5, False), (6, False)],  # 3 right, one without an answer
+    }
+    rollout = FakeRollout(script)
+    tokenizer = FakeTokenizer([ex.question for ex in examples], TEXTS)
+    result = evaluate_examples(rollout, tokenizer, examples, num_samples=4, batch_size=1)
+    assert result["pass@1"] == 0.5
+    assert result["greedy"] == {"accuracy": 0.5, "format_rate": 1.0, "truncated_rate": 0.0, "completion_len_mean": 2.0}
+    for k in (1, 2, 4):
+        oracle = (comb_pass_at_k(4, 2, k) + comb_pass_at_k(4, 3, k)) / 2
+        assert result["pass@k"][str(k)] == pytest.approx(oracle)
+    assert list(result["pass@k"]) == ["1", "2", "4"]
+    assert result["diversity"] == pytest.approx((2 + 1) / 2)  # {2, 3}, then {5}: "no answer" is no answer
+    assert result["sampled"] == {"accuracy": 5 / 8, "format_rate": 6 / 8, "truncated_rate": 1 / 8,
+                                 "completion_len_mean": 2.0}
+    record = flat_metrics(result)
+    assert record["eval_accuracy"] == 0.5 and record["eval_pass@4"] == result["pass@k"]["4"]
+    assert record["eval_diversity"] == 1.5 and record["eval_truncated_rate"] == 0.0
+    table = format_table(result, 4, 0.7)
+    assert "| pass@1 (greedy)" in table and "| 0.5000 |" in table and "pass@4 (n=4, T=0.7)" in table
+
+
+def test_sampling_leaves_the_callers_random_state_alone():
+    examples = [Example("q0", "2")]
+    script = {(0, True): [(0, False)], (0, False): [(2, False), (3, False)]}
+    rollout, tokenizer = FakeRollout(script), FakeTokenizer(["q0"], TEXTS)
+    torch.manual_seed(0)
+    torch.rand(3)  # what the greedy pass draws
+    expected = torch.rand(4)
+    torch.manual_seed(0)
+    evaluate_examples(rollout, tokenizer, examples, num_samples=2)
+    assert torch.equal(torch.rand(4), expected)
+
+
+def test_no_problems_and_bad_k():
+    with pytest.raises(ValueError, match="no problems"):
+        evaluate_examples(FakeRollout({}), FakeTokenizer([], TEXTS), [], num_samples=2)
+    script = {(0, True): [(0, False)], (0, False): [(2, False), (3, False)]}
+    with pytest.raises(ValueError, match="k must be"):
+        evaluate_examples(FakeRollout(script), FakeTokenizer(["q0"], TEXTS), [Example("q0", "2")], 2, ks=[3])
+
+
+def test_cpu_peak_memory_sees_a_large_allocation():
+    cpu = torch.device("cpu")
+    reset_peak_memory(cpu)
+    before = peak_memory_gb(cpu)
+    block = torch.ones(64 * 2**20)  # 256 MiB, written so that it is resident
+    after = peak_memory_gb(cpu)
+    del block
+    assert after - before > 0.2
+
+
+def test_eval_command_on_the_real_model(smollm2_dir, tmp_path, capsys):
+    out = tmp_path / "eval.json"
+    argv = ["eval", "--model", smollm2_dir, "--data", str(DATA / "svamp_test_sample.jsonl"), "--num-problems", "3",
+            "--num-samples", "4", "--ks", "1", "4", "--max-new-tokens", "12", "--batch-size", "2", "--output", str(out)]
+    assert main(argv) == 0
+    printed = capsys.readouterr().out
+    result = json.loads(out.read_text())
+    assert result["num_problems"] == 3 and list(result["pass@k"]) == ["1", "4"]
+    assert 0.0 <= result["pass@k"]["1"] <= result["pass@k"]["4"] <= 1.0
+    assert 0.0 <= result["diversity"] <= 4.0
+    for part in ("greedy", "sampled"):
+        rates = result[part]
+        assert 0 < rates["completion_len_mean"] <= 12 and 0 <= rates["truncated_rate"] <= 1
+        if rates["truncated_rate"] == 1.0:
+            assert rates["completion_len_mean"] == 12 and rates["accuracy"] == 0.0
+    assert result["args"]["num_samples"] == 4
+    assert f"| {result['pass@1']:.4f} |" in printed and "distinct answers per problem" in printed and str(out) in printed
+    # Greedy decoding is deterministic and sampling seeded: a second run gives the same numbers.
+    assert main([*argv[:-1], str(tmp_path / "again.json")]) == 0
+    again = json.loads((tmp_path / "again.json").read_text())
+    assert {k: again[k] for k in ("pass@1", "pass@k", "diversity", "greedy", "sampled")} == \
+           {k: result[k] for k in ("pass@1", "pass@k", "diversity", "greedy", "sampled")}
+
+
+@pytest.mark.parametrize("extra, message", [(["--ks", "9"], "--ks"), (["--temperature", "0"], "--temperature"),
+                                            (["--data", "/no/such.jsonl"], "does not exist")])
+def test_eval_bad_options_fail_clearly(extra, message, tmp_path, capsys):
+    assert main(["eval", "--num-samples", "4", "--output", str(tmp_path / "x.json"), *extra]) == 2
+    assert message in capsys.readouterr().err
+    assert not (tmp_path / "x.json").exists()
