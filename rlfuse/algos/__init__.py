@@ -3,14 +3,24 @@
 Depends on ``rlfuse.kernels`` only, never on ``rlfuse.engine``.
 """
 
-from rlfuse.algos.advantages import compute_advantages, group_advantages
+from rlfuse.algos.advantages import balanced_drop_advantages, compute_advantages, group_advantages
 from rlfuse.algos.configs import (
     ALGO_CONFIGS,
+    AsymREConfig,
+    CISPOConfig,
     DAPOConfig,
     DrGRPOConfig,
+    GMPOConfig,
     GRPOConfig,
     GSPOConfig,
+    OPMDConfig,
     PolicyLossConfig,
+    RECConfig,
+    RECISConfig,
+    RECRingConfig,
+    REDDropConfig,
+    REDWeightConfig,
+    REINFORCEConfig,
     ROVERConfig,
     TOPRConfig,
     get_config,
@@ -21,7 +31,9 @@ from rlfuse.algos.losses import aggregate_loss, kl_penalty, masked_mean
 from rlfuse.algos.policy_loss import policy_loss
 
 __all__ = [
-    "ALGO_CONFIGS", "DAPOConfig", "FusedLinearPolicyLoss", "DrGRPOConfig", "GRPOConfig", "GSPOConfig", "PolicyLossConfig", "ROVERConfig",
-    "TOPRConfig", "aggregate_loss", "compute_advantages", "get_config", "group_advantages", "kl_penalty",
-    "masked_mean", "policy_loss", "policy_loss_from_logits",
+    "ALGO_CONFIGS", "AsymREConfig", "CISPOConfig", "DAPOConfig", "FusedLinearPolicyLoss", "DrGRPOConfig", "GMPOConfig",
+    "GRPOConfig", "GSPOConfig", "OPMDConfig", "PolicyLossConfig", "RECConfig", "RECISConfig", "RECRingConfig",
+    "REDDropConfig", "REDWeightConfig", "REINFORCEConfig", "ROVERConfig", "TOPRConfig", "aggregate_loss",
+    "balanced_drop_advantages", "compute_advantages", "get_config", "group_advantages", "kl_penalty", "masked_mean",
+    "policy_loss", "policy_loss_from_logits",
 ]

@@ -1,6 +1,8 @@
-"""Group-relative advantages from scalar rewards (GRPO, Dr. GRPO, RLOO) and TOPR's baseline advantage."""
+"""Group-relative advantages from scalar rewards (GRPO, Dr. GRPO, RLOO, RED-Drop) and TOPR's baseline advantage."""
 
 from __future__ import annotations
+
+from typing import Optional
 
 import torch
 
@@ -78,12 +80,64 @@ def group_advantages(
     return centered.reshape(-1)
 
 
-def compute_advantages(rewards: torch.Tensor, num_generations: int, config: PolicyLossConfig) -> torch.Tensor:
-    """Advantages for ``config``'s algorithm: ``reward - baseline`` for TOPR, :func:`group_advantages` otherwise.
+def balanced_drop_advantages(
+    rewards: torch.Tensor,
+    num_generations: int,
+    scale: str = "none",
+    eps: float = 1e-6,
+    generator: Optional[torch.Generator] = None,
+) -> torch.Tensor:
+    """RED-Drop's advantages: balance each group's below-mean samples against the others, then re-center.
+
+    "Group-Relative REINFORCE Is Secretly an Off-Policy Algorithm" (Trinity-RFT's ``rec`` advantage with
+    ``drop="balance"``): a sample is positive when its reward is >= the group mean. Where a group has more
+    negatives than positives, the surplus negatives (chosen uniformly at random by ``generator``) get advantage
+    0; the kept samples get reward - mean of the kept, divided by their population std + eps under
+    ``scale="group"``. A group of one sample gets 0, like :func:`group_advantages`.
+
+    Args:
+        rewards: (B,) float, in contiguous groups of G = ``num_generations`` samples of one prompt.
+        scale: ``none`` (the paper's) or ``group``.
+        generator: the torch random generator that picks the dropped samples (default: the global one).
+
+    Returns:
+        (B,) float tensor of the rewards' dtype and device (computed on the CPU).
+
+    Raises:
+        TypeError, ValueError: as :func:`group_advantages`; a ``scale`` other than none or group.
+    """
+    check_rewards(rewards, num_generations)
+    if scale not in ("none", "group"):
+        raise ValueError(f"scale must be 'none' or 'group' with drop='balance', got {scale!r}")
+    if num_generations == 1:
+        return torch.zeros_like(rewards)
+    grouped = rewards.detach().cpu().view(-1, num_generations)
+    grouped = grouped - grouped[:, :1]  # equal rewards center to exactly 0, as in group_advantages
+    out = torch.zeros_like(grouped)
+    for row, values in enumerate(grouped):
+        negatives = (values < values.mean()).nonzero().flatten()
+        keep = torch.ones_like(values, dtype=torch.bool)
+        surplus = 2 * len(negatives) - num_generations  # negatives minus positives
+        if surplus > 0:
+            keep[negatives[torch.randperm(len(negatives), generator=generator)[:surplus]]] = False
+        kept = values[keep]
+        centered = values - kept.mean()
+        if scale == "group":
+            centered = centered / (kept.std(unbiased=False) + eps)
+        out[row] = torch.where(keep, centered, 0.0)
+    return out.reshape(-1).to(rewards.device)
+
+
+def compute_advantages(rewards: torch.Tensor, num_generations: int, config: PolicyLossConfig,
+                       generator: Optional[torch.Generator] = None) -> torch.Tensor:
+    """Advantages for ``config``'s algorithm: ``reward - baseline`` for TOPR, :func:`balanced_drop_advantages`
+    under ``config.drop="balance"`` (``generator`` picks the dropped samples), :func:`group_advantages` otherwise.
 
     Shapes: rewards (B,) float -> (B,) float. Raises as :func:`group_advantages`.
     """
     if config.loss_type == "topr":
         check_rewards(rewards, num_generations)
         return rewards - config.baseline
+    if config.drop == "balance":
+        return balanced_drop_advantages(rewards, num_generations, config.advantage_scale, generator=generator)
     return group_advantages(rewards, num_generations, config.advantage_scale, config.advantage_estimator)

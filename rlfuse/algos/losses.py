@@ -1,4 +1,5 @@
-"""Token-level policy losses of GRPO, Dr. GRPO, DAPO, GSPO, TOPR and ROVER, their KL penalty and aggregation.
+"""Token-level policy losses of GRPO, Dr. GRPO, DAPO, GSPO, TOPR, ROVER, the REC family, CISPO and GMPO, their KL
+penalty and aggregation.
 
 Pure PyTorch, the reference every fused kernel must match. Shapes: B sequences, T completion positions.
 Each token loss is registered by ``config.loss_type`` in :data:`TOKEN_LOSSES`.
@@ -150,8 +151,92 @@ def rover_token_loss(logps, old_logps, advantages, mask, config, vocab_mean, old
     return (q - target) ** 2, torch.zeros_like(mask), ratio
 
 
+def rec_token_loss(logps, old_logps, advantages, mask, config, vocab_mean, old_vocab_mean) -> TokenLossOut:
+    """REC: -w·A·logp·1[in range] + regularizer, Trinity-RFT's ``rec`` loss.
+
+    "Group-Relative REINFORCE Is Secretly an Off-Policy Algorithm". r = sg(exp(logp - old_logp)) per token; s the
+    sg length-normalized sequence ratio. ``config.clip_mode`` picks the kept tokens (a mask, not PPO's min:
+    a masked token gets no policy gradient at all), ``config.weight`` the factor w (1, r, clip(r, 1 - eps_low',
+    1 + eps_high'), s, or exp(A / weight_temperature)), ``config.regularizer`` adds coef·(logp - old_logp)² (k2)
+    or -coef·logp (forward-kl). ``clipped`` marks tokens outside the range; ``ratio`` is r.
+    """
+    ratio = torch.exp(logps - old_logps).detach()
+    seq_ratio = None
+    if config.clip_mode == "gspo-one-side" or config.weight == "gspo_importance_sampling":
+        seq_ratio = torch.exp(sequence_log_ratio(logps - old_logps, mask, normalize=True)).detach()
+    keep = _rec_in_range(ratio, seq_ratio, advantages, config)
+    if config.weight == "importance_sampling":
+        advantages = advantages * ratio
+    elif config.weight == "truncated_importance_sampling":
+        advantages = advantages * ratio.clamp(1.0 - config.epsilon_low_prime, 1.0 + config.epsilon_high_prime)
+    elif config.weight == "gspo_importance_sampling":
+        advantages = advantages * seq_ratio
+    elif config.weight == "advantage":
+        advantages = advantages * torch.exp(advantages / config.weight_temperature)
+    loss = torch.where(keep, -advantages * logps, 0.0)
+    if config.regularizer == "k2":
+        loss = loss + config.regularizer_coef * (logps - old_logps) ** 2
+    elif config.regularizer == "forward-kl":
+        loss = loss - config.regularizer_coef * logps
+    return loss, ~keep, ratio
+
+
+def _rec_in_range(ratio, seq_ratio, advantages, config) -> torch.Tensor:
+    """(B, T) bool: the tokens whose -A·logp term REC keeps, by ``config.clip_mode``."""
+    low, high = 1.0 - config.epsilon_low, 1.0 + config.epsilon_high
+    up, down = advantages >= 0, advantages <= 0
+    if config.clip_mode == "none":
+        return torch.ones_like(ratio, dtype=torch.bool)
+    if config.clip_mode == "two-side":
+        return (ratio >= low) & (ratio <= high)
+    if config.clip_mode == "one-side":
+        return (up & (ratio <= high)) | (down & (ratio >= low))
+    if config.clip_mode == "gspo-one-side":
+        return (up & (seq_ratio <= high)) | (down & (seq_ratio >= low))
+    # ring: the band, plus the outer regions where the update moves r back towards 1
+    band = (ratio >= low) & (ratio <= high)
+    return band | (up & (ratio <= 1.0 - config.epsilon_low_prime)) | (down & (ratio >= 1.0 + config.epsilon_high_prime))
+
+
+def cispo_token_loss(logps, old_logps, advantages, mask, config, vocab_mean, old_vocab_mean) -> TokenLossOut:
+    """CISPO: -sg(min(r, 1 + epsilon_high))·A·logp ("MiniMax-M1: Scaling Test-Time Compute Efficiently with
+    Lightning Attention"; TRL's ``cispo``, whose ``epsilon_high`` is the cap 1 + epsilon_high here).
+
+    r is the token ratio, or at ``importance_sampling_level="sequence"`` the length-normalized sequence ratio.
+    ``clipped`` marks tokens whose weight was capped.
+    """
+    log_ratio = logps - old_logps
+    if config.importance_sampling_level == "sequence":
+        log_ratio = sequence_log_ratio(log_ratio, mask, normalize=True).expand_as(logps)
+    ratio = torch.exp(log_ratio).detach()
+    cap = 1.0 + config.epsilon_high
+    return -ratio.clamp(max=cap) * advantages * logps, ratio > cap, ratio
+
+
+def gmpo_token_loss(logps, old_logps, advantages, mask, config, vocab_mean, old_vocab_mean) -> TokenLossOut:
+    """GMPO: -A·exp(mean_t c_t) on every token of the sequence, c_t the one-side clipped log-ratio.
+
+    "Geometric-Mean Policy Optimization": c_t = min(l_t, clamp(l_t, -epsilon_low, epsilon_high)) where A > 0
+    and max(l_t, clamp(...)) where A <= 0, l_t = logp_t - old_logp_t; the mean runs over the sequence's
+    unmasked tokens (the geometric mean of the clipped ratios). Under ``seq-mean-token-mean`` the loss is the
+    mean over sequences of -A·exp(mean_t c_t), as TRL's experimental GMPO trainer computes it. ``clipped``
+    marks tokens whose log-ratio was clipped; ``ratio`` is the token ratio exp(l_t).
+    """
+    log_ratio = logps - old_logps
+    bounded = log_ratio.clamp(-config.epsilon_low, config.epsilon_high)
+    positive = advantages > 0
+    clipped_log_ratio = torch.where(positive, torch.minimum(log_ratio, bounded), torch.maximum(log_ratio, bounded))
+    geometric = torch.exp(sequence_log_ratio(clipped_log_ratio, mask, normalize=True))
+    clipped = torch.where(positive, log_ratio > config.epsilon_high, log_ratio < -config.epsilon_low)
+    clipped = clipped & (advantages != 0)
+    return (-advantages * geometric).expand_as(logps), clipped, torch.exp(log_ratio).detach()
+
+
 TOKEN_LOSSES: Dict[str, Callable[..., TokenLossOut]] = {
     "ppo_clip": ppo_clip_token_loss,
     "topr": topr_token_loss,
     "rover": rover_token_loss,
+    "rec": rec_token_loss,
+    "cispo": cispo_token_loss,
+    "gmpo": gmpo_token_loss,
 }

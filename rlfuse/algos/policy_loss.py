@@ -81,7 +81,8 @@ def policy_loss(
     Returns:
         ``(loss, metrics)``: a scalar float32 loss, and detached scalar tensors ``clip_frac`` (share of
         unmasked tokens whose clip or taper is active), ``kl`` (masked mean per-token KL, nats; None
-        without ``ref_logps``) and ``ratio_mean`` (masked mean importance ratio).
+        without ``ref_logps``), ``ratio_mean`` and ``ratio_max`` (masked mean and max importance ratio; 0
+        when no token counts).
 
     Raises:
         TypeError: a non-tensor or non-float input, or a config of the wrong type.
@@ -105,9 +106,11 @@ def policy_loss(
             token_loss = token_loss + config.beta * kl_tokens
         kl = masked_mean(kl_tokens.detach(), mask)
     loss = aggregate_loss(token_loss, mask, config.loss_agg_mode)
+    masked_ratio = torch.where(mask, ratio.detach(), 0.0)
     metrics = {
         "clip_frac": masked_mean(clipped.to(logps.dtype), mask).detach(),
         "kl": kl,
         "ratio_mean": masked_mean(ratio.detach(), mask),
+        "ratio_max": masked_ratio.amax() if masked_ratio.numel() else masked_ratio.new_zeros(()),
     }
     return loss, metrics

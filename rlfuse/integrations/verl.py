@@ -283,6 +283,32 @@ VERL_POLICY_LOSSES = {
 }
 
 
+def _offpolicy_loss(algo: str):
+    """verl's policy-loss function for rlfuse's ``algo`` preset (its own clip range and dials; verl's clip_ratio
+    keys are not read). Arguments and errors: :func:`verl_policy_loss`."""
+    preset = get_config(algo)
+
+    def loss_fn(old_log_prob, log_prob, advantages, response_mask, loss_agg_mode="token-mean", config=None,
+                rollout_is_weights=None):
+        if preset.drop != "none":
+            raise ValueError(
+                f"rlfuse_{algo} shapes the advantages (drop={preset.drop!r}), which verl computes before "
+                "its policy loss; use rlfuse_reinforce with advantages computed by "
+                "rlfuse.algos.balanced_drop_advantages instead"
+            )
+        return verl_policy_loss(algo, old_log_prob, log_prob, advantages, response_mask, loss_agg_mode, config,
+                                rollout_is_weights)
+
+    loss_fn.__name__ = loss_fn.__qualname__ = f"rlfuse_{algo}"
+    loss_fn.__doc__ = f"rlfuse's ``{algo}`` loss in verl: {type(preset).__doc__.splitlines()[0]}"
+    return loss_fn
+
+
+# The off-policy family ("Group-Relative REINFORCE Is Secretly an Off-Policy Algorithm"), CISPO and GMPO.
+VERL_POLICY_LOSSES.update({f"rlfuse_{algo}": _offpolicy_loss(algo) for algo in (
+    "reinforce", "rec", "rec_is", "rec_ring", "opmd", "asymre", "red_drop", "red_weight", "cispo", "gmpo")})
+
+
 def register(install: bool = True) -> Tuple[str, ...]:
     """Register :data:`VERL_POLICY_LOSSES` in verl's ``POLICY_LOSS_REGISTRY`` and :func:`rlfuse_topr_advantage`
     as the advantage estimator ``rlfuse_topr``; returns the losses' names.
