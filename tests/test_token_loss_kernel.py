@@ -13,7 +13,8 @@ import torch
 from rlfuse.algos import get_config, policy_loss_from_logits
 from rlfuse.algos.fused import is_token_local, passes_over_logits
 
-ALGOS = ["grpo", "dr_grpo", "dapo", "topr"]
+ALGOS = ["grpo", "dr_grpo", "dapo", "topr", "reinforce", "rec", "rec_is", "rec_ring", "opmd", "asymre", "red_drop",
+         "red_weight", "cispo"]
 AGG_MODES = ["token-mean", "seq-mean-token-mean", "seq-mean-token-sum", "seq-mean-token-sum-norm"]
 
 
@@ -72,6 +73,29 @@ def test_matches_reference_with_kl(algo, kl_estimator, beta, device, monkeypatch
     reference = _run("torch", monkeypatch, logits, *args, config=config, ref_logps=ref)
     _assert_matches(fused, reference)
     assert "kl" in fused[2]
+
+
+@pytest.mark.parametrize("overrides", [
+    {"clip_mode": "one-side"}, {"clip_mode": "two-side"}, {"clip_mode": "ring"},
+    {"clip_mode": "ring", "weight": "truncated_importance_sampling", "regularizer": "k2", "regularizer_coef": 0.3},
+    {"weight": "importance_sampling", "regularizer": "forward-kl", "regularizer_coef": 0.2},
+    {"weight": "advantage", "weight_temperature": 0.5},
+])
+def test_rec_dials_with_ratios_in_every_region(overrides, device, monkeypatch):
+    """Old log-probs far from the current ones, so ratios fall inside the band, between the band and the
+    ring, and beyond the ring, for advantages of both signs (per-token advantages)."""
+    config = get_config("rec", **overrides)
+    logits, targets, _, _, mask, _ = _inputs(device, batch=6, seq=8, seed=21)
+    gen = torch.Generator().manual_seed(22)
+    current = torch.log_softmax(logits[:, :-1].double(), -1).gather(-1, targets.unsqueeze(-1)).squeeze(-1)
+    old = (current + 1.5 * torch.randn(current.shape, generator=gen, dtype=torch.float64).to(device)).float()
+    adv = torch.randn(targets.shape, generator=gen).to(device)
+    ratio = (current - old.double()).exp()[mask]
+    assert (ratio < 0.4).any() and ((ratio > 0.8) & (ratio < 1.2)).any() and (ratio > 3).any()
+    args = (targets, old, adv, mask)
+    fused = _run("triton", monkeypatch, logits, *args, config=config)
+    reference = _run("torch", monkeypatch, logits, *args, config=config)
+    _assert_matches(fused, reference)
 
 
 def test_dual_clip_token_advantages_and_grad_scale(device, monkeypatch):
@@ -140,8 +164,8 @@ class _LaunchCounter:
         return [name for name, pointers in self.launches if tensor.data_ptr() in pointers]
 
 
-@pytest.mark.parametrize("algo, launches", [("grpo", 1), ("dr_grpo", 1), ("dapo", 1), ("topr", 1),
-                                            ("gspo", 2), ("rover", 2)])
+@pytest.mark.parametrize("algo, launches", [("grpo", 1), ("dr_grpo", 1), ("dapo", 1), ("topr", 1), ("rec", 1),
+                                            ("opmd", 1), ("cispo", 1), ("gspo", 2), ("rover", 2), ("gmpo", 2)])
 def test_token_local_losses_launch_one_kernel_over_the_logits(algo, launches, device, monkeypatch):
     if device.type != "cpu":
         pytest.skip("launches are counted through Triton's interpreter")

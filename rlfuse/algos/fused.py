@@ -1,10 +1,10 @@
 """``policy_loss_from_logits``: every algorithm's policy loss straight from logits, in one fused op.
 
-Token-local losses (the token-level PPO clip of GRPO, Dr. GRPO and DAPO, TOPR at token level, any KL
-estimator, any ``loss_agg_mode``) run as a single kernel that reads the logits twice and writes d(logits)
-once (``rlfuse.kernels.token_loss_triton``). Losses that couple tokens (GSPO's and TOPR's sequence ratios,
-ROVER's next-state values) take two kernels: the log-prob statistics, the (B, T) loss math in PyTorch,
-then d(logits) (``rlfuse.kernels.fused_logprob_loss``).
+Token-local losses (the token-level PPO clip of GRPO, Dr. GRPO and DAPO, TOPR, CISPO and the REC family at
+token level, any KL estimator, any ``loss_agg_mode``) run as a single kernel that reads the logits twice and
+writes d(logits) once (``rlfuse.kernels.token_loss_triton``). Losses that couple tokens (GSPO, GMPO and the
+sequence-level ratios, ROVER's next-state values) take two kernels: the log-prob statistics, the (B, T) loss
+math in PyTorch, then d(logits) (``rlfuse.kernels.fused_logprob_loss``).
 """
 
 from __future__ import annotations
@@ -92,8 +92,15 @@ def policy_loss_from_logits(
 
 def is_token_local(config: PolicyLossConfig) -> bool:
     """Whether ``config``'s loss gradient at a token needs only that token's log-prob plus constants known
-    before the forward (old and reference log-probs, advantage, aggregation weight): the single-kernel path."""
-    return config.importance_sampling_level == "token" and config.loss_type in ("ppo_clip", "topr")
+    before the forward (old and reference log-probs, advantage, aggregation weight): the single-kernel path.
+
+    Token-level PPO clip, TOPR, CISPO, and REC unless a clip or weight uses the sequence ratio; GSPO,
+    sequence-level TOPR and CISPO, GMPO and ROVER couple the tokens of a sequence."""
+    if config.importance_sampling_level != "token":
+        return False
+    if config.loss_type == "rec":
+        return config.clip_mode != "gspo-one-side" and config.weight != "gspo_importance_sampling"
+    return config.loss_type in ("ppo_clip", "topr", "cispo")
 
 
 def passes_over_logits(config: PolicyLossConfig) -> int:
@@ -110,7 +117,9 @@ def _token_local_loss(logits, targets, old_logps, advantages, mask, config, ref_
 
     adv = (advantages.unsqueeze(-1) if advantages.dim() == 1 else advantages).expand(targets.shape)
     params = TokenLossParams(config.loss_type, config.epsilon_low, config.epsilon_high, config.clip_ratio_c,
-                             config.beta, config.kl_estimator)
+                             config.beta, config.kl_estimator, config.clip_mode, config.weight, config.regularizer,
+                             config.epsilon_low_prime, config.epsilon_high_prime, config.weight_temperature,
+                             config.regularizer_coef)
     loss, per_token = fused_token_loss(logits, targets, old_logps, adv, aggregation_weights(mask, config.loss_agg_mode),
                                        params, ref_logps=ref_logps, temperature=temperature,
                                        inplace_backward=inplace_backward)
@@ -118,6 +127,7 @@ def _token_local_loss(logits, targets, old_logps, advantages, mask, config, ref_
         "clip_frac": masked_mean(per_token["clipped"], mask),
         "kl": None if ref_logps is None else masked_mean(per_token["kl"], mask),
         "ratio_mean": masked_mean(per_token["ratio"], mask),
+        "ratio_max": torch.where(mask, per_token["ratio"], 0.0).amax() if mask.numel() else loss.new_zeros(()),
         "entropy": masked_mean(per_token["entropy"], mask),
     }
     return loss, metrics

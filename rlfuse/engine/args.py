@@ -10,7 +10,8 @@ import torch
 from rlfuse.algos import PolicyLossConfig, get_config
 from rlfuse.engine.data import DATASETS
 
-Algo = Literal["grpo", "dr_grpo", "dapo", "gspo", "topr", "rover"]
+Algo = Literal["grpo", "dr_grpo", "dapo", "gspo", "topr", "rover", "reinforce", "rec", "rec_is", "rec_ring", "opmd",
+               "asymre", "red_drop", "red_weight", "cispo", "gmpo"]
 LossAggMode = Literal["token-mean", "seq-mean-token-mean", "seq-mean-token-sum", "seq-mean-token-sum-norm"]
 
 
