@@ -1,0 +1,71 @@
+"""rlfuse compare on the real SmolLM2-135M-Instruct with a tiny budget: same options per algorithm, a figure,
+a summary whose rows are the runs' last evaluations, and resumption."""
+
+import json
+from pathlib import Path
+
+import pytest
+
+from rlfuse.engine.cli import main
+from rlfuse.engine.compare import CompareArgs, summarize, summary_markdown
+
+DATA = Path(__file__).parent / "data"
+TINY = ["--prompts-per-step", "2", "--num-generations", "2", "--max-new-tokens", "6", "--save-every", "1",
+        "--data", str(DATA / "svamp_train_sample.jsonl"), "--eval-data", str(DATA / "svamp_test_sample.jsonl"),
+        "--eval-prompts", "2", "--eval-samples", "2"]
+
+
+def metrics(folder):
+    return [json.loads(line) for line in (Path(folder) / "metrics.jsonl").read_text().splitlines()]
+
+
+def test_compare_runs_resumes_and_summarizes(smollm2_dir, tmp_path, capsys):
+    out = tmp_path / "cmp"
+    argv = ["compare", "--algos", "grpo", "topr", "--model", smollm2_dir, *TINY, "--output-dir", str(out)]
+    assert main([*argv, "--steps", "2"]) == 0
+    printed = capsys.readouterr().out
+    states = {algo: json.loads((out / algo / "checkpoint" / "trainer_state.json").read_text())["args"]
+              for algo in ("grpo", "topr")}
+    assert states["grpo"].pop("algo") == "grpo" and states["topr"].pop("algo") == "topr"
+    states["grpo"].pop("output_dir"), states["topr"].pop("output_dir")
+    assert states["grpo"] == states["topr"]  # the same seed, data, budget and evaluation
+    assert states["grpo"]["eval_every"] == 2  # evaluated at the end although --eval-every was left at 0
+
+    rows = json.loads((out / "summary.json").read_text())
+    assert [r["algo"] for r in rows] == ["base model", "grpo", "topr"]
+    base = json.loads((out / "base_eval.json").read_text())
+    assert rows[0] == {"algo": "base model", "step": 0, **base}
+    for row in rows[1:]:
+        last = metrics(out / row["algo"])[-1]
+        assert row["step"] == last["step"] == 2
+        for key in ("eval_accuracy", "eval_pass@1", "eval_pass@2", "eval_diversity", "reward_mean"):
+            assert row[key] == last[key], key
+        assert 0 <= row["eval_pass@1"] <= row["eval_pass@2"] <= 1 and 0 <= row["eval_diversity"] <= 2
+    table = (out / "summary.md").read_text()
+    assert table in printed
+    assert "| pass@1 (greedy) | pass@1 (sampled) | pass@2 (sampled) | distinct answers |" in table.splitlines()[0]
+    assert table.splitlines()[3].startswith("| grpo | 2 | ")
+    assert (out / "compare.png").stat().st_size > 5000
+
+    # Rerunning with a larger budget continues every run from its checkpoint; the base model is not redone.
+    before = {algo: metrics(out / algo) for algo in ("grpo", "topr")}
+    assert main([*argv, "--steps", "3"]) == 0
+    for algo, records in before.items():
+        after = metrics(out / algo)
+        assert [r["step"] for r in after] == [1, 2, 3] and after[:2] == records
+    assert json.loads((out / "base_eval.json").read_text()) == base
+    assert [r["step"] for r in json.loads((out / "summary.json").read_text())] == [0, 3, 3]
+
+
+def test_summary_of_records_without_runs_or_evaluations():
+    runs = {"grpo": [{"step": 1, "reward_mean": 0.5, "completion_len_mean": 9.0}], "topr": []}
+    rows = summarize(runs, None)
+    assert rows == [{"algo": "grpo", "step": 1, "reward_mean": 0.5, "completion_len_mean": 9.0},
+                    {"algo": "topr", "step": 0}]
+    assert summary_markdown(rows).startswith("| algorithm | step |")
+
+
+@pytest.mark.parametrize("algos, message", [((), "empty"), (("grpo", "grpo"), "twice")])
+def test_bad_algos(algos, message):
+    with pytest.raises(ValueError, match=message):
+        CompareArgs(algos=algos).validate()
