@@ -56,6 +56,10 @@ class TrainArgs:
     """How token losses are averaged (default: the algorithm's)."""
     num_iterations: int = 1
     """Optimizer steps on each sampled batch (mu); above 1 the clip becomes active."""
+    replay_staleness: int = 0
+    """Also train each step on the last k sampled batches, against the behaviour log-probs recorded when they
+    were sampled (off-policy replay; the algorithm's own ratio, clip or regularizer corrects for it); 0:
+    on-policy only. The buffer is not checkpointed: a resumed run refills it."""
     max_grad_norm: float = 1.0
     """Gradient clipping by global norm."""
     rollout: Literal["engine", "hf"] = "engine"
@@ -121,6 +125,8 @@ class TrainArgs:
                      "save_every", "eval_prompts"):
             if getattr(self, name) < 1:
                 raise ValueError(f"--{name.replace('_', '-')} must be >= 1, got {getattr(self, name)}")
+        if self.replay_staleness < 0:
+            raise ValueError(f"--replay-staleness must be >= 0 (0 disables replay), got {self.replay_staleness}")
         if self.lora_rank < 0:
             raise ValueError(f"--lora-rank must be >= 0 (0 trains all weights), got {self.lora_rank}")
         if self.lora_alpha is not None and not self.lora_alpha > 0:

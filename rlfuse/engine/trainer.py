@@ -24,6 +24,7 @@ from rlfuse.engine.metrics import METRICS_FILE, MetricsLog
 from rlfuse.engine.decoder import DecoderLM
 from rlfuse.engine.model import add_lora, load_model_and_tokenizer, resolve_dtype
 from rlfuse.engine.packing import shared_prefix_completion_hidden_states
+from rlfuse.engine.replay import ReplayBuffer, ReplayItem, replay_backward
 from rlfuse.engine.rewards import gsm8k_rewards
 from rlfuse.engine.rollout import HFRollout, RolloutBatch, truncated_rows
 from rlfuse.engine.sampler import SharedPrefixSampler
@@ -145,6 +146,7 @@ class Trainer:
         self.optimizer = torch.optim.AdamW(self.trainable, lr=args.learning_rate, weight_decay=0.0)
         self.rollout = self._make_rollout()
         self.fused_linear_loss = FusedLinearPolicyLoss(self.config, temperature=args.temperature)
+        self.replay = ReplayBuffer(args.replay_staleness)
         self.log = MetricsLog(self.output_dir)
         self.start_step = 0
         if checkpoint is not None:
@@ -237,25 +239,31 @@ class Trainer:
         start = time.perf_counter()
         rover = config.loss_type == "rover"
         old = ref_logps = None
-        if args.num_iterations > 1 and batch.logps is not None and not args.recompute_old_logps:
+        needs_old = args.num_iterations > 1 or args.replay_staleness > 0  # replay keeps the behaviour log-probs
+        if needs_old and batch.logps is not None and not args.recompute_old_logps:
             old = TokenLogprobs(batch.logps, None, batch.vocab_mean)  # recorded by the sampler: free
-        elif args.num_iterations > 1:
+        elif needs_old:
             old = self._logprobs(self.model, batch, self.decoder, return_vocab_mean=rover)
         if self.config.beta > 0:
             ref_logps = self._ref_logps(batch)
         time_logprobs = time.perf_counter() - start
 
         start = time.perf_counter()
+        replayed = list(self.replay)
+        scale = 1 / (1 + len(replayed))  # the fresh batch and each replayed one weigh the same
         for _ in range(args.num_iterations):
             # None means on-policy: one update per batch, so the sampling policy is the current one.
-            old_logps = None if old is None else old.logps
-            old_vocab_mean = None if old is None else old.vocab_mean
+            old_logps = None if old is None or args.num_iterations == 1 else old.logps
+            old_vocab_mean = None if old_logps is None else old.vocab_mean
             loss, metrics = self._loss(batch, advantages, old_logps, ref_logps, old_vocab_mean)
             self.optimizer.zero_grad(set_to_none=True)
-            loss.backward()
+            (loss * scale if replayed else loss).backward()
+            replay_record = replay_backward(replayed, step, self._replay_loss, scale)
             grad_norm = torch.nn.utils.clip_grad_norm_(self.trainable, args.max_grad_norm)
             self.optimizer.step()
         time_update = time.perf_counter() - start
+        if args.replay_staleness:
+            self.replay.add(ReplayItem(step, batch, advantages, old.logps, old.vocab_mean, ref_logps))
 
         mask = batch.completion_mask
         elapsed = time_rollout + time_logprobs + time_update
@@ -279,6 +287,8 @@ class Trainer:
             "time_update": time_update,
             "peak_mem_gb": peak_memory_gb(self.device),
         }
+        if args.replay_staleness:
+            record.update(replay_record)
         return record
 
     def _loss(self, batch: RolloutBatch, advantages, old_logps, ref_logps, old_vocab_mean):
@@ -304,6 +314,11 @@ class Trainer:
         mask = batch.completion_mask
         metrics["entropy"] = (entropy * mask).sum() / mask.sum().clamp(min=1)
         return loss, metrics
+
+    def _replay_loss(self, item: ReplayItem):
+        """The loss of a replayed batch against the behaviour policy that sampled it."""
+        return self._loss(item.batch, item.advantages, item.behaviour_logps, item.ref_logps,
+                          item.behaviour_vocab_mean)
 
     @torch.no_grad()
     def evaluate(self) -> Dict[str, float]:

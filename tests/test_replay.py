@@ -1,0 +1,150 @@
+"""Stale-batch replay: the buffer, the replayed backward, and the trainer on the real SmolLM2-135M-Instruct."""
+
+from __future__ import annotations
+
+import dataclasses
+import math
+from pathlib import Path
+
+import pytest
+import torch
+
+from rlfuse.algos import policy_loss
+from rlfuse.engine import trainer as trainer_mod
+from rlfuse.engine.args import TrainArgs
+from rlfuse.engine.replay import ReplayBuffer, ReplayItem, replay_backward
+from rlfuse.engine.rewards import RewardResult
+from rlfuse.engine.rollout import RolloutBatch
+from rlfuse.engine.trainer import Trainer, completion_logprobs
+
+DATA = Path(__file__).parent / "data"
+REPLAY_KEYS = {"replay_batches", "replay_staleness", "replay_ratio_mean", "replay_ratio_max"}
+
+
+def fake_item(step, B=2, T=3):
+    mask = torch.ones(B, T, dtype=torch.bool)
+    mask[0, -1] = False
+    batch = RolloutBatch(torch.zeros(B, 1, dtype=torch.long), torch.ones(B, 1, dtype=torch.long),
+                         torch.zeros(B, T, dtype=torch.long), mask)
+    return ReplayItem(step, batch, torch.zeros(B), torch.full((B, T), -1.0 * step))
+
+
+def test_buffer_keeps_the_last_k_batches_oldest_first():
+    buffer = ReplayBuffer(2)
+    for step in (1, 2, 3):
+        buffer.add(fake_item(step))
+    assert [item.step for item in buffer] == [2, 3] and len(buffer) == 2
+    off = ReplayBuffer(0)
+    off.add(fake_item(1))
+    assert len(off) == 0 and list(off) == []
+
+
+@pytest.mark.parametrize("staleness", [-1, 1.5, True, "2"])
+def test_bad_staleness_raises(staleness):
+    with pytest.raises(ValueError, match="staleness"):
+        ReplayBuffer(staleness)
+
+
+def test_replay_backward_scales_each_loss_and_reports_staleness_and_ratios():
+    weight = torch.tensor(2.0, requires_grad=True)
+    items = [fake_item(3), fake_item(4)]
+    ratios = {3: (1.5, 3.0), 4: (0.5, 0.75)}
+
+    def loss_fn(item):
+        mean, peak = ratios[item.step]
+        return weight * item.step, {"ratio_mean": torch.tensor(mean), "ratio_max": torch.tensor(peak)}
+
+    record = replay_backward(items, 5, loss_fn, scale=1 / 3)
+    assert weight.grad.item() == pytest.approx((3 + 4) / 3)
+    tokens = [int(item.batch.completion_mask.sum()) for item in items]
+    assert record == pytest.approx({"replay_batches": 2, "replay_staleness": 1.5,
+                                    "replay_ratio_mean": (1.5 * tokens[0] + 0.5 * tokens[1]) / sum(tokens),
+                                    "replay_ratio_max": 3.0})
+    assert replay_backward([], 5, loss_fn, 1.0) == {"replay_batches": 0, "replay_staleness": 0.0,
+                                                     "replay_ratio_mean": None, "replay_ratio_max": None}
+
+
+def test_negative_staleness_option_fails_clearly():
+    with pytest.raises(ValueError, match="--replay-staleness"):
+        TrainArgs(replay_staleness=-1).validate()
+
+
+# --------------------------------------------------------------------------------------------------
+# The trainer on the real model
+# --------------------------------------------------------------------------------------------------
+
+
+def length_rewards(texts, golds, *args, **kwargs):
+    """Deterministic rewards with spread (completion length mod 3), so both runs see the same advantages."""
+    return RewardResult([float(len(t) % 3) for t in texts], [False] * len(texts), [False] * len(texts))
+
+
+def make_trainer(smollm2_dir, tmp_path, staleness, algo="rec"):
+    args = TrainArgs(algo=algo, model=smollm2_dir, data=str(DATA / "gsm8k_train_sample.jsonl"), prompts_per_step=2,
+                     num_generations=3, max_new_tokens=6, learning_rate=1e-4, replay_staleness=staleness,
+                     output_dir=str(tmp_path / f"{algo}-{staleness}"))
+    return Trainer(args)
+
+
+def weights(trainer):
+    return {n: p.detach().clone() for n, p in trainer.model.named_parameters()}
+
+
+@pytest.fixture(scope="module")
+def runs(smollm2_dir, tmp_path_factory):
+    """Two steps of ``rec`` without replay and with --replay-staleness 2 (records, weights after each step)."""
+    patch = pytest.MonkeyPatch()
+    patch.setattr(trainer_mod, "gsm8k_rewards", length_rewards)
+    out = {}
+    try:
+        for staleness in (0, 2):
+            trainer = make_trainer(smollm2_dir, tmp_path_factory.mktemp("replay"), staleness)
+            steps = []
+            for step in (1, 2):
+                steps.append((trainer.step(step), weights(trainer)))
+            out[staleness] = (trainer, steps)
+    finally:
+        patch.undo()
+    return out
+
+
+def test_staleness_zero_is_the_on_policy_step_and_replay_starts_empty(runs):
+    (_, plain), (replaying, stale) = runs[0], runs[2]
+    (record0, weights0), (record2, weights2) = plain[0], stale[0]
+    assert not REPLAY_KEYS & record0.keys()  # the on-policy record is unchanged
+    assert record2["replay_batches"] == 0 and record2["replay_ratio_mean"] is None
+    assert record0["reward_std"] > 0 and record0["grad_norm"] > 0
+    # With nothing to replay yet, the step is the on-policy one, bit for bit.
+    for key in ("loss", "grad_norm", "ratio_mean", "clip_frac", "entropy"):
+        assert record0[key] == record2[key], key
+    assert all(torch.equal(weights0[n], weights2[n]) for n in weights0)
+
+
+def test_second_step_replays_the_first_batch_against_its_behaviour_policy(runs):
+    (_, plain), (replaying, stale) = runs[0], runs[2]
+    (record0, weights0), (record2, weights2) = plain[1], stale[1]
+    assert record0["loss"] == record2["loss"]  # the same fresh batch from the same weights and seed
+    assert record2["replay_batches"] == 1 and record2["replay_staleness"] == 1.0
+    assert math.isfinite(record2["replay_ratio_mean"]) and record2["replay_ratio_mean"] != 1.0
+    assert record2["replay_ratio_max"] >= record2["replay_ratio_mean"]
+    assert any(not torch.equal(weights0[n], weights2[n]) for n in weights0)  # the replayed batch moved them
+    assert [item.step for item in replaying.replay] == [1, 2]
+
+
+def test_replayed_loss_uses_the_stored_behaviour_log_probs(runs):
+    trainer = runs[2][0]
+    item = next(iter(trainer.replay))
+    assert item.behaviour_logps is item.batch.logps  # recorded by the sampler, no extra forward
+    loss, metrics = trainer._replay_loss(item)
+    with torch.no_grad():
+        logps = completion_logprobs(trainer.model, item.batch, trainer.args.temperature).logps
+    want, want_metrics = policy_loss(logps, item.behaviour_logps, item.advantages, item.batch.completion_mask,
+                                     config=trainer.config)
+    torch.testing.assert_close(loss.detach(), want, rtol=1e-4, atol=1e-6)
+    torch.testing.assert_close(metrics["ratio_mean"], want_metrics["ratio_mean"], rtol=1e-4, atol=1e-6)
+
+    shifted = dataclasses.replace(item, behaviour_logps=item.behaviour_logps - 0.5)
+    changed, changed_metrics = trainer._replay_loss(shifted)
+    assert abs(changed.item() - loss.item()) > 1e-4
+    assert changed_metrics["ratio_mean"].item() == pytest.approx(metrics["ratio_mean"].item() * math.exp(0.5),
+                                                                 rel=1e-4)
