@@ -122,10 +122,12 @@ def check_rlfuse_loss_options(args) -> None:
     """
     loss_type = args.loss_type
     clips = loss_type in CLIPPING_LOSS_TYPES
-    for name in ("delta",) if clips else ("epsilon_high", "delta"):
-        if getattr(args, name) is not None:
-            raise ValueError(f"{name}={getattr(args, name)!r} has no meaning for loss_type={loss_type!r}, which "
-                             f"{'clips no PPO ratio' if clips else 'clips no ratio'}; leave {name}=None")
+    if args.delta is not None:
+        raise ValueError(f"delta={args.delta!r} has no meaning for loss_type={loss_type!r}: it caps the ratio of TRL's "
+                         "clipped surrogate (two-sided clipping), which that loss does not use; leave delta=None")
+    if not clips and args.epsilon_high is not None:
+        raise ValueError(f"epsilon_high={args.epsilon_high!r} has no meaning for loss_type={loss_type!r}, which clips "
+                         "no ratio; leave epsilon_high=None")
     if not clips and args.epsilon != _default(args, "epsilon"):
         raise ValueError(f"epsilon={args.epsilon!r} has no meaning for loss_type={loss_type!r}, which clips no ratio; "
                          f"leave epsilon at its default {_default(args, 'epsilon')!r}")
