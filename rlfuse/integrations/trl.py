@@ -8,8 +8,9 @@
   logit scaling) or whose head cannot be read as one plain weight (quantized, ZeRO-3 or FSDP-sharded) run
   their own forward for the completion logits and :func:`rlfuse.kernels.token_logprobs` instead;
 - computes TRL 1.16's GRPO loss with the same math, normalizers and logged metric keys
-  (:meth:`GRPOTrainer._compute_loss`), and adds ``loss_type="topr"`` and ``loss_type="rover"``, rlfuse's TOPR
-  and ROVER token losses on the same log-probs;
+  (:meth:`GRPOTrainer._compute_loss`), and adds rlfuse's presets as ``loss_type`` values (topr, rover, reinforce,
+  rec, rec_is, rec_ring, opmd, asymre, red_weight, gmpo; :mod:`rlfuse.integrations.trl_losses`), each computed by
+  rlfuse's own token loss on the same log-probs;
 - raises ``ValueError`` at construction for every TRL option it does not reproduce, instead of dropping it.
 
 TRL is imported with this module only; ``import rlfuse`` never needs it.
@@ -17,17 +18,18 @@ TRL is imported with this module only; ``import rlfuse`` never needs it.
 
 from __future__ import annotations
 
-from typing import Optional, Tuple
-
 import torch
 import trl
 from accelerate.utils import is_peft_model
 from packaging.version import Version
 from trl.trainer.utils import nanmax, nanmin
 
-from rlfuse.algos.configs import get_config
-from rlfuse.algos.losses import TOKEN_LOSSES, kl_penalty, sequence_log_ratio
+from rlfuse.algos.losses import kl_penalty
 from rlfuse.integrations.trl_head import add_rlfuse_head, head_reproduces_logits, plain_lm_head
+from rlfuse.integrations.trl_losses import (
+    LOSS_TYPES, RLFUSE_LOSS_TYPES, check_grpo_config, grpo_token_loss, rlfuse_loss_metrics, rlfuse_token_loss,
+    trl_aggregation, trl_importance_ratio,
+)
 from rlfuse.kernels import IGNORE_INDEX, TokenLogprobs
 
 MIN_TRL_VERSION = "1.16.0"
@@ -36,128 +38,6 @@ if Version(trl.__version__) < Version(MIN_TRL_VERSION):
         f"rlfuse.integrations.trl reproduces the GRPO loss of trl>={MIN_TRL_VERSION}, but trl {trl.__version__} "
         f"is installed; upgrade with: pip install 'trl>={MIN_TRL_VERSION}'"
     )
-
-LOSS_TYPES = ("grpo", "bnpo", "dr_grpo", "dapo", "cispo", "topr", "rover")
-RLFUSE_LOSS_TYPES = ("topr", "rover")  # rlfuse's token losses, not TRL's
-
-
-def check_grpo_config(args) -> None:
-    """Raise ``ValueError`` naming the first ``trl.GRPOConfig`` option that :class:`GRPOTrainer` cannot honour.
-
-    Unsupported: ``loss_type`` other than grpo, bnpo, dr_grpo, dapo, cispo, topr and rover; the entropy bonus
-    (``entropy_coef != 0``, ``use_adaptive_entropy``); ``use_liger_kernel`` (a second kernel provider). With
-    topr or rover, the ratio-clip dials ``epsilon_high`` and ``delta`` (neither loss clips a ratio; ``epsilon``
-    is ignored), and ``importance_sampling_level="sequence"`` with rover (ROVER's Q is per token).
-    """
-    if args.loss_type not in LOSS_TYPES:
-        raise ValueError(
-            f"loss_type={args.loss_type!r} is not supported by rlfuse's GRPOTrainer; set loss_type to one of "
-            f"{', '.join(LOSS_TYPES)}, or train with trl.GRPOTrainer"
-        )
-    if args.importance_sampling_level not in ("token", "sequence"):
-        raise ValueError(
-            f"importance_sampling_level={args.importance_sampling_level!r} is unknown; use 'token' or 'sequence'"
-        )
-    if args.loss_type in RLFUSE_LOSS_TYPES:
-        _check_rlfuse_loss_options(args)
-    if args.entropy_coef != 0.0 or args.use_adaptive_entropy:
-        raise ValueError(
-            "the entropy bonus (entropy_coef != 0 or use_adaptive_entropy=True) is not supported by rlfuse's "
-            "GRPOTrainer; set entropy_coef=0.0 and use_adaptive_entropy=False, or train with trl.GRPOTrainer"
-        )
-    if args.use_liger_kernel:
-        raise ValueError(
-            "use_liger_kernel=True is not supported together with rlfuse's GRPOTrainer, which computes the "
-            "log-probs with rlfuse's kernels; set use_liger_kernel=False, or train with trl.GRPOTrainer"
-        )
-
-
-def _check_rlfuse_loss_options(args) -> None:
-    for name in ("epsilon_high", "delta"):
-        if getattr(args, name) is not None:
-            raise ValueError(f"{name}={getattr(args, name)!r} has no meaning for loss_type={args.loss_type!r}, which "
-                             f"clips no ratio; leave {name}=None")
-    if args.loss_type == "rover" and args.importance_sampling_level != "token":
-        raise ValueError("importance_sampling_level='sequence' has no meaning for loss_type='rover', whose Q-values "
-                         "are per token; set importance_sampling_level='token'")
-
-
-def rlfuse_token_loss(
-    loss_type: str,
-    per_token_logps: torch.Tensor,
-    old_per_token_logps: torch.Tensor,
-    advantages: torch.Tensor,
-    mask: torch.Tensor,
-    importance_sampling_level: str = "token",
-    vocab_mean: Optional[torch.Tensor] = None,
-    old_vocab_mean: Optional[torch.Tensor] = None,
-) -> Tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-    """rlfuse's TOPR or ROVER token losses (:data:`rlfuse.algos.losses.TOKEN_LOSSES`) before masking and
-    aggregation, with rlfuse's default dials (ROVER's rho = 1).
-
-    - topr: -sg(alpha)·A·logp, alpha = clamp(r, 0, 1) where A < 0, else 1 ("Tapered Off-Policy REINFORCE", eq. 7);
-    - rover: (rho·(logp - old_logp) - sg(A + rho·(V̄(s_{t+1}) - V̄_old(s_{t+1}))))² ("Random Policy Valuation is
-      Enough for LLM Reasoning with Verifiable Rewards").
-
-    Args:
-        per_token_logps: (B, T) float32 with grad; old_per_token_logps: (B, T) float32.
-        advantages: (B, 1) or (B, T) float32, TRL's.
-        mask: (B, T) 0/1, completion tokens that count.
-        vocab_mean, old_vocab_mean: (B, T) float32 vocabulary means of the log-probs (rover only).
-
-    Returns:
-        ``(per_token_loss, tapered, ratio)``, each (B, T): float32 losses, bool tokens whose TOPR weight was
-        truncated (all False for rover), float32 ratio r = exp(logp - old_logp).
-    """
-    config = get_config(loss_type, importance_sampling_level=importance_sampling_level)
-    keep = mask.bool()
-    logps, old, vm, old_vm = (None if t is None else torch.where(keep, t, 0.0)
-                              for t in (per_token_logps, old_per_token_logps, vocab_mean, old_vocab_mean))
-    adv = advantages if advantages.shape[1] == 1 else torch.where(keep, advantages, 0.0)
-    return TOKEN_LOSSES[config.loss_type](logps, old, adv.to(logps.dtype), keep, config, vm, old_vm)
-
-
-def grpo_token_loss(
-    per_token_logps: torch.Tensor,
-    old_per_token_logps: torch.Tensor,
-    advantages: torch.Tensor,
-    mask: torch.Tensor,
-    *,
-    loss_type: str,
-    importance_sampling_level: str,
-    epsilon_low: float,
-    epsilon_high: float,
-    delta: Optional[float] = None,
-) -> Tuple[torch.Tensor, torch.Tensor]:
-    """Token losses of TRL's GRPO family before masking and aggregation, as TRL 1.16 computes them.
-
-    - grpo, bnpo, dr_grpo, dapo: -min(r·A, clip(r, 1 - epsilon_low, 1 + epsilon_high)·A), the clipped
-      surrogate of GRPO ("DeepSeekMath", eq. 3) with DAPO's decoupled clip ("DAPO: An Open-Source LLM
-      Reinforcement Learning System at Scale"); ``delta`` caps r first (two-sided clipping);
-    - cispo: -sg(min(r, epsilon_high))·A·logp ("MiniMax-M1").
-
-    r = exp(logp - old_logp) per token at ``importance_sampling_level="token"``; at ``"sequence"`` one ratio
-    per sequence, exp of the masked mean of logp - old_logp ("Group Sequence Policy Optimization").
-
-    Args:
-        per_token_logps: (B, T) float32 log-probs of the completion tokens under the policy (with grad).
-        old_per_token_logps: (B, T) float32 under the policy that sampled them.
-        advantages: (B, 1) or (B, T) float32.
-        mask: (B, T) int64 or float, 1 on completion tokens that count.
-
-    Returns:
-        ``(per_token_loss, ratio)``: ratio r is (B, T) at token level and (B, 1) at sequence level; the
-        loss has r's shape, or (B, T) for cispo. Both float32.
-    """
-    log_ratio = per_token_logps - old_per_token_logps
-    if importance_sampling_level == "sequence":
-        log_ratio = sequence_log_ratio(log_ratio, mask.bool(), normalize=True)
-    ratio = torch.exp(log_ratio)
-    if loss_type == "cispo":
-        return -torch.clamp(ratio, max=epsilon_high).detach() * advantages * per_token_logps, ratio
-    clipped = torch.clamp(ratio, 1 - epsilon_low, 1 + epsilon_high)
-    capped = ratio if delta is None else torch.clamp(ratio, max=delta)
-    return -torch.min(capped * advantages, clipped * advantages), ratio
 
 
 class FusedGRPOTrainer(trl.GRPOTrainer):
@@ -169,11 +49,18 @@ class FusedGRPOTrainer(trl.GRPOTrainer):
     or sequence ("Group Sequence Policy Optimization"); ``epsilon``/``epsilon_high``; ``delta``; ``beta``
     with TRL's k3 KL to the reference model and ``use_bias_correction_kl``; ``top_entropy_quantile``;
     ``off_policy_mask_threshold``; vLLM's importance-sampling correction; tool masks; PEFT (a LoRA policy,
-    the reference by disabling the adapter); ``cast_lm_head_to_fp32``. ``loss_type`` topr ("Tapered Off-Policy
-    REINFORCE") and rover ("Random Policy Valuation is Enough for LLM Reasoning with Verifiable Rewards") use
-    rlfuse's token losses (:func:`rlfuse_token_loss`) on TRL's advantages, reduced as dapo (token mean over the
-    accumulated batch), with the same masks and KL; ROVER's old vocabulary means come from TRL's old-policy pass
-    (:meth:`_generate_and_score_completions`), or from the current pass when the step is on-policy.
+    the reference by disabling the adapter); ``cast_lm_head_to_fp32``.
+
+    rlfuse's presets (:data:`rlfuse.integrations.trl_losses.RLFUSE_LOSS_TYPES`) use rlfuse's token losses
+    (:func:`rlfuse_token_loss`, the functions :func:`rlfuse.algos.policy_loss` calls) on TRL's advantages and
+    old log-probs, with the same masks and KL, reduced by the preset's ``loss_agg_mode`` with TRL's normalizer
+    (token-mean: dapo's; seq-mean-token-mean: grpo's): topr ("Tapered Off-Policy REINFORCE"), rover ("Random
+    Policy Valuation is Enough for LLM Reasoning with Verifiable Rewards"; its old vocabulary means come from
+    TRL's old-policy pass, :meth:`_generate_and_score_completions`), reinforce, rec, rec_is, rec_ring, opmd,
+    asymre, red_weight ("Group-Relative REINFORCE Is Secretly an Off-Policy Algorithm") and gmpo ("Geometric-Mean
+    Policy Optimization"). When TRL skips the old-policy pass the step is on-policy and the old log-probs are
+    the current ones, detached: exactly the sampling policy's, so ratios are 1 and OPMD's k2 regularizer and its
+    gradient are 0, as they are at the behaviour policy. red_drop is refused (``RED_DROP_ERROR``).
 
     Raises:
         ValueError: at construction, for options listed in :func:`check_grpo_config`, vision-language
@@ -265,17 +152,20 @@ class FusedGRPOTrainer(trl.GRPOTrainer):
         (B, T) float32, ``importance_sampling_ratio`` (B, T) or (B, 1) float32, ``tool_mask`` (B, T) int64,
         and ``num_items_in_batch`` (scalar, completion tokens in the generation batch).
 
-        Token losses from :func:`grpo_token_loss` (:func:`rlfuse_token_loss` for topr and rover), times the
-        off-policy mask, the high-entropy mask and the vLLM importance ratio when enabled, plus beta·k3 KL; then reduced as TRL's ``loss_type`` does
-        (grpo: mean over sequences of token means; bnpo: token mean; dr_grpo: sum / (B·max_completion_length);
-        dapo, cispo, topr, rover: sum / tokens of the accumulated batch), scaled for gradient accumulation.
-        ROVER also reads ``old_vocab_mean`` (B, T) float32, or uses the current pass's when on-policy.
+        Token losses from :func:`grpo_token_loss` (:func:`rlfuse_token_loss` for rlfuse's presets), times the
+        off-policy mask, the high-entropy mask and the vLLM importance ratio when enabled, plus beta·k3 KL (times
+        TRL's differentiable ratio under ``use_bias_correction_kl``); then reduced as TRL's ``loss_type`` does, a
+        preset as the TRL type of its ``loss_agg_mode`` (:func:`trl_aggregation`): grpo: mean over sequences of
+        token means; bnpo: token mean; dr_grpo: sum / (B·max_completion_length); dapo, cispo: sum / tokens of the
+        accumulated batch; scaled for gradient accumulation. ROVER also reads ``old_vocab_mean`` (B, T) float32,
+        or uses the current pass's when on-policy.
 
         Returns:
             The scalar float32 loss. Logs TRL's metrics under TRL's keys: ``entropy``, ``kl``,
-            ``clip_ratio/{low_mean,high_mean,region_mean,low_min,high_max}`` or ``cispo_clip_ratio``; for topr
-            ``topr/tapered_ratio`` (share of tokens whose weight the taper truncated: A < 0 and r < 1), for rover
-            ``rover/td_error`` (mean |Q - target|).
+            ``clip_ratio/{low_mean,high_mean,region_mean,low_min,high_max}`` (also gmpo's, in log-ratio space as
+            TRL's experimental GMPO trainer) or ``cispo_clip_ratio``; for the other presets their own metric
+            (:func:`rlfuse.integrations.trl_losses.rlfuse_loss_metrics`), e.g. ``topr/tapered_ratio``,
+            ``rover/td_error``, ``rec/masked_ratio``, ``opmd/k2``.
         """
         completion_ids, completion_mask = inputs["completion_ids"], inputs["completion_mask"]
         input_ids = torch.cat([inputs["prompt_ids"], completion_ids], dim=1)
@@ -289,14 +179,17 @@ class FusedGRPOTrainer(trl.GRPOTrainer):
         on_policy = old_per_token_logps is None
         old_per_token_logps = per_token_logps.detach() if on_policy else old_per_token_logps
 
-        own_metrics = {}
+        own_metrics, clipped = {}, None
         if self.loss_type in RLFUSE_LOSS_TYPES:
             old_vocab_mean = out.vocab_mean.detach() if on_policy and out.vocab_mean is not None else None
-            per_token_loss, tapered, ratio = rlfuse_token_loss(
+            per_token_loss, clipped, _ = rlfuse_token_loss(
                 self.loss_type, per_token_logps, old_per_token_logps, advantages, mask, self.importance_sampling_level,
-                out.vocab_mean, inputs.get("old_vocab_mean", old_vocab_mean))
-            own_metrics = ({"topr/tapered_ratio": tapered.float()} if self.loss_type == "topr"
-                           else {"rover/td_error": per_token_loss.detach().sqrt()})
+                out.vocab_mean, inputs.get("old_vocab_mean", old_vocab_mean), epsilon_low=self.epsilon_low,
+                epsilon_high=self.epsilon_high)
+            own_metrics = rlfuse_loss_metrics(self.loss_type, per_token_loss, clipped, per_token_logps,
+                                              old_per_token_logps)
+            # TRL's ratio, with grad: what use_bias_correction_kl multiplies the KL by, whichever the loss
+            ratio = trl_importance_ratio(per_token_logps, old_per_token_logps, mask, self.importance_sampling_level)
         else:
             per_token_loss, ratio = grpo_token_loss(
                 per_token_logps, old_per_token_logps, advantages, mask, loss_type=self.loss_type,
@@ -319,25 +212,27 @@ class FusedGRPOTrainer(trl.GRPOTrainer):
 
         mode = "train" if self.model.training else "eval"
         loss = self._aggregate(per_token_loss, mask, inputs, mode)
-        self._log_loss_metrics(mode, mask, ratio, advantages, entropies, per_token_kl, own_metrics)
+        self._log_loss_metrics(mode, mask, ratio, advantages, entropies, per_token_kl, own_metrics, clipped)
         return loss
 
     def _aggregate(self, per_token_loss, mask, inputs, mode) -> torch.Tensor:
-        if self.loss_type in ("dapo", "cispo", *RLFUSE_LOSS_TYPES):
+        aggregation = trl_aggregation(self.loss_type)
+        if aggregation in ("dapo", "cispo"):
             # num_items_in_batch spans the generation batch; rescale it to one accumulation window
             normalizer = inputs["num_items_in_batch"].clamp(min=1.0) / self.accelerator.num_processes
             if mode == "train":
                 normalizer = normalizer * self.current_gradient_accumulation_steps / self.args.steps_per_generation
             return (per_token_loss * mask).sum() / normalizer
-        if self.loss_type == "grpo":
+        if aggregation == "grpo":
             loss = ((per_token_loss * mask).sum(-1) / mask.sum(-1).clamp(min=1.0)).mean()
-        elif self.loss_type == "bnpo":
+        elif aggregation == "bnpo":
             loss = (per_token_loss * mask).sum() / mask.sum().clamp(min=1.0)
         else:  # dr_grpo
             loss = (per_token_loss * mask).sum() / (per_token_loss.size(0) * self.max_completion_length)
         return loss / (self.current_gradient_accumulation_steps if mode == "train" else 1.0)
 
-    def _log_loss_metrics(self, mode, mask, ratio, advantages, entropies, per_token_kl, own_metrics=None) -> None:
+    def _log_loss_metrics(self, mode, mask, ratio, advantages, entropies, per_token_kl, own_metrics=None,
+                          clipped=None) -> None:
         def masked_seq_mean(x):
             return x.squeeze(1) if x.shape[1] == 1 else (x * mask).sum(-1) / mask.sum(-1)
 
@@ -354,18 +249,21 @@ class FusedGRPOTrainer(trl.GRPOTrainer):
             metrics["kl"].append(global_masked_mean(per_token_kl.detach()))
         metrics["entropy"].append(global_masked_mean(entropies.detach()))
         ratio = ratio.detach()
-        if self.loss_type in RLFUSE_LOSS_TYPES:  # no ratio clip; each loss's own (B, T) metric instead
+        if self.loss_type == "gmpo":  # rlfuse's clipped log-ratios, split by the side TRL's GMPO trainer logs
+            low, high = (clipped & (advantages < 0)).float(), (clipped & (advantages > 0)).float()
+        elif self.loss_type in RLFUSE_LOSS_TYPES:  # no TRL ratio clip; each loss's own (B, T) metric instead
             for key, value in own_metrics.items():
                 metrics[key].append(global_masked_mean(value))
             return
-        if self.loss_type == "cispo":
+        elif self.loss_type == "cispo":
             clipped = (ratio > self.epsilon_high) & (advantages > 0)
             metrics["cispo_clip_ratio"].append(global_masked_mean(clipped.float()))
             return
-        if self.args.delta is not None:
-            ratio = torch.clamp(ratio, max=self.args.delta)  # TRL reports clipping of the delta-capped ratio
-        low = ((ratio < 1 - self.epsilon_low) & (advantages < 0)).float()
-        high = ((ratio > 1 + self.epsilon_high) & (advantages > 0)).float()
+        else:
+            if self.args.delta is not None:
+                ratio = torch.clamp(ratio, max=self.args.delta)  # TRL reports clipping of the delta-capped ratio
+            low = ((ratio < 1 - self.epsilon_low) & (advantages < 0)).float()
+            high = ((ratio > 1 + self.epsilon_high) & (advantages > 0)).float()
         metrics["clip_ratio/low_mean"].append(global_masked_mean(low))
         metrics["clip_ratio/high_mean"].append(global_masked_mean(high))
         metrics["clip_ratio/region_mean"].append(global_masked_mean(torch.maximum(low, high)))
@@ -375,5 +273,5 @@ class FusedGRPOTrainer(trl.GRPOTrainer):
 
 GRPOTrainer = FusedGRPOTrainer
 
-__all__ = ["FusedGRPOTrainer", "GRPOTrainer", "add_rlfuse_head", "check_grpo_config", "grpo_token_loss",
-           "head_reproduces_logits", "plain_lm_head", "rlfuse_token_loss"]
+__all__ = ["LOSS_TYPES", "RLFUSE_LOSS_TYPES", "FusedGRPOTrainer", "GRPOTrainer", "add_rlfuse_head", "check_grpo_config",
+           "grpo_token_loss", "head_reproduces_logits", "plain_lm_head", "rlfuse_token_loss"]
