@@ -271,12 +271,19 @@ def trl_prompts(examples: List[Example], tokenizer) -> List[list]:
     return prompts
 
 
-def trl_reward(format_reward: float, incorrect_reward: float):
-    """A TRL reward function: :func:`gsm8k_rewards` of each completion against the ``gold`` column."""
+def trl_reward(format_reward: float, incorrect_reward: float, stop_ids=()):
+    """A TRL reward function: :func:`gsm8k_rewards` of each completion against the ``gold`` column.
 
-    def gsm8k_reward(completions, gold, **kwargs) -> List[float]:
+    A completion whose last token (TRL's ``completion_ids``) is none of ``stop_ids`` was cut at the length
+    limit and earns the wrong-answer reward, as in rlfuse's trainer."""
+
+    def gsm8k_reward(completions, gold, completion_ids=None, **kwargs) -> List[float]:
         texts = [c[-1]["content"] if isinstance(c, list) else c for c in completions]
-        return gsm8k_rewards(texts, gold, format_reward, incorrect_reward=incorrect_reward).rewards
+        truncated = None
+        if completion_ids is not None and stop_ids:
+            truncated = [not ids or ids[-1] not in stop_ids for ids in completion_ids]
+        return gsm8k_rewards(texts, gold, format_reward, incorrect_reward=incorrect_reward,
+                             truncated=truncated).rewards
 
     return gsm8k_reward
 
@@ -383,7 +390,10 @@ def run_trl(args: Args, model: str, data: str, device: torch.device, work: Path)
         disable_tqdm=True,
     )
     timer = TRLStepTimer(device)
-    trainer = GRPOTrainer(model=policy, reward_funcs=[trl_reward(train_args.format_reward, config.incorrect_reward)],
+    eos = policy.generation_config.eos_token_id
+    stop_ids = {tokenizer.eos_token_id, *(eos if isinstance(eos, (list, tuple)) else [eos])} - {None}
+    reward = trl_reward(train_args.format_reward, config.incorrect_reward, stop_ids)
+    trainer = GRPOTrainer(model=policy, reward_funcs=[reward],
                           args=grpo_config, train_dataset=dataset, processing_class=tokenizer,
                           callbacks=[timer.callback()])
     timer.instrument(trainer)

@@ -80,3 +80,12 @@ def test_random_model_folder_loads_in_both_paths(tmp_path, monkeypatch):
     DecoderLM(model)  # the shared-prefix sampler accepts it
     with pytest.raises(ValueError, match="unknown random model"):
         e2e.random_model_dir("qwen-huge", tmp_path / "other", torch.device("cpu"), torch.float32)
+
+
+def test_trl_reward_pays_nothing_for_a_completion_cut_at_the_length_limit():
+    reward = e2e.trl_reward(format_reward=0.1, incorrect_reward=0.0, stop_ids={2})
+    texts = ["3 + 4 = 7\n#### 7", "3 + 4 = 7\n#### 7", "#### 8"]
+    got = reward(texts, ["7", "7", "7"], completion_ids=[[5, 6, 2], [5, 6, 7], [9, 2]])
+    assert got == pytest.approx([1.1, 0.0, 0.0])  # correct and stopped; the same text cut; wrong
+    # Without the token ids TRL gives every function, nothing counts as cut.
+    assert reward(texts[:2], ["7", "7"]) == pytest.approx([1.1, 1.1])

@@ -23,7 +23,7 @@ from rlfuse.engine.trainer import Trainer
 
 ALGOS = ["grpo", "dr_grpo", "dapo", "gspo", "topr", "rover"]
 KEYS = {"step", "loss", "reward_mean", "reward_std", "accuracy", "format_rate", "completion_len_mean", "kl",
-        "clip_frac", "entropy", "grad_norm", "tokens_per_s", "time_rollout", "time_logprobs", "time_update"}
+        "clip_frac", "entropy", "grad_norm", "tokens_per_s", "time_rollout", "time_logprobs", "time_update", "truncated_rate", "peak_mem_gb"}
 DATA = Path(__file__).parent / "data"
 # The first GSM8K train and test questions, shipped with the tests so that they never need the hub.
 TINY = ["--prompts-per-step", "2", "--num-generations", "2", "--max-new-tokens", "8", "--save-every", "1",
