@@ -174,3 +174,12 @@ def test_flash_attn_prefill_matches_sdpa(device):
     want = sdpa(q, k, v, causal_padding_mask(mask))
     real = mask[:, None, :, None].expand_as(got)
     torch.testing.assert_close(got[real], want[real], rtol=2e-2, atol=2e-2)
+
+
+@pytest.mark.parametrize("temperature", [0.0, -1.0, float("nan")])
+def test_non_positive_temperature_names_greedy(temperature, device):
+    sampler = SharedPrefixSampler(tiny_model("llama", device=device), StubTokenizer())
+    with pytest.raises(ValueError, match="greedy=True"):
+        sampler.generate([[7, 8, 9]], num_generations=2, max_new_tokens=3, temperature=temperature)
+    greedy = sampler.generate([[7, 8, 9]], num_generations=1, max_new_tokens=3, temperature=1.0, greedy=True)
+    assert greedy.completion_ids.shape == (1, 3)

@@ -111,10 +111,14 @@ class SharedPrefixSampler:
         """Sample ``num_generations`` completions per prompt; see :class:`rlfuse.engine.rollout.Rollout`.
 
         Raises:
-            ValueError: no prompts, non-positive lengths, or prompt + completion beyond the sliding window.
+            ValueError: no prompts, non-positive lengths, a ``temperature`` not above 0 (pass ``greedy=True``
+                for argmax decoding), or prompt + completion beyond the sliding window.
         """
         if not prompts or max_new_tokens < 1 or num_generations < 1:
             raise ValueError("need at least one prompt, max_new_tokens >= 1 and num_generations >= 1")
+        if not temperature > 0:
+            raise ValueError(f"temperature must be > 0, got {temperature}; pass greedy=True for argmax decoding "
+                             "(the recorded log-probs are those of softmax(logits / temperature))")
         device = next(self.model.parameters()).device
         ids, mask = (t.to(device) for t in left_pad(prompts, self.tokenizer.pad_token_id))
         window = self.decoder.sliding_window
