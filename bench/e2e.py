@@ -224,6 +224,7 @@ def run_rlfuse(args: Args, model: str, data: str, device: torch.device, work: Pa
         num_generations=args.num_generations, max_new_tokens=args.max_new_tokens, temperature=args.temperature,
         learning_rate=args.learning_rate, rollout="engine", gradient_checkpointing=args.gradient_checkpointing,
         seed=args.seed, output_dir=str(work / "rlfuse"), device=str(device), dtype=args.dtype,
+        stop_after_answer=False,  # TRL's generate has no stop pattern: both decode the same way
     ))
     generate, last = trainer.rollout.generate, {}
 
@@ -367,7 +368,8 @@ def run_trl(args: Args, model: str, data: str, device: torch.device, work: Path)
     from datasets import Dataset
     from trl import GRPOConfig, GRPOTrainer
 
-    train_args = TrainArgs(algo=args.algo, model=model, data=data, dtype=args.dtype, device=str(device))
+    train_args = TrainArgs(algo=args.algo, model=model, data=data, dtype=args.dtype, device=str(device),
+                           stop_after_answer=False)
     config = train_args.loss_config()
     dtype = resolve_dtype(args.dtype, device)
     policy, tokenizer = load_model_and_tokenizer(model, dtype, str(device))

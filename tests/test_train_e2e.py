@@ -87,7 +87,7 @@ def test_kl_reference_and_multiple_iterations_on_the_baseline_paths(smollm2_dir,
     args = ["train", "--algo", "grpo", "--model", smollm2_dir, *TINY, "--output-dir", str(out), "--steps", "1",
             "--device", device.type,
             "--beta", "0.04", "--kl-estimator", "k3", "--num-iterations", "3", "--loss-impl", "logits",
-            "--rollout", "hf", "--training-forward", "padded"]
+            "--rollout", "hf", "--no-stop-after-answer", "--training-forward", "padded"]
     assert main(args) == 0
     (record,) = read_metrics(out)
     assert record["kl"] is not None and record["kl"] >= 0  # k3 is non-negative

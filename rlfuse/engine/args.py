@@ -83,6 +83,9 @@ class TrainArgs:
     loss_impl: Literal["fused_linear", "logits"] = "fused_linear"
     """fused_linear: log-probs and loss from hidden states and the LM head, logits never materialized;
     logits: the model's logits, then the log-prob op."""
+    stop_after_answer: bool = True
+    """End a completion at the newline after its '#### <number>' line (the sampler's stop pattern), so no
+    tokens are spent on text after the answer; it is not counted as truncated. Needs --rollout engine."""
     format_reward: float = 0.1
     """Reward added to a correct completion that ends with exactly one '#### <number>' line (a wrong or
     truncated completion earns nothing for its format)."""
@@ -125,6 +128,9 @@ class TrainArgs:
                      "save_every", "eval_prompts"):
             if getattr(self, name) < 1:
                 raise ValueError(f"--{name.replace('_', '-')} must be >= 1, got {getattr(self, name)}")
+        if self.stop_after_answer and self.rollout == "hf":
+            raise ValueError("--rollout hf (transformers generate) does not stop after the '#### <number>' line; "
+                             "pass --no-stop-after-answer with it, or use --rollout engine")
         if self.replay_staleness < 0:
             raise ValueError(f"--replay-staleness must be >= 0 (0 disables replay), got {self.replay_staleness}")
         if self.lora_rank < 0:

@@ -20,7 +20,7 @@ import torch
 from rlfuse.engine.data import Example, build_prompt, load_examples
 from rlfuse.engine.passk import default_ks, mean_pass_at_k
 from rlfuse.engine.rewards import answer_key, gsm8k_rewards
-from rlfuse.engine.rollout import truncated_rows
+from rlfuse.engine.rollout import batch_truncated
 
 
 @dataclass
@@ -48,6 +48,9 @@ class EvalArgs:
     """Completion length limit, in tokens; completions cut there count as truncated and wrong."""
     batch_size: int = 8
     """Problems decoded together (each with its n samples)."""
+    stop_after_answer: bool = True
+    """End each completion at the newline after its '#### <number>' line, as `rlfuse train` does by default
+    (evaluate a model with the stop rule it was trained with)."""
     seed: int = 0
     """Seed of the sampling."""
     output: Optional[str] = None
@@ -83,7 +86,7 @@ def _decode(rollout, tokenizer, examples: Sequence[Example], num_generations: in
         batch = rollout.generate(prompts, num_generations, max_new_tokens, temperature, greedy=greedy)
         texts += tokenizer.batch_decode(batch.completion_ids, skip_special_tokens=True)
         lengths += batch.completion_mask.sum(1).tolist()
-        truncated += truncated_rows(batch.completion_ids, batch.completion_mask, rollout.stop_ids).tolist()
+        truncated += batch_truncated(batch, rollout.stop_ids).tolist()
     return texts, lengths, truncated
 
 
@@ -209,14 +212,23 @@ def load_for_eval(model: str, base_model: Optional[str], dtype: torch.dtype, dev
     return PeftModel.from_pretrained(base, str(folder)).merge_and_unload().eval(), tokenizer
 
 
-def make_rollout(model, tokenizer):
-    """The engine's sampler for ``model``, or transformers ``generate`` for a model it cannot run."""
+def make_rollout(model, tokenizer, stop_after_answer: bool = True):
+    """The engine's sampler for ``model`` (ending completions after their ``#### <number>`` line when
+    ``stop_after_answer``), or transformers ``generate`` for a model it cannot run.
+
+    Raises:
+        ValueError: ``stop_after_answer`` for a model only transformers ``generate`` runs.
+    """
+    from rlfuse.engine.rewards import ANSWER_LINE_STOP
     from rlfuse.engine.rollout import HFRollout
     from rlfuse.engine.sampler import SharedPrefixSampler
 
     try:
-        return SharedPrefixSampler(model, tokenizer)
-    except ValueError:
+        return SharedPrefixSampler(model, tokenizer, stop_pattern=ANSWER_LINE_STOP if stop_after_answer else None)
+    except ValueError as error:
+        if stop_after_answer:
+            raise ValueError(f"the engine's sampler cannot run this model ({error}), and transformers generate "
+                             "does not stop after the answer line; pass --no-stop-after-answer") from None
         return HFRollout(model, tokenizer)
 
 
@@ -230,7 +242,7 @@ def run_eval(args: EvalArgs) -> Tuple[Dict[str, object], Path]:
         examples = examples[: args.num_problems]
     device = torch.device(("cuda" if torch.cuda.is_available() else "cpu") if args.device == "auto" else args.device)
     model, tokenizer = load_for_eval(args.model, args.base_model, resolve_dtype(args.dtype, device), device)
-    result = evaluate_examples(make_rollout(model, tokenizer), tokenizer, examples, args.num_samples, args.ks,
+    result = evaluate_examples(make_rollout(model, tokenizer, args.stop_after_answer), tokenizer, examples, args.num_samples, args.ks,
                                args.max_new_tokens, args.temperature, args.batch_size, args.seed)
     result["args"] = asdict(args)
     name = Path(args.data).stem if args.data.endswith(".jsonl") else f"{args.data}-{args.split}"

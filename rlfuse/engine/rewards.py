@@ -19,6 +19,9 @@ from math_verify import ExprExtractionConfig, parse, verify
 FINAL_LINE = re.compile(r"^####\s*-?\$?\d[\d,]*(?:\.\d+)?\s*$")
 HASH_ANSWER = re.compile(r"####\s*([^\n]*)")
 NUMBER_ONLY = [ExprExtractionConfig()]
+# The end of a final answer line (a line start, `#### <number>`, the newline): where a completion can stop
+# (the sampler's `stop_pattern`); what follows it would be neither read nor rewarded.
+ANSWER_LINE_STOP = r"(?:^|\n)[ \t]*####[ \t]*-?\$?\d[\d,]*(?:\.\d+)?[ \t]*\n"
 
 
 @dataclass(frozen=True)

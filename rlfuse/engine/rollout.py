@@ -20,6 +20,8 @@ class RolloutBatch:
         logps: (B, T) float32 log-probs of the sampled tokens under softmax(logits / temperature), when
             the sampler recorded them (None otherwise).
         vocab_mean: (B, T) float32 vocabulary means of those log-probs, likewise.
+        truncated: (B,) bool, True for completions cut at the length limit, when the sampler knows it (it
+            also stops at a pattern; None otherwise: see :func:`batch_truncated`).
     """
 
     prompt_ids: torch.Tensor
@@ -28,6 +30,7 @@ class RolloutBatch:
     completion_mask: torch.Tensor
     logps: Optional[torch.Tensor] = None
     vocab_mean: Optional[torch.Tensor] = None
+    truncated: Optional[torch.Tensor] = None
 
     @property
     def num_completion_tokens(self) -> int:
@@ -72,6 +75,14 @@ def truncated_rows(completion_ids: torch.Tensor, completion_mask: torch.Tensor, 
     last_ids = completion_ids.gather(1, last[:, None])[:, 0]
     stop = torch.as_tensor(stop_ids, dtype=torch.long, device=completion_ids.device)
     return ~torch.isin(last_ids, stop)
+
+
+def batch_truncated(batch: RolloutBatch, stop_ids) -> torch.Tensor:
+    """(B,) bool: the completions of ``batch`` cut at the length limit; ``batch.truncated`` when the sampler
+    recorded it, otherwise those whose last token is none of ``stop_ids`` (:func:`truncated_rows`)."""
+    if batch.truncated is not None:
+        return batch.truncated
+    return truncated_rows(batch.completion_ids, batch.completion_mask, stop_ids)
 
 
 def left_pad(sequences: Sequence[List[int]], pad_id: int):

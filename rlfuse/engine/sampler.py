@@ -15,6 +15,7 @@ softmax(logits / temperature), so on-policy steps need no extra forward. Every c
 from __future__ import annotations
 
 import math
+import re
 import warnings
 from dataclasses import dataclass
 from typing import List, Optional, Sequence
@@ -88,7 +89,7 @@ class DecodeState:
 
 class SharedPrefixSampler:
     """A :class:`rlfuse.engine.rollout.Rollout` over :class:`DecoderLM`; returned batches carry ``logps``
-    and ``vocab_mean`` (B, T) float32 of the sampled tokens.
+    and ``vocab_mean`` (B, T) float32 of the sampled tokens, and ``truncated`` (B,) bool.
 
     Args:
         model: the transformers causal LM being trained (its parameters are used in place).
@@ -97,13 +98,26 @@ class SharedPrefixSampler:
             unfiltered softmax(logits / temperature), the policy that training scores.
         cuda_graphs: replay decode steps from CUDA graphs on a CUDA device (falls back to eager, with a
             warning, if capture fails).
+        stop_pattern: a regular expression; a completion also ends, that token included, at the first
+            newline-bearing token after which the text of its last ``STOP_WINDOW`` tokens, up to and including
+            the last newline, ends with a match (``$``-anchored search), like vLLM's ``stop`` strings but a
+            pattern. None: stop tokens only. Such a completion is not ``truncated``.
     """
 
-    def __init__(self, model, tokenizer, top_k: int = 0, top_p: float = 1.0, cuda_graphs: bool = True):
+    STOP_WINDOW = 32  # tokens of text the stop pattern sees
+
+    def __init__(self, model, tokenizer, top_k: int = 0, top_p: float = 1.0, cuda_graphs: bool = True,
+                 stop_pattern: Optional[str] = None):
         self.model, self.tokenizer, self.top_k, self.top_p = model, tokenizer, top_k, top_p
         self.decoder = DecoderLM(model)
         self.stop_ids = torch.tensor(stop_token_ids(model, tokenizer), dtype=torch.long)
         self.cuda_graphs = cuda_graphs
+        self.stop_pattern = None if stop_pattern is None else re.compile(f"(?:{stop_pattern})$")
+        self._newline_ids = None
+        if stop_pattern is not None:  # only tokens that hold a newline can end a match
+            vocab = len(tokenizer)
+            pieces = tokenizer.batch_decode([[i] for i in range(vocab)])
+            self._newline_ids = torch.tensor([i for i, text in enumerate(pieces) if "\n" in text], dtype=torch.long)
 
     @torch.no_grad()
     def generate(self, prompts: Sequence[List[int]], num_generations: int, max_new_tokens: int,
@@ -175,6 +189,8 @@ class SharedPrefixSampler:
             vocab_mean[row_ids, step] = log_probs.mean(-1)
             lengths[row_ids] += (~finished[row_ids]).long()
             finished[row_ids] |= torch.isin(new, stop_ids)
+            if self.stop_pattern is not None:
+                self._stop_at_pattern(tokens, new, row_ids, finished, step)
             running = ~finished[row_ids]
             num_running = int(running.sum())
             if step + 1 == max_new_tokens or num_running == 0:
@@ -188,7 +204,19 @@ class SharedPrefixSampler:
         completion_ids = torch.where(completion_mask, tokens[:, :used], pad)
         return RolloutBatch(ids.repeat_interleave(groups, 0), mask.repeat_interleave(groups, 0), completion_ids,
                             completion_mask, torch.where(completion_mask, logps[:, :used], 0.0),
-                            torch.where(completion_mask, vocab_mean[:, :used], 0.0))
+                            torch.where(completion_mask, vocab_mean[:, :used], 0.0),
+                            ~finished)  # not finished: neither a stop token nor the stop pattern ended it
+
+    def _stop_at_pattern(self, tokens, new, row_ids, finished, step) -> None:
+        """Mark finished the rows of ``row_ids`` whose token ``new`` at ``step`` completes a stop-pattern match."""
+        candidates = row_ids[~finished[row_ids] & torch.isin(new, self._newline_ids.to(new.device))].tolist()
+        if not candidates:
+            return
+        start = max(0, step + 1 - self.STOP_WINDOW)
+        texts = self.tokenizer.batch_decode(tokens[candidates, start: step + 1].tolist())
+        for row, text in zip(candidates, texts):
+            if self.stop_pattern.search(text[: text.rfind("\n") + 1]):
+                finished[row] = True
 
     def _step_function(self, state: DecodeState, groups: int, device):
         """``fn(tokens (b,), step) -> logits (b, V)`` float32: one decode step of ``state``'s batch; a CUDA

@@ -25,8 +25,8 @@ from rlfuse.engine.decoder import DecoderLM
 from rlfuse.engine.model import add_lora, load_model_and_tokenizer, resolve_dtype
 from rlfuse.engine.packing import shared_prefix_completion_hidden_states
 from rlfuse.engine.replay import ReplayBuffer, ReplayItem, replay_backward
-from rlfuse.engine.rewards import gsm8k_rewards
-from rlfuse.engine.rollout import HFRollout, RolloutBatch, truncated_rows
+from rlfuse.engine.rewards import ANSWER_LINE_STOP, gsm8k_rewards
+from rlfuse.engine.rollout import HFRollout, RolloutBatch, batch_truncated
 from rlfuse.engine.sampler import SharedPrefixSampler
 from rlfuse.kernels import TokenLogprobs, linear_token_logprobs, token_logprobs
 
@@ -179,7 +179,8 @@ class Trainer:
         if self.args.rollout == "hf":
             return HFRollout(self.model, self.tokenizer)
         try:
-            return SharedPrefixSampler(self.model, self.tokenizer)
+            return SharedPrefixSampler(self.model, self.tokenizer,
+                                       stop_pattern=ANSWER_LINE_STOP if self.args.stop_after_answer else None)
         except ValueError as error:
             raise ValueError(f"--rollout engine: {error}; pass --rollout hf for this model") from None
 
@@ -229,7 +230,7 @@ class Trainer:
         batch = self.rollout.generate(prompts, args.num_generations, args.max_new_tokens, args.temperature)
         texts = self.tokenizer.batch_decode(batch.completion_ids, skip_special_tokens=True)
         golds = [ex.gold for ex in examples for _ in range(args.num_generations)]
-        truncated = truncated_rows(batch.completion_ids, batch.completion_mask, self.rollout.stop_ids)
+        truncated = batch_truncated(batch, self.rollout.stop_ids)
         scored = gsm8k_rewards(texts, golds, args.format_reward, incorrect_reward=config.incorrect_reward,
                                truncated=truncated.tolist())
         rewards = torch.tensor(scored.rewards, dtype=torch.float32)
