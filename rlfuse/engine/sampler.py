@@ -178,6 +178,7 @@ class SharedPrefixSampler:
         finished = torch.zeros(rows, dtype=torch.bool, device=device)
         lengths = torch.zeros(rows, dtype=torch.long, device=device)
         stop_ids = self.stop_ids.to(device)
+        newline_ids = None if self._newline_ids is None else self._newline_ids.to(device)  # once, not per step
         step_fn = self._step_function(state, groups, device)
         for step in range(max_new_tokens):
             row_ids = state.rows
@@ -190,7 +191,7 @@ class SharedPrefixSampler:
             lengths[row_ids] += (~finished[row_ids]).long()
             finished[row_ids] |= torch.isin(new, stop_ids)
             if self.stop_pattern is not None:
-                self._stop_at_pattern(tokens, new, row_ids, finished, step)
+                self._stop_at_pattern(tokens, new, row_ids, finished, step, newline_ids)
             running = ~finished[row_ids]
             num_running = int(running.sum())
             if step + 1 == max_new_tokens or num_running == 0:
@@ -207,9 +208,9 @@ class SharedPrefixSampler:
                             torch.where(completion_mask, vocab_mean[:, :used], 0.0),
                             ~finished)  # not finished: neither a stop token nor the stop pattern ended it
 
-    def _stop_at_pattern(self, tokens, new, row_ids, finished, step) -> None:
+    def _stop_at_pattern(self, tokens, new, row_ids, finished, step, newline_ids) -> None:
         """Mark finished the rows of ``row_ids`` whose token ``new`` at ``step`` completes a stop-pattern match."""
-        candidates = row_ids[~finished[row_ids] & torch.isin(new, self._newline_ids.to(new.device))].tolist()
+        candidates = row_ids[~finished[row_ids] & torch.isin(new, newline_ids)].tolist()
         if not candidates:
             return
         start = max(0, step + 1 - self.STOP_WINDOW)
