@@ -70,6 +70,42 @@ def test_build_prompt_uses_chat_template(smollm2_dir):
     assert text.rstrip().endswith("assistant")  # the generation prompt opens the assistant turn
 
 
+def test_one_shot_prompt_puts_a_worked_example_before_the_question(smollm2_dir):
+    from transformers import AutoTokenizer
+
+    from rlfuse.engine.data import INSTRUCTION, ONE_SHOT_ANSWER, ONE_SHOT_QUESTION, build_prompt, prompt_text
+
+    question = "A shop sold 17 pens and 5 pencils. How many more pens than pencils?"
+    text = prompt_text(question, "one_shot")
+    assert text.index(ONE_SHOT_QUESTION) < text.index(ONE_SHOT_ANSWER) < text.index(question)
+    assert text.endswith(f"Question: {question}\nAnswer:") and INSTRUCTION not in text
+    assert prompt_text(question) == f"{question}\n{INSTRUCTION}"
+    tokenizer = AutoTokenizer.from_pretrained(smollm2_dir)
+    decoded = tokenizer.decode(build_prompt(tokenizer, question, "one_shot"))
+    assert text in decoded and decoded.rstrip().endswith("assistant")
+    assert build_prompt(tokenizer, question, "one_shot") != build_prompt(tokenizer, question)
+
+
+def test_one_shot_example_earns_the_full_reward_and_stops():
+    """The worked example shows the format the reward pays for: if it drifted, the prompt would teach a
+    format that the reward or the stop rule does not accept."""
+    import re
+
+    from rlfuse.engine.data import ONE_SHOT_ANSWER
+    from rlfuse.engine.rewards import ANSWER_LINE_STOP, gsm8k_rewards
+
+    scored = gsm8k_rewards([ONE_SHOT_ANSWER], ["10"])
+    assert scored.correct == [True] and scored.formatted == [True] and scored.rewards == [1.1]
+    assert re.search(ANSWER_LINE_STOP, ONE_SHOT_ANSWER + "\n")
+
+
+def test_unknown_prompt_style_is_refused():
+    from rlfuse.engine.data import prompt_text
+
+    with pytest.raises(ValueError, match="few_shot"):
+        prompt_text("q", "few_shot")
+
+
 DATA = Path(__file__).parent / "data"
 
 

@@ -108,9 +108,10 @@ def evaluate_base(args: CompareArgs) -> Dict[str, object]:
     device = args.torch_device()
     model, tokenizer = load_for_eval(args.model, None, resolve_dtype(args.dtype, device), device)
     examples = load_examples(args.eval_data or args.data, "test")[: args.eval_prompts]
-    result = evaluate_examples(make_rollout(model, tokenizer), tokenizer, examples, args.eval_samples,
-                               max_new_tokens=args.max_new_tokens, temperature=args.temperature,
-                               batch_size=max(1, 32 // max(1, args.eval_samples)), seed=args.seed)
+    result = evaluate_examples(make_rollout(model, tokenizer, args.stop_after_answer), tokenizer, examples,
+                               args.eval_samples, max_new_tokens=args.max_new_tokens, temperature=args.temperature,
+                               batch_size=max(1, 32 // max(1, args.eval_samples)), seed=args.seed,
+                               prompt_style=args.prompt_style)
     metrics = flat_metrics(result)
     del model
     gc.collect()

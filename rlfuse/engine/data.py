@@ -13,6 +13,11 @@ from pathlib import Path
 from typing import List, Optional
 
 INSTRUCTION = "Solve the problem step by step. End with a last line '#### <number>' holding only the final number."
+# --prompt-style one_shot: one worked example, written for this purpose (in no data set), before the question.
+ONE_SHOT_INSTRUCTION = "Solve the math problem step by step and end with a line '#### <number>'."
+ONE_SHOT_QUESTION = "Tom has 3 boxes with 4 apples in each box. He eats 2 apples. How many apples does he have left?"
+ONE_SHOT_ANSWER = "Tom has 3 * 4 = 12 apples.\nAfter eating 2, he has 12 - 2 = 10 apples.\n#### 10"
+PROMPT_STYLES = ("zero_shot", "one_shot")  # what --prompt-style accepts
 DATASETS = ("gsm8k", "svamp")  # names --data and --eval-data accept besides a JSONL path
 
 
@@ -118,8 +123,29 @@ def load_gsm8k(data: str, split: str = "train") -> List[Example]:
     return load_examples(data, split)
 
 
-def build_prompt(tokenizer, question: str) -> List[int]:
-    """Token ids of ``question`` plus :data:`INSTRUCTION` through the tokenizer's chat template."""
-    messages = [{"role": "user", "content": f"{question}\n{INSTRUCTION}"}]
+def prompt_text(question: str, style: str = "zero_shot") -> str:
+    """The user message for ``question``: ``zero_shot`` is the question then :data:`INSTRUCTION`;
+    ``one_shot`` is :data:`ONE_SHOT_INSTRUCTION`, one worked example (:data:`ONE_SHOT_QUESTION`,
+    :data:`ONE_SHOT_ANSWER`) and the question, each after ``Question:`` and ending in ``Answer:``.
+
+    Raises:
+        ValueError: ``style`` not in :data:`PROMPT_STYLES`.
+    """
+    if style == "zero_shot":
+        return f"{question}\n{INSTRUCTION}"
+    if style == "one_shot":
+        return (f"{ONE_SHOT_INSTRUCTION}\n\nQuestion: {ONE_SHOT_QUESTION}\nAnswer:\n{ONE_SHOT_ANSWER}\n\n"
+                f"Question: {question}\nAnswer:")
+    raise ValueError(f"prompt style {style!r} is not one of {PROMPT_STYLES}")
+
+
+def build_prompt(tokenizer, question: str, style: str = "zero_shot") -> List[int]:
+    """Token ids of the user message :func:`prompt_text` (``question`` in ``style``) through the tokenizer's
+    chat template, with the generation prompt appended.
+
+    Raises:
+        ValueError: ``style`` not in :data:`PROMPT_STYLES`.
+    """
+    messages = [{"role": "user", "content": prompt_text(question, style)}]
     text = tokenizer.apply_chat_template(messages, add_generation_prompt=True, tokenize=False)
     return tokenizer(text, add_special_tokens=False)["input_ids"]

@@ -48,6 +48,8 @@ class EvalArgs:
     """Completion length limit, in tokens; completions cut there count as truncated and wrong."""
     batch_size: int = 8
     """Problems decoded together (each with its n samples)."""
+    prompt_style: Literal["zero_shot", "one_shot"] = "zero_shot"
+    """The prompt, as 'rlfuse train --prompt-style' (evaluate a model with the prompt it was trained with)."""
     stop_after_answer: bool = True
     """End each completion at the newline after its '#### <number>' line, as `rlfuse train` does by default
     (evaluate a model with the stop rule it was trained with)."""
@@ -75,14 +77,14 @@ class EvalArgs:
 
 
 def _decode(rollout, tokenizer, examples: Sequence[Example], num_generations: int, max_new_tokens: int,
-            temperature: float, greedy: bool, batch_size: int):
+            temperature: float, greedy: bool, batch_size: int, prompt_style: str):
     """(texts, lengths, truncated), one entry per completion, problems in order and each one's samples together."""
     texts: List[str] = []
     lengths: List[int] = []
     truncated: List[bool] = []
     for offset in range(0, len(examples), batch_size):
         chunk = examples[offset: offset + batch_size]
-        prompts = [build_prompt(tokenizer, ex.question) for ex in chunk]
+        prompts = [build_prompt(tokenizer, ex.question, prompt_style) for ex in chunk]
         batch = rollout.generate(prompts, num_generations, max_new_tokens, temperature, greedy=greedy)
         texts += tokenizer.batch_decode(batch.completion_ids, skip_special_tokens=True)
         lengths += batch.completion_mask.sum(1).tolist()
@@ -104,7 +106,7 @@ def _rates(texts, lengths, truncated, golds) -> Tuple[List[bool], Dict[str, floa
 
 def evaluate_examples(rollout, tokenizer, examples: Sequence[Example], num_samples: int = 0,
                       ks: Sequence[int] = (), max_new_tokens: int = 256, temperature: float = 0.7,
-                      batch_size: int = 8, seed: int = 0) -> Dict[str, object]:
+                      batch_size: int = 8, seed: int = 0, prompt_style: str = "zero_shot") -> Dict[str, object]:
     """Evaluate a model, through its ``rollout`` (a :class:`rlfuse.engine.rollout.Rollout` with ``stop_ids``),
     on ``examples``.
 
@@ -113,6 +115,7 @@ def evaluate_examples(rollout, tokenizer, examples: Sequence[Example], num_sampl
     the n samples, ``ks`` defaulting to 1, 2, 4, ... n), ``diversity`` (mean number of distinct final answers per
     problem; a problem whose samples give no answer counts 0) and ``sampled`` (the rates of the samples). The
     sampling draws from its own generator seeded by ``seed``: the caller's random state is left as it was.
+    ``prompt_style`` is :func:`rlfuse.engine.data.build_prompt`'s.
 
     Raises:
         ValueError: no examples, or a k outside [1, n].
@@ -120,7 +123,7 @@ def evaluate_examples(rollout, tokenizer, examples: Sequence[Example], num_sampl
     if not examples:
         raise ValueError("no problems to evaluate; pass at least one")
     golds = [ex.gold for ex in examples]
-    greedy = _decode(rollout, tokenizer, examples, 1, max_new_tokens, 1.0, True, batch_size)
+    greedy = _decode(rollout, tokenizer, examples, 1, max_new_tokens, 1.0, True, batch_size, prompt_style)
     greedy_correct, greedy_rates = _rates(*greedy, golds)
     result: Dict[str, object] = {"num_problems": len(examples), "pass@1": _mean(greedy_correct),
                                  "greedy": greedy_rates}
@@ -131,7 +134,7 @@ def evaluate_examples(rollout, tokenizer, examples: Sequence[Example], num_sampl
     with torch.random.fork_rng(devices=[device] if device.type == "cuda" else []):
         torch.manual_seed(seed)
         texts, lengths, truncated = _decode(rollout, tokenizer, examples, num_samples, max_new_tokens, temperature,
-                                            False, batch_size)
+                                            False, batch_size, prompt_style)
     sample_golds = [gold for gold in golds for _ in range(num_samples)]
     correct, rates = _rates(texts, lengths, truncated, sample_golds)
     counts, distinct = [], []
@@ -242,8 +245,9 @@ def run_eval(args: EvalArgs) -> Tuple[Dict[str, object], Path]:
         examples = examples[: args.num_problems]
     device = torch.device(("cuda" if torch.cuda.is_available() else "cpu") if args.device == "auto" else args.device)
     model, tokenizer = load_for_eval(args.model, args.base_model, resolve_dtype(args.dtype, device), device)
-    result = evaluate_examples(make_rollout(model, tokenizer, args.stop_after_answer), tokenizer, examples, args.num_samples, args.ks,
-                               args.max_new_tokens, args.temperature, args.batch_size, args.seed)
+    result = evaluate_examples(make_rollout(model, tokenizer, args.stop_after_answer), tokenizer, examples,
+                               args.num_samples, args.ks, args.max_new_tokens, args.temperature, args.batch_size,
+                               args.seed, args.prompt_style)
     result["args"] = asdict(args)
     name = Path(args.data).stem if args.data.endswith(".jsonl") else f"{args.data}-{args.split}"
     path = Path(args.output or f"runs/eval-{name}-{datetime.now():%Y%m%d-%H%M%S}.json")

@@ -226,7 +226,7 @@ class Trainer:
         reset_peak_memory(self.device)
         start = time.perf_counter()
         examples = step_examples(self.train_examples, step, args.prompts_per_step, args.seed)
-        prompts = [build_prompt(self.tokenizer, ex.question) for ex in examples]
+        prompts = [build_prompt(self.tokenizer, ex.question, self.args.prompt_style) for ex in examples]
         batch = self.rollout.generate(prompts, args.num_generations, args.max_new_tokens, args.temperature)
         texts = self.tokenizer.batch_decode(batch.completion_ids, skip_special_tokens=True)
         golds = [ex.gold for ex in examples for _ in range(args.num_generations)]
