@@ -83,6 +83,11 @@ class TrainArgs:
     loss_impl: Literal["fused_linear", "logits"] = "fused_linear"
     """fused_linear: log-probs and loss from hidden states and the LM head, logits never materialized;
     logits: the model's logits, then the log-prob op."""
+    skip_zero_advantage_groups: bool = True
+    """Leave out of the training forward and backward the groups whose advantages are all 0 (equal rewards),
+    when the loss gives them exactly 0 gradient (advantage-weighted losses, --beta 0); the loss is rescaled so
+    that it and its gradient equal the whole batch's. Entropy, clip and ratio metrics then cover the trained
+    groups (none when no group was trained); trained_groups_frac is logged."""
     stop_after_answer: bool = True
     """End a completion at the newline after its '#### <number>' line (the sampler's stop pattern), so no
     tokens are spent on text after the answer; it is not counted as truncated. Needs --rollout engine."""

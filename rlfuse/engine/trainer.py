@@ -28,7 +28,12 @@ from rlfuse.engine.replay import ReplayBuffer, ReplayItem, replay_backward
 from rlfuse.engine.rewards import ANSWER_LINE_STOP, gsm8k_rewards
 from rlfuse.engine.rollout import HFRollout, RolloutBatch, batch_truncated
 from rlfuse.engine.sampler import SharedPrefixSampler
+from rlfuse.engine.zero_advantage import informative_rows, kept_share, select_rows, zero_advantage_has_zero_gradient
 from rlfuse.kernels import TokenLogprobs, linear_token_logprobs, token_logprobs
+
+
+def _item(value: Optional[torch.Tensor]) -> Optional[float]:
+    return None if value is None else value.item()
 
 
 def _forward_inputs(batch: RolloutBatch):
@@ -252,13 +257,26 @@ class Trainer:
         start = time.perf_counter()
         replayed = list(self.replay)
         scale = 1 / (1 + len(replayed))  # the fresh batch and each replayed one weigh the same
+        keep = torch.ones(advantages.shape[0], dtype=torch.bool, device=self.device)
+        if args.skip_zero_advantage_groups and zero_advantage_has_zero_gradient(config):
+            keep = informative_rows(advantages, args.num_generations)
+        share = kept_share(batch.completion_mask, keep, config.loss_agg_mode)
+        trained = batch if bool(keep.all()) else select_rows(batch, keep)
+        metrics = dict.fromkeys(("kl", "clip_frac", "ratio_mean", "entropy"))
         for _ in range(args.num_iterations):
             # None means on-policy: one update per batch, so the sampling policy is the current one.
-            old_logps = None if old is None or args.num_iterations == 1 else old.logps
-            old_vocab_mean = None if old_logps is None else old.vocab_mean
-            loss, metrics = self._loss(batch, advantages, old_logps, ref_logps, old_vocab_mean)
+            old_logps = None if old is None or args.num_iterations == 1 else old.logps[keep]
+            old_vocab_mean = None if old_logps is None or old.vocab_mean is None else old.vocab_mean[keep]
             self.optimizer.zero_grad(set_to_none=True)
-            (loss * scale if replayed else loss).backward()
+            if bool(keep.any()):
+                loss, metrics = self._loss(trained, advantages[keep], old_logps,
+                                           None if ref_logps is None else ref_logps[keep], old_vocab_mean)
+                loss = loss * share
+                (loss * scale if replayed else loss).backward()
+            else:  # no group can move the policy: the gradient is 0, and the optimizer still steps on it
+                loss = torch.zeros((), device=self.device)
+                for param in self.trainable:
+                    param.grad = torch.zeros_like(param)
             replay_record = replay_backward(replayed, step, self._replay_loss, scale)
             grad_norm = torch.nn.utils.clip_grad_norm_(self.trainable, args.max_grad_norm)
             self.optimizer.step()
@@ -278,9 +296,10 @@ class Trainer:
             "completion_len_mean": mask.sum(1).float().mean().item(),
             "truncated_rate": truncated.float().mean().item(),
             "kl": metrics["kl"].item() if metrics["kl"] is not None and config.beta > 0 else None,
-            "clip_frac": metrics["clip_frac"].item(),
-            "ratio_mean": metrics["ratio_mean"].item(),
-            "entropy": metrics["entropy"].item(),
+            "clip_frac": _item(metrics["clip_frac"]),
+            "ratio_mean": _item(metrics["ratio_mean"]),
+            "entropy": _item(metrics["entropy"]),
+            "trained_groups_frac": keep.float().mean().item(),
             "grad_norm": grad_norm.item(),
             "tokens_per_s": batch.num_completion_tokens / elapsed,
             "time_rollout": time_rollout,
@@ -328,7 +347,8 @@ class Trainer:
         args = self.args
         result = evaluate_examples(self.rollout, self.tokenizer, self.eval_examples, args.eval_samples,
                                    max_new_tokens=args.max_new_tokens, temperature=args.temperature,
-                                   batch_size=max(1, 32 // max(1, args.eval_samples)), seed=args.seed)
+                                   batch_size=max(1, 32 // max(1, args.eval_samples)), seed=args.seed,
+                                   prompt_style=args.prompt_style)
         return flat_metrics(result)
 
 
