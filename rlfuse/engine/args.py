@@ -91,7 +91,7 @@ class TrainArgs:
     stop_after_answer: bool = True
     """End a completion at the newline after its '#### <number>' line (the sampler's stop pattern), so no
     tokens are spent on text after the answer; it is not counted as truncated. Needs --rollout engine."""
-    prompt_style: Literal["zero_shot", "one_shot"] = "zero_shot"
+    prompt_style: Literal["zero_shot", "one_shot"] = "one_shot"
     """zero_shot: the question, then 'Solve the problem step by step...'; one_shot: one worked example with its
     '#### <number>' line before the question (rlfuse.engine.data.prompt_text). Evaluation uses the same."""
     format_reward: float = 0.1

@@ -48,7 +48,7 @@ class EvalArgs:
     """Completion length limit, in tokens; completions cut there count as truncated and wrong."""
     batch_size: int = 8
     """Problems decoded together (each with its n samples)."""
-    prompt_style: Literal["zero_shot", "one_shot"] = "zero_shot"
+    prompt_style: Literal["zero_shot", "one_shot"] = "one_shot"
     """The prompt, as 'rlfuse train --prompt-style' (evaluate a model with the prompt it was trained with)."""
     stop_after_answer: bool = True
     """End each completion at the newline after its '#### <number>' line, as `rlfuse train` does by default
