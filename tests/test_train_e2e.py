@@ -103,6 +103,27 @@ def test_sampler_log_probs_serve_as_old_log_probs(smollm2_dir, tmp_path, noisy_r
     assert math.isfinite(record["loss"]) and record["ratio_mean"] != 1.0  # the second update ran off-policy
 
 
+def test_training_accuracy_counts_truncated_completions_as_wrong(smollm2_dir, tmp_path, monkeypatch, device):
+    """The logged ``accuracy`` follows the reward and ``rlfuse eval``: a completion cut at --max-new-tokens never
+    gave its answer, so it is wrong even when its text parses as correct. Every text is marked correct here; at 8
+    new tokens the one-shot completions are mostly cut, so accuracy must be 1 - truncated_rate, not 1."""
+    real = trainer_mod.gsm8k_rewards
+    generator = torch.Generator().manual_seed(11)
+
+    def all_correct(texts, golds, *args, **kwargs):
+        scored = real(texts, golds, *args, **kwargs)
+        noise = torch.rand(len(texts), generator=generator).tolist()
+        return RewardResult(noise, [True] * len(texts), scored.formatted)
+
+    monkeypatch.setattr(trainer_mod, "gsm8k_rewards", all_correct)
+    out = tmp_path / "run"
+    assert main(["train", "--model", smollm2_dir, *TINY, "--num-generations", "4", "--output-dir", str(out),
+                 "--device", device.type, "--steps", "1", "--prompt-style", "one_shot"]) == 0
+    (record,) = read_metrics(out)
+    assert record["truncated_rate"] > 0
+    assert record["accuracy"] == pytest.approx(1.0 - record["truncated_rate"])
+
+
 def test_killed_run_resumes_to_the_same_result(smollm2_dir, tmp_path, device):
     """Kill a run after its first checkpoint; the resumed run matches an uninterrupted one step for step."""
     killed, whole = tmp_path / "killed", tmp_path / "whole"

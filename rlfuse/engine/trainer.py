@@ -291,7 +291,8 @@ class Trainer:
             "loss": loss.item(),
             "reward_mean": rewards.mean().item(),
             "reward_std": rewards.std().item() if rewards.numel() > 1 else 0.0,
-            "accuracy": float(np.mean(scored.correct)),
+            # a truncated completion never gave its answer: wrong, as in the reward and in rlfuse eval
+            "accuracy": float(np.mean([c and not t for c, t in zip(scored.correct, truncated.tolist())])),
             "format_rate": float(np.mean(scored.formatted)),
             "completion_len_mean": mask.sum(1).float().mean().item(),
             "truncated_rate": truncated.float().mean().item(),
