@@ -3,7 +3,9 @@ with its binomial standard errors, and one figure of the training curves (one li
 
     python bench/results/cpu-seed-study/summarize.py RUNS_DIR 0,1,2 [OUT_DIR]
 
-RUNS_DIR holds base/eval.json (from `rlfuse eval`) and seed<N>/metrics.jsonl (from `rlfuse train`)."""
+RUNS_DIR holds base/eval.json (from `rlfuse eval`) and seed<N>/metrics.jsonl (from `rlfuse train`), and
+optionally passk-base.json and passk-seed<N>.json (`rlfuse eval --num-samples n`), whose pass@k and diversity
+are added to the summary."""
 
 import json
 import math
@@ -44,6 +46,17 @@ def main() -> None:
                "seeds": rows, "pooled_pass@1": pooled, "pooled_gain": pooled - p0,
                "se_difference": se_diff, "gain_over_se_difference": (pooled - p0) / se_diff,
                "se_pooled_after": se_after, "gain_over_se_pooled_after": (pooled - p0) / se_after}
+    # Optional: pass@k and diversity from `rlfuse eval --num-samples n` of the base and each seed's checkpoint.
+    passk = {}
+    for name in ["base"] + [f"seed{seed}" for seed in seeds]:
+        path = runs_dir / f"passk-{name}.json"
+        if path.is_file():
+            result = json.loads(path.read_text())
+            passk[name] = {"num_problems": result["num_problems"], "greedy_pass@1": result["pass@1"],
+                           "pass@k": result["pass@k"], "diversity": result["diversity"],
+                           "sampled": result["sampled"]}
+    if passk:
+        summary["sampled_eval"] = passk
     (out / "summary.json").write_text(json.dumps(summary, indent=2) + "\n")
     plot_runs(runs, out / "seeds.png")
     print(json.dumps(summary, indent=2))
