@@ -2,7 +2,7 @@
 
 import pytest
 
-from rlfuse.engine.rewards import answer_key, extract_answer, gsm8k_rewards, is_correct, is_formatted
+from rlfuse.engine.rewards import answer_key, extract_answer, gsm8k_rewards, is_correct, is_formatted, solved
 
 
 @pytest.mark.parametrize(
@@ -83,6 +83,17 @@ def test_rewards_length_mismatch():
     with pytest.raises(ValueError, match="truncated"):
         gsm8k_rewards(["a", "b"], ["1", "2"], truncated=[True])
 
+
+
+def test_solved_is_correct_and_not_truncated_and_matches_the_reward():
+    texts = ["3 + 4 = 7\n#### 7", "3 + 4 = 7\n#### 7", "#### 8", "#### 8"]
+    truncated = [False, True, False, True]
+    scored = gsm8k_rewards(texts, ["7"] * 4, truncated=truncated)
+    assert scored.correct == [True, True, False, False]
+    assert solved(scored.correct, truncated) == [True, False, False, False]
+    assert [r > 0 for r in scored.rewards] == solved(scored.correct, truncated)
+    with pytest.raises(ValueError, match="truncated flags"):
+        solved([True, False], [False])
 
 @pytest.mark.parametrize(
     "texts, same",

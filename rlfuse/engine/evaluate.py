@@ -19,7 +19,7 @@ import torch
 
 from rlfuse.engine.data import Example, build_prompt, load_examples
 from rlfuse.engine.passk import default_ks, mean_pass_at_k
-from rlfuse.engine.rewards import answer_key, gsm8k_rewards
+from rlfuse.engine.rewards import answer_key, gsm8k_rewards, solved
 from rlfuse.engine.rollout import batch_truncated
 
 
@@ -98,8 +98,7 @@ def _mean(values: Sequence[float]) -> float:
 
 def _rates(texts, lengths, truncated, golds) -> Tuple[List[bool], Dict[str, float]]:
     scored = gsm8k_rewards(texts, golds, truncated=truncated)
-    # A truncated completion never gave its answer: it counts as wrong, as in training.
-    correct = [c and not t for c, t in zip(scored.correct, truncated)]
+    correct = solved(scored.correct, truncated)  # a truncated completion counts as wrong, as in training
     return correct, {"accuracy": _mean(correct), "format_rate": _mean(scored.formatted),
                      "truncated_rate": _mean(truncated), "completion_len_mean": _mean(lengths)}
 

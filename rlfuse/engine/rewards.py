@@ -79,6 +79,19 @@ def is_formatted(completion: str) -> bool:
     return sum(line.startswith("####") for line in lines) == 1
 
 
+def solved(correct: Sequence[bool], truncated: Sequence[bool]) -> List[bool]:
+    """Per completion, whether it counts as solved: its text is correct (``correct``, from :func:`is_correct`)
+    and it was not cut at the length limit (``truncated``), since a cut completion never gave its final answer.
+    The one rule behind the reward of :func:`gsm8k_rewards`, the training ``accuracy`` and ``rlfuse eval``.
+
+    Raises:
+        ValueError: ``correct`` and ``truncated`` differ in length.
+    """
+    if len(correct) != len(truncated):
+        raise ValueError(f"{len(correct)} correctness flags but {len(truncated)} truncated flags; they must pair up")
+    return [bool(c) and not bool(t) for c, t in zip(correct, truncated)]
+
+
 def gsm8k_rewards(
     completions: Sequence[str],
     golds: Sequence[str],
@@ -116,7 +129,6 @@ def gsm8k_rewards(
     correct = [is_correct(text, gold) for text, gold in zip(completions, golds)]
     formatted = [is_formatted(text) for text in completions]
     rewards = []
-    for c, f, t in zip(correct, formatted, truncated):
-        paid = c and not t
+    for paid, f in zip(solved(correct, truncated), formatted):
         rewards.append((correct_reward + (format_reward if f else 0.0)) if paid else incorrect_reward)
     return RewardResult(rewards, correct, formatted)

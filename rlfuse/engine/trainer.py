@@ -25,7 +25,7 @@ from rlfuse.engine.decoder import DecoderLM
 from rlfuse.engine.model import add_lora, load_model_and_tokenizer, resolve_dtype
 from rlfuse.engine.packing import shared_prefix_completion_hidden_states
 from rlfuse.engine.replay import ReplayBuffer, ReplayItem, replay_backward
-from rlfuse.engine.rewards import ANSWER_LINE_STOP, gsm8k_rewards
+from rlfuse.engine.rewards import ANSWER_LINE_STOP, gsm8k_rewards, solved
 from rlfuse.engine.rollout import HFRollout, RolloutBatch, batch_truncated
 from rlfuse.engine.sampler import SharedPrefixSampler
 from rlfuse.engine.zero_advantage import informative_rows, kept_share, select_rows, zero_advantage_has_zero_gradient
@@ -291,8 +291,7 @@ class Trainer:
             "loss": loss.item(),
             "reward_mean": rewards.mean().item(),
             "reward_std": rewards.std().item() if rewards.numel() > 1 else 0.0,
-            # a truncated completion never gave its answer: wrong, as in the reward and in rlfuse eval
-            "accuracy": float(np.mean([c and not t for c, t in zip(scored.correct, truncated.tolist())])),
+            "accuracy": float(np.mean(solved(scored.correct, truncated.tolist()))),
             "format_rate": float(np.mean(scored.formatted)),
             "completion_len_mean": mask.sum(1).float().mean().item(),
             "truncated_rate": truncated.float().mean().item(),
