@@ -88,6 +88,14 @@ def test_metrics_of_scripted_completions():
     assert result["diversity"] == pytest.approx((2 + 1) / 2)  # {2, 3}, then {5}: "no answer" is no answer
     assert result["sampled"] == {"accuracy": 5 / 8, "format_rate": 6 / 8, "truncated_rate": 1 / 8,
                                  "completion_len_mean": 2.0}
+    problems = result["problems"]  # per problem, in order: what a paired comparison of two models needs
+    assert [p["gold"] for p in problems] == ["2", "5"]
+    assert [p["greedy_correct"] for p in problems] == [True, False]
+    assert [p["greedy_answer"] for p in problems] == ["2", "4"]
+    assert [p["greedy_completion"] for p in problems] == [TEXTS[0], TEXTS[1]]
+    assert [p["greedy_truncated"] for p in problems] == [False, False]
+    assert [p["sampled_correct"] for p in problems] == [2, 3]
+    assert problems[0]["sampled_answers"] == ["2", "2", "3", "2"] and problems[1]["sampled_answers"][3] is None
     record = flat_metrics(result)
     assert record["eval_accuracy"] == 0.5 and record["eval_pass@4"] == result["pass@k"]["4"]
     assert record["eval_diversity"] == 1.5 and record["eval_truncated_rate"] == 0.0

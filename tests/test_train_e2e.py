@@ -68,6 +68,10 @@ def test_algo_trains_checkpoints_and_resumes(algo, smollm2_dir, tmp_path, noisy_
                 assert math.isfinite(value), (key, value)
         assert record["grad_norm"] > 0 and record["tokens_per_s"] > 0
     assert 0.0 <= records[1]["eval_accuracy"] <= 1.0
+    evaluated = json.loads((out / "eval" / "step_000002.json").read_text())  # the per-problem record
+    assert evaluated["step"] == 2 and len(evaluated["problems"]) == 2
+    assert sum(p["greedy_correct"] for p in evaluated["problems"]) / 2 == records[1]["eval_accuracy"]
+    assert sorted(p.name for p in (out / "eval").iterdir()) == ["step_000002.json"]  # no temporary file left
     assert (out / "reward.png").stat().st_size > 1000
     assert checkpoint_step(out) == 2
     trained = load_file(out / "checkpoint" / "model.safetensors")

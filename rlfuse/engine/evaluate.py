@@ -116,6 +116,11 @@ def evaluate_examples(rollout, tokenizer, examples: Sequence[Example], num_sampl
     sampling draws from its own generator seeded by ``seed``: the caller's random state is left as it was.
     ``prompt_style`` is :func:`rlfuse.engine.data.build_prompt`'s.
 
+    ``problems`` lists one record per problem, in order, for paired comparisons of two models on the same
+    problems: ``gold``, ``greedy_correct`` (bool), ``greedy_answer`` (:func:`rlfuse.engine.rewards.answer_key`,
+    None without one), ``greedy_truncated`` and ``greedy_completion``; with samples also ``sampled_correct``
+    (how many of the n were correct) and ``sampled_answers`` (their answer keys).
+
     Raises:
         ValueError: no examples, or a k outside [1, n].
     """
@@ -124,9 +129,13 @@ def evaluate_examples(rollout, tokenizer, examples: Sequence[Example], num_sampl
     golds = [ex.gold for ex in examples]
     greedy = _decode(rollout, tokenizer, examples, 1, max_new_tokens, 1.0, True, batch_size, prompt_style)
     greedy_correct, greedy_rates = _rates(*greedy, golds)
+    problems = [{"gold": gold, "greedy_correct": ok, "greedy_answer": answer_key(text), "greedy_truncated": cut,
+                 "greedy_completion": text}
+                for gold, ok, text, cut in zip(golds, greedy_correct, greedy[0], greedy[2])]
     result: Dict[str, object] = {"num_problems": len(examples), "pass@1": _mean(greedy_correct),
                                  "greedy": greedy_rates}
     if not num_samples:
+        result["problems"] = problems
         return result
     ks = list(ks) or default_ks(num_samples)
     device = next(rollout.model.parameters()).device
@@ -137,13 +146,15 @@ def evaluate_examples(rollout, tokenizer, examples: Sequence[Example], num_sampl
     sample_golds = [gold for gold in golds for _ in range(num_samples)]
     correct, rates = _rates(texts, lengths, truncated, sample_golds)
     counts, distinct = [], []
-    for start in range(0, len(texts), num_samples):
+    for problem, start in zip(problems, range(0, len(texts), num_samples)):
         counts.append(sum(correct[start: start + num_samples]))
-        keys = {answer_key(text) for text in texts[start: start + num_samples]} - {None}
-        distinct.append(len(keys))
+        answers = [answer_key(text) for text in texts[start: start + num_samples]]
+        distinct.append(len(set(answers) - {None}))
+        problem.update(sampled_correct=counts[-1], sampled_answers=answers)
     result["pass@k"] = {str(k): v for k, v in mean_pass_at_k(num_samples, counts, ks).items()}
     result["diversity"] = _mean(distinct)
     result["sampled"] = rates
+    result["problems"] = problems
     return result
 
 

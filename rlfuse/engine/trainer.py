@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import copy
 import dataclasses
+import json
 import random
 import time
 from datetime import datetime
@@ -30,6 +31,8 @@ from rlfuse.engine.rollout import HFRollout, RolloutBatch, batch_truncated
 from rlfuse.engine.sampler import SharedPrefixSampler
 from rlfuse.engine.zero_advantage import informative_rows, kept_share, select_rows, zero_advantage_has_zero_gradient
 from rlfuse.kernels import TokenLogprobs, linear_token_logprobs, token_logprobs
+
+EVAL_DIR = "eval"  # <output_dir>/eval/step_<step>.json: each evaluation's whole result, per problem
 
 
 def _item(value: Optional[torch.Tensor]) -> Optional[float]:
@@ -214,7 +217,7 @@ class Trainer:
         for step in range(self.start_step + 1, args.steps + 1):
             record = self.step(step)
             if args.eval_every and (step % args.eval_every == 0 or step == args.steps):
-                record.update(self.evaluate())
+                record.update(self.evaluate(step))
             self.log.append(record)
             if step % args.save_every == 0 or step == args.steps:
                 state = {"step": step, "args": dataclasses.asdict(args), "config": dataclasses.asdict(self.config)}
@@ -341,14 +344,23 @@ class Trainer:
                           item.behaviour_vocab_mean)
 
     @torch.no_grad()
-    def evaluate(self) -> Dict[str, float]:
+    def evaluate(self, step: Optional[int] = None) -> Dict[str, float]:
         """Metrics of the first ``eval_prompts`` test questions (:func:`rlfuse.engine.evaluate.flat_metrics`):
-        greedy ``eval_accuracy``, and ``eval_pass@k`` and ``eval_diversity`` with ``--eval-samples``."""
+        greedy ``eval_accuracy``, and ``eval_pass@k`` and ``eval_diversity`` with ``--eval-samples``.
+
+        With a ``step``, the whole result, per-problem records included, is also written to
+        ``<output_dir>/eval/step_<step>.json`` (written to a temporary file, then renamed)."""
         args = self.args
         result = evaluate_examples(self.rollout, self.tokenizer, self.eval_examples, args.eval_samples,
                                    max_new_tokens=args.max_new_tokens, temperature=args.temperature,
                                    batch_size=max(1, 32 // max(1, args.eval_samples)), seed=args.seed,
                                    prompt_style=args.prompt_style)
+        if step is not None:
+            folder = self.output_dir / EVAL_DIR
+            folder.mkdir(parents=True, exist_ok=True)
+            partial = folder / f".step_{step:06d}.json.tmp"
+            partial.write_text(json.dumps({"step": step, **result}, indent=1) + "\n")
+            partial.replace(folder / f"step_{step:06d}.json")
         return flat_metrics(result)
 
 
