@@ -367,6 +367,31 @@ def test_gspo_gradient_uses_sequence_ratio(eps, agg, device):
             assert g.sign().eq(-math.copysign(1.0, float(adv[b]))).all()
 
 
+@pytest.mark.parametrize("adv_seed", [0, 1, 2])
+def test_gspo_equals_grpo_on_policy(adv_seed, device):
+    # With one policy iteration per batch, old log-probs equal the current ones: every ratio is 1, nothing is
+    # clipped, and GSPO's gradient A_i / |o_i| * sum_t grad log p_t is GRPO's under seq-mean-token-mean. (This is
+    # why rlfuse compare's grpo and gspo runs coincide at --num-iterations 1.) Off-policy they differ.
+    assert GRPOConfig().loss_agg_mode == GSPOConfig().loss_agg_mode == "seq-mean-token-mean"
+    inp = make_inputs(device=device, B=5, T=7, adv_shape="B", mask_kind="row_masked", seed=40 + adv_seed)
+    logps = inp["logps"].detach().to(F64)
+    adv, mask = inp["advantages"].to(F64), inp["completion_mask"]
+
+    def loss_and_grad(cfg, old):
+        x = logps.clone().requires_grad_(True)
+        loss, _ = policy_loss(x, old, adv, mask, config=cfg)
+        (grad,) = torch.autograd.grad(loss, x)
+        return loss, grad
+
+    for old, same in ((logps.clone(), True), (inp["old_logps"].to(F64), False)):
+        grpo, gspo = loss_and_grad(GRPOConfig(), old), loss_and_grad(GSPOConfig(), old)
+        if same:
+            torch.testing.assert_close(gspo[0], grpo[0], rtol=1e-12, atol=1e-12)
+            torch.testing.assert_close(gspo[1], grpo[1], rtol=1e-12, atol=1e-12)
+        else:
+            assert not torch.allclose(gspo[1], grpo[1], rtol=1e-3, atol=1e-6)
+
+
 def test_gspo_fully_masked_row_is_harmless(device):
     inp = make_inputs(device=device, B=3, T=4, mask_kind="row_masked", seed=4)
     with torch.no_grad():
