@@ -133,9 +133,8 @@ def evaluate_examples(rollout, tokenizer, examples: Sequence[Example], num_sampl
                  "greedy_completion": text}
                 for gold, ok, text, cut in zip(golds, greedy_correct, greedy[0], greedy[2])]
     result: Dict[str, object] = {"num_problems": len(examples), "pass@1": _mean(greedy_correct),
-                                 "greedy": greedy_rates}
+                                 "greedy": greedy_rates, "problems": problems}
     if not num_samples:
-        result["problems"] = problems
         return result
     ks = list(ks) or default_ks(num_samples)
     device = next(rollout.model.parameters()).device
@@ -154,7 +153,6 @@ def evaluate_examples(rollout, tokenizer, examples: Sequence[Example], num_sampl
     result["pass@k"] = {str(k): v for k, v in mean_pass_at_k(num_samples, counts, ks).items()}
     result["diversity"] = _mean(distinct)
     result["sampled"] = rates
-    result["problems"] = problems
     return result
 
 
