@@ -113,6 +113,8 @@ class Args:
     """Timed steps per implementation."""
     warmup: int = 1
     """Untimed steps before them."""
+    tokenizer: str = RANDOM_TOKENIZER
+    """The tokenizer of the random models: an alias or a local HF folder (where the GGUF is not installed)."""
     impls: Tuple[Impl, ...] = ("rlfuse", "trl")
     """Implementations to run, in this order."""
     data: str = "gsm8k"
@@ -136,9 +138,11 @@ def training_data(data: str) -> str:
     return data
 
 
-def random_model_dir(name: str, folder: Path, device: torch.device, dtype: torch.dtype, seed: int = 0) -> str:
+def random_model_dir(name: str, folder: Path, device: torch.device, dtype: torch.dtype, seed: int = 0,
+                     tokenizer_source: str = RANDOM_TOKENIZER) -> str:
     """Save a randomly initialized Qwen2 causal LM shaped like ``name`` (a key of :data:`RANDOM_MODELS`), with
-    the :data:`RANDOM_TOKENIZER` tokenizer, in ``folder``; returns the folder. Nothing is downloaded.
+    the tokenizer of ``tokenizer_source`` (default :data:`RANDOM_TOKENIZER`; a local HF folder works where that
+    alias's package is not installed), in ``folder``; returns the folder. Nothing is downloaded.
 
     Raises:
         ValueError: an unknown ``name``, or the tokenizer's package is missing (see ``resolve_model``).
@@ -147,7 +151,7 @@ def random_model_dir(name: str, folder: Path, device: torch.device, dtype: torch
 
     if name not in RANDOM_MODELS:
         raise ValueError(f"unknown random model {name!r}; choose one of {', '.join(RANDOM_MODELS)}")
-    source = resolve_model(RANDOM_TOKENIZER)
+    source = resolve_model(tokenizer_source)
     kwargs = {"gguf_file": source.gguf_file} if source.gguf_file else {}
     tokenizer = AutoTokenizer.from_pretrained(source.path, **kwargs)
     pad_id = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else tokenizer.eos_token_id
@@ -443,7 +447,8 @@ def main(args: Args) -> Path:
         work = Path(tmp)
         model = args.model
         if model in RANDOM_MODELS:
-            model = random_model_dir(model, work / "model", device, resolve_dtype(args.dtype, device), args.seed)
+            model = random_model_dir(model, work / "model", device, resolve_dtype(args.dtype, device), args.seed,
+                                     args.tokenizer)
             _release(device)
         runners = {"rlfuse": run_rlfuse, "trl": run_trl}
         for impl in args.impls:
