@@ -97,6 +97,27 @@ def test_token_logprobs_production_vocabularies(device):
         close(logits.grad, ref_leaf.grad, torch.bfloat16)
 
 
+@pytest.mark.parametrize("spread", [0.05, 3.0, 40.0])
+@pytest.mark.parametrize("temperature", [1.0, 0.7])
+def test_token_logprobs_entropy_of_shifted_logits(spread, temperature, device):
+    """Logits near 1e3 (spread: near-uniform to near-one-hot over 2 tiles): the float32 entropy must not lose
+    ulp(1e3) ~ 1e-4 to a difference of two ~1e3 terms (lse - sum p z), nor the gradient to exp(z - lse) with a
+    rounded lse; computed relative to the max they stay within a few float32 ulps of the float64 values."""
+    gen = torch.Generator().manual_seed(int(spread * 100) + int(temperature * 10))
+    master = (torch.randn(4, 3001, generator=gen, dtype=F64) * spread + 1000).to(torch.float32).to(F64).to(device)
+    targets = torch.randint(0, 3001, (4,), generator=gen).to(device)
+    logits = master.float().requires_grad_(True)
+    out = token_logprobs(logits, targets, temperature, return_entropy=True)
+    leaf = master.clone().requires_grad_(True)
+    want = oracle_logprobs(leaf, targets, temperature)
+    torch.testing.assert_close(out.entropy.to(F64), want[1], rtol=1e-5, atol=2e-6)
+    # log p = (x - max) / T - log s keeps the log-probs and their gradient free of ulp(1e3) too.
+    torch.testing.assert_close(out.logps.to(F64), want[0], rtol=1e-5, atol=2e-5)
+    (grad,) = torch.autograd.grad(out.logps.sum(), logits)
+    (want_grad,) = torch.autograd.grad(want[0].sum(), leaf)
+    torch.testing.assert_close(grad.to(F64), want_grad, rtol=1e-5, atol=1e-6)
+
+
 @pytest.mark.parametrize("which", [(True, False, False), (False, True, False), (False, False, True), (True, True, False)])
 def test_token_logprobs_each_output_gradient(which, device):
     master, gen = make_logits((4, 3), 515, torch.float32, seed=3, device=device)
@@ -152,6 +173,29 @@ def test_token_logprobs_errors_on_triton_path(device):
         token_logprobs(logits, torch.full((2, 3), 10, device=device))
     with pytest.raises(ValueError, match="targets shape"):
         token_logprobs(logits, torch.zeros(2, 4, dtype=torch.long, device=device))
+
+
+def test_out_of_range_ids_give_nan_inside_cuda_graph_capture(device):
+    """Inside CUDA-graph capture the host id check (a sync) is skipped: out-of-range ids give NaN log-probs
+    at their positions alone, and the kernel reads nothing out of bounds."""
+    if device.type != "cuda":
+        pytest.skip("CUDA graphs need pytest --device cuda")
+    master, gen = make_logits((2, 3), 50, torch.float32, seed=3, device=device)
+    logits = master.float()
+    good = torch.randint(0, 50, (2, 3), generator=gen).to(device)
+    targets = good.clone()
+    token_logprobs(logits, targets)  # compiles the kernel before the capture
+    torch.cuda.synchronize()
+    graph = torch.cuda.CUDAGraph()
+    with torch.cuda.graph(graph):
+        logps = token_logprobs(logits, targets)  # a (2, 3) tensor: no entropy or vocab mean asked for
+    targets[0, 1], targets[1, 2] = 50, -3
+    graph.replay()
+    torch.cuda.synchronize()
+    bad = torch.zeros(2, 3, dtype=torch.bool, device=device)
+    bad[0, 1] = bad[1, 2] = True
+    assert torch.isnan(logps[bad]).all()
+    close(logps[~bad], oracle_logprobs(master, good, 1.0)[0][~bad], torch.float32)
 
 
 def loss_inputs(config, batch=4, seq=5, vocab=211, dtype=torch.float32, seed=0, device="cpu"):

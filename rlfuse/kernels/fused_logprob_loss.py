@@ -26,7 +26,7 @@ class LogprobLossFunction(torch.autograd.Function):
 
     @staticmethod
     def forward(ctx, logits, targets, temperature, inplace_backward, loss_fn, aux):
-        logps, entropy, vmean, lse, view = logprobs_forward(logits, targets, temperature)
+        logps, entropy, vmean, stats, view = logprobs_forward(logits, targets, temperature)
         shape = targets.shape
         with torch.enable_grad():
             logps_leaf = logps.view(shape).detach().requires_grad_(True)
@@ -37,7 +37,7 @@ class LogprobLossFunction(torch.autograd.Function):
         aux.update({k: (v.detach() if isinstance(v, torch.Tensor) else v) for k, v in metrics.items()})
         if ctx.needs_input_grad[0]:
             dlogits = view if inplace_backward else torch.empty_like(view)
-            logprobs_backward(view, targets, lse, entropy, g_logp, None, g_vmean, temperature, dlogits)
+            logprobs_backward(view, targets, stats, entropy, g_logp, None, g_vmean, temperature, dlogits)
             ctx.save_for_backward(dlogits)
             ctx.shape = logits.shape
         return loss.detach()

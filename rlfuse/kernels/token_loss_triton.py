@@ -92,12 +92,13 @@ def _token_loss_kernel(
     row_ptr = logits_ptr + (row // T) * stride_b + (row % T) * stride_t
     target = tl.load(targets_ptr + row)
     # Pass 1 over the row.
-    lse, mean_z, _ = _row_stats(row_ptr, V, inv_temp, BLOCK_V)
+    m, log_s, row_entropy, _ = _row_stats(row_ptr, V, inv_temp, BLOCK_V)
     keep = target != ignore_index
-    in_range = (target >= 0) & (target < V)  # ids outside [0, V) give NaN (checked on the host for CPU tensors)
-    z_target = tl.load(row_ptr + tl.where(keep & in_range, target, 0)).to(tl.float32) * inv_temp
-    logp = tl.where(keep, tl.where(in_range, z_target - lse, float("nan")), 0.0)
-    entropy = tl.where(keep, lse - mean_z, 0.0)
+    in_range = (target >= 0) & (target < V)  # ids outside [0, V) give NaN (checked on the host except in graph capture)
+    x_target = tl.load(row_ptr + tl.where(keep & in_range, target, 0)).to(tl.float32)
+    # log p = (x - m) / T - log s: no term of the logits' magnitude is rounded (unlike x / T - lse).
+    logp = tl.where(keep, tl.where(in_range, (x_target - m) * inv_temp - log_s, float("nan")), 0.0)
+    entropy = tl.where(keep, row_entropy, 0.0)
     # The token loss and its derivative; masked tokens (weight 0) are zeroed first, as in policy_loss.
     weight = tl.load(weights_ptr + row)
     active = weight != 0.0
@@ -185,8 +186,8 @@ def _token_loss_kernel(
         for start in range(0, V, BLOCK_V):
             offs = start + tl.arange(0, BLOCK_V)
             valid = offs < V
-            z = tl.load(row_ptr + offs, mask=valid, other=float("-inf")).to(tl.float32) * inv_temp
-            p = tl.exp(z - lse)
+            x = tl.load(row_ptr + offs, mask=valid, other=float("-inf")).to(tl.float32)
+            p = tl.exp((x - m) * inv_temp - log_s)
             dz = tl.where(offs == target, scale, 0.0) - scale * p
             dz = tl.where(scale != 0.0, dz * inv_temp, 0.0)  # a masked row (even all -inf) writes exact zeros
             tl.store(drow_ptr + offs, dz.to(dlogits_ptr.dtype.element_ty), mask=valid)
