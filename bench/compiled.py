@@ -152,6 +152,41 @@ def compile_one(job: dict) -> dict:
             "compile_s": round(time.perf_counter() - start, 2)}
 
 
+def with_ones(job: dict) -> dict:
+    """``job`` with every integer scalar argument equal to 1, as the runtime specializes it.
+
+    At launch Triton turns an integer argument equal to 1 (a stride, N = 1 token, one vocabulary slice) into
+    a compile-time constant, so code that treats the argument as a tensor (``x.to(tl.int64)``) compiles for
+    other values and fails at launch for 1. Compiling this variant too finds that ahead of time.
+    """
+    signature = {name: ("constexpr" if kind in ("i32", "i64") else kind) for name, kind in job["signature"].items()}
+    ones = {name: 1 for name, kind in job["signature"].items() if kind in ("i32", "i64")}
+    return {**job, "signature": signature, "constexprs": {**job["constexprs"], **ones}, "ones": sorted(ones)}
+
+
+def compile_ones(jobs: List[dict]) -> List[str]:
+    """Compile :func:`with_ones` of one job per (kernel, arch); the errors, as text (empty when all compile)."""
+    import triton
+    from triton.backends.compiler import GPUTarget
+    from triton.compiler import ASTSource
+
+    errors, seen = [], set()
+    for job in jobs:
+        if (job["kernel"], job["arch"]) in seen:
+            continue
+        seen.add((job["kernel"], job["arch"]))
+        variant = with_ones(job)
+        kernel = getattr(importlib.import_module(variant["module"]), variant["kernel"].rsplit(".", 1)[1])
+        try:
+            triton.compile(ASTSource(kernel, variant["signature"], variant["constexprs"]),
+                           target=GPUTarget("cuda", variant["arch"], 32),
+                           options={"num_warps": variant["num_warps"], "num_stages": variant["num_stages"]})
+        except Exception as error:  # reported, with the kernel's name
+            errors.append(f"{variant['kernel']} for sm_{variant['arch']} with {variant['ones']} = 1: "
+                          f"{type(error).__name__}: {str(error)[-400:]}")
+    return errors
+
+
 def gate_failures(records: List[dict]) -> List[str]:
     """Why each record fails the gate: spills, shared memory over the arch's limit, a matrix kernel whose
     operands allow tensor cores (bf16, fp16, or fp32 as TF32) compiled without them."""
@@ -195,6 +230,9 @@ def main(argv=None) -> int:
     parser.add_argument("--workers", type=int, default=os.cpu_count() or 1)
     parser.add_argument("--dtypes", nargs="+", default=list(DTYPES), choices=list(DTYPES))
     parser.add_argument("--archs", nargs="+", type=int, default=[80, 90], choices=[80, 90])
+    parser.add_argument("--ones", action="store_true",
+                        help="only compile each kernel with its integer arguments equal to 1 (see with_ones); "
+                             "exit 1 if one fails")
     args = parser.parse_args(argv)
     if "triton" in sys.modules and os.environ.get("TRITON_INTERPRET") == "1":
         raise SystemExit("bench.compiled needs compiled @triton.jit kernels: run it without TRITON_INTERPRET=1")
@@ -204,6 +242,11 @@ def main(argv=None) -> int:
 
     start = time.perf_counter()
     jobs = enumerate_specs(tuple(args.archs), tuple(args.dtypes))
+    if args.ones:
+        errors = compile_ones(jobs)
+        print("\n".join(errors) or f"every kernel compiles with its integer arguments equal to 1 "
+                                    f"({time.perf_counter() - start:.0f} s)")
+        return 1 if errors else 0
     records = run(jobs, args.workers)
     failures = gate_failures(records)
     report = {"kind": "compiled", "note": "compiled ahead of time for these GPUs, not run on them",

@@ -103,6 +103,15 @@ def test_gate_every_kernel_compiles_without_spills(tmp_path):
             assert r["tensor_core_op"] is None, r
 
 
+def test_every_kernel_compiles_with_integer_arguments_equal_to_one():
+    """Triton makes an integer argument equal to 1 a constant at launch; a kernel that calls ``.to`` on one
+    compiles for other values and fails on the GPU for 1 (the interpreter does not specialize)."""
+    env = {k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"}
+    proc = subprocess.run([sys.executable, "-m", "bench.compiled", "--ones", "--archs", "90", "--dtypes", "bf16"],
+                          cwd=ROOT, env=env, capture_output=True, text=True, timeout=900)
+    assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
+
+
 def test_fp32_dot_precision_follows_torch():
     import torch
 

@@ -178,3 +178,20 @@ def test_matches_liger_fused_linear_grpo_loss(algo, loss_type, monkeypatch, devi
         grads.append((loss.detach(), h.grad, w.grad))
     for ours, theirs in zip(grads[1], grads[0]):
         torch.testing.assert_close(ours, theirs, rtol=1e-5, atol=1e-6)
+
+
+@pytest.mark.parametrize("spread", [0.01, 0.05])
+def test_entropy_of_shifted_logits(spread, backend, device):
+    """A bias of 1e3 shifts every logit: the float32 entropy must stay within a few ulps of the float64 one
+    (no lse - sum p z cancellation, which would cost ulp(1e3) ~ 1e-4). The logits' spread stays small: the
+    entropy is then insensitive to the float32 rounding of the logits themselves (ulp(1e3) ~ 6e-5 each),
+    which a wider spread would pass on to it on any path."""
+    gen = torch.Generator().manual_seed(int(spread * 10))
+    hidden = torch.randn(6, 32, generator=gen, dtype=F64).float().to(F64)
+    weight = (torch.randn(1001, 32, generator=gen, dtype=F64) * spread / 32 ** 0.5).float().to(F64)
+    bias = torch.full((1001,), 1000.0, dtype=F64)
+    targets = torch.randint(0, 1001, (6,), generator=gen)
+    hidden, weight, bias, targets = (x.to(device) for x in (hidden, weight, bias, targets))
+    out = linear_token_logprobs(hidden.float(), weight.float(), targets, bias.float(), 0.7, True)
+    want = oracle(hidden, weight, bias, targets, 0.7)[1]
+    torch.testing.assert_close(out.entropy.to(F64), want, rtol=1e-5, atol=2e-6)

@@ -53,7 +53,7 @@ def _measure(n_rows, hidden, vocab, dtype, bias, device):
 def test_backward_extra_memory_matches_its_formula(dtype, device, monkeypatch):
     if device.type != "cpu":
         pytest.skip("allocations are counted under Triton's interpreter")
-    from rlfuse.kernels.linear_logprobs_triton import backward_extra_bytes
+    from rlfuse.kernels.linear_logprobs_triton import backward_extra_bytes, forward_extra_bytes
 
     monkeypatch.setenv("RLFUSE_BACKEND", "triton")
     n_rows, hidden, vocab = 50, 48, 300
@@ -61,7 +61,8 @@ def test_backward_extra_memory_matches_its_formula(dtype, device, monkeypatch):
     element = torch.finfo(dtype).bits // 8
     outputs_and_grads = h.numel() * element + w.numel() * element  # d(hidden), d(weight)
     total = sum(nbytes for _, nbytes, _, _ in allocations)
-    per_token = total - outputs_and_grads - backward_extra_bytes(n_rows, hidden, vocab, dtype, capability=None)
+    per_token = (total - outputs_and_grads - backward_extra_bytes(n_rows, hidden, vocab, dtype, capability=None)
+                 - forward_extra_bytes(n_rows, hidden, vocab, dtype, capability=None))
     # What is left are (N,) float32 vectors: log-prob, entropy, vocab mean, log-sum-exp, input checks and
     # the incoming per-token gradients; a (V, H) or (N, V) buffer would leave far more.
     assert 0 <= per_token <= 16 * 4 * n_rows, allocations

@@ -85,6 +85,40 @@ def linear_forward_config(capability: Optional[int], dtype: torch.dtype, n_rows:
     return LaunchConfig({"BLOCK_M": 128, "BLOCK_N": 64, "BLOCK_K": 64}, num_warps=8, num_stages=3)
 
 
+#: Programs per multiprocessor the fused-linear forward aims for when it splits the vocabulary: with fewer
+#: token tiles than that, each tile's vocabulary is cut into slices until the grid fills the GPU.
+LINEAR_FORWARD_PROGRAMS_PER_SM = 2
+
+
+def linear_forward_splits(capability: Optional[int], n_rows: int, vocab: int, block_m: int, block_n: int,
+                          num_sms: Optional[int]) -> int:
+    """Vocabulary slices of the fused-linear forward: one program per (token tile, slice).
+
+    One slice per token tile leaves most of a GPU idle at training sizes (N = 8192 tokens in 128-token tiles
+    is 64 programs for 132 multiprocessors on an H100/H200), so the vocabulary is cut until there are
+    :data:`LINEAR_FORWARD_PROGRAMS_PER_SM` programs per multiprocessor, at most one slice per BLOCK_N columns.
+    The interpreter takes 2 slices where it can, so that the tests cover the merge.
+    """
+    tiles_n = -(-vocab // block_n)
+    if capability is None or not num_sms:
+        return min(2, tiles_n)
+    tiles_m = -(-n_rows // block_m)
+    wanted = -(-LINEAR_FORWARD_PROGRAMS_PER_SM * num_sms // tiles_m)
+    return max(1, min(wanted, tiles_n))
+
+
+def linear_combine_config(capability: Optional[int]) -> LaunchConfig:
+    """The fused-linear forward's merge of vocabulary slices: BLOCK tokens per program, elementwise."""
+    return LaunchConfig({"BLOCK": 64 if capability is None else 256}, num_warps=1 if capability is None else 4)
+
+
+def multiprocessor_count(device: torch.device) -> Optional[int]:
+    """The number of multiprocessors of a CUDA device (132 on an H100/H200), ``None`` for any other device."""
+    if device.type != "cuda":
+        return None
+    return torch.cuda.get_device_properties(device).multi_processor_count
+
+
 def linear_dlogits_config(capability: Optional[int], dtype: torch.dtype, n_rows: int, hidden: int,
                           vocab: int) -> LaunchConfig:
     """The fused-linear backward's d(logits) tiles: recompute a logits tile, write its gradient (no atomics).

@@ -1,9 +1,11 @@
 """Triton kernels for log-probs from hidden states and the LM head, without materializing the logits.
 
-Forward: one program per tile of BLOCK_M tokens walks the vocabulary in BLOCK_N tiles; each logits tile
-(hidden tile @ weight tile.T, accumulated in fp32 over BLOCK_K slices of H) stays on chip and is merged
-by an online log-sum-exp, together with the entropy and vocabulary-mean sums and the target logit.
-Only log-prob, entropy, vocab mean and log-sum-exp (4 floats per token) are written.
+Forward: one program per (tile of BLOCK_M tokens, slice of the vocabulary) walks its slice in BLOCK_N
+tiles; each logits tile (hidden tile @ weight tile.T, accumulated in fp32 over BLOCK_K slices of H) stays
+on chip and is merged by an online log-sum-exp, together with the entropy and vocabulary-mean sums and
+the target logit. The slices (``launch.linear_forward_splits``: enough programs to fill the GPU when N is
+small) write 5 floats per token each; a merge kernel turns them into log-prob, entropy, vocab mean and
+log-sum-exp (4 floats per token).
 
 Backward: the vocabulary is walked in chunks of C columns (``launch.linear_vocab_chunk``). Per chunk:
 1. ``_linear_dlogits_kernel``: one program per (token tile, vocabulary tile) recomputes that tile's logits
@@ -76,13 +78,16 @@ def _logits_tile(h_ptr, stride_hb, stride_ht, T, rows, row_valid, w_ptr, stride_
 
 @triton.jit
 def _linear_fwd_kernel(
-    h_ptr, stride_hb, stride_ht, T, w_ptr, stride_wv, b_ptr, targets_ptr,
-    logps_ptr, entropy_ptr, vmean_ptr, lse_ptr,
-    N, H, V, inv_temp, ignore_index,
+    h_ptr, stride_hb, stride_ht, T, w_ptr, stride_wv, b_ptr, targets_ptr, part_ptr,
+    N, H, V, span, inv_temp, ignore_index,
     HAS_BIAS: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr,
     DOT_FP32: tl.constexpr, PRECISION: tl.constexpr,
 ):
+    """Program (i, j): tokens i·BLOCK_M.. over vocabulary columns [j·span, (j + 1)·span). Writes the slice's
+    running max m, sum of exponentials s, sum_v e_v (z_v - m), sum_v z_v and target logit (0 when the target
+    lies outside the slice) to part[:, j, rows], the (5, splits, N) float32 partials."""
     rows = tl.program_id(0).to(tl.int64) * BLOCK_M + tl.arange(0, BLOCK_M)
+    split = tl.program_id(1)
     row_valid = rows < N
     targets = tl.load(targets_ptr + rows, mask=row_valid, other=ignore_index)
     m = tl.full((BLOCK_M,), float("-inf"), tl.float32)
@@ -90,27 +95,73 @@ def _linear_fwd_kernel(
     t = tl.zeros((BLOCK_M,), tl.float32)
     zsum = tl.zeros((BLOCK_M,), tl.float32)
     z_target = tl.zeros((BLOCK_M,), tl.float32)
-    for n0 in range(0, V, BLOCK_N):
+    v_lo = split * span
+    v_hi = tl.minimum(v_lo + span, V)
+    for n0 in range(v_lo, v_hi, BLOCK_N):
         cols = n0 + tl.arange(0, BLOCK_N)
-        col_valid = cols < V
+        col_valid = cols < v_hi
         z = _logits_tile(h_ptr, stride_hb, stride_ht, T, rows, row_valid, w_ptr, stride_wv, cols, col_valid, b_ptr,
                          H, inv_temp, HAS_BIAS, BLOCK_M, BLOCK_N, BLOCK_K, DOT_FP32, PRECISION)
         m_new = tl.maximum(m, tl.max(z, 1))
         m_safe = tl.where(m_new == float("-inf"), 0.0, m_new)
         alpha = tl.exp(m - m_safe)
+        shift = tl.where(m == float("-inf"), 0.0, m - m_safe)  # t is relative to the running max, as s
         e = tl.exp(z - m_safe[:, None])
+        t = (t + shift * s) * alpha + tl.sum(e * tl.where(e > 0, z - m_safe[:, None], 0.0), 1)
         s = s * alpha + tl.sum(e, 1)
-        t = t * alpha + tl.sum(e * tl.where(e > 0, z, 0.0), 1)
         zsum += tl.sum(tl.where(col_valid[None, :], z, 0.0), 1)
         z_target += tl.sum(tl.where(cols[None, :] == targets[:, None], z, 0.0), 1)
         m = m_new
-    lse = tl.where(m == float("-inf"), 0.0, m) + tl.log(s)
+    stride_part = tl.num_programs(1).to(tl.int64) * N
+    out = part_ptr + split.to(tl.int64) * N + rows
+    tl.store(out, m, mask=row_valid)
+    tl.store(out + stride_part, s, mask=row_valid)
+    tl.store(out + 2 * stride_part, t, mask=row_valid)
+    tl.store(out + 3 * stride_part, zsum, mask=row_valid)
+    tl.store(out + 4 * stride_part, z_target, mask=row_valid)
+
+
+@triton.jit
+def _linear_combine_kernel(
+    part_ptr, stride_part, targets_ptr, logps_ptr, entropy_ptr, vmean_ptr, lse_ptr, N, V, SPLITS, ignore_index,
+    BLOCK: tl.constexpr,
+):
+    """Merge the vocabulary slices' partials of BLOCK tokens into log-prob, entropy, vocab mean and lse.
+
+    With M = max_j m_j and a_j = exp(m_j - M): s = sum_j a_j s_j, t = sum_j a_j (t_j + (m_j - M) s_j), so
+    lse = M + log s and H = log s - t / s (two terms >= 0: nothing cancels). ``stride_part`` = splits·N, the
+    distance between two kinds of partial, comes from the host: Triton turns an integer argument equal to 1
+    (here SPLITS or N) into a constant, on which no ``.to`` can be called.
+    """
+    rows = tl.program_id(0).to(tl.int64) * BLOCK + tl.arange(0, BLOCK)
+    valid = rows < N
+    big_m = tl.full((BLOCK,), float("-inf"), tl.float32)
+    for j in range(0, SPLITS):
+        big_m = tl.maximum(big_m, tl.load(part_ptr + j * N + rows, mask=valid, other=float("-inf")))
+    m_safe = tl.where(big_m == float("-inf"), 0.0, big_m)
+    s = tl.zeros((BLOCK,), tl.float32)
+    t = tl.zeros((BLOCK,), tl.float32)
+    zsum = tl.zeros((BLOCK,), tl.float32)
+    z_target = tl.zeros((BLOCK,), tl.float32)
+    for j in range(0, SPLITS):
+        at = part_ptr + j * N + rows
+        m_j = tl.load(at, mask=valid, other=float("-inf"))
+        s_j = tl.load(at + stride_part, mask=valid, other=0.0)
+        a_j = tl.exp(m_j - m_safe)
+        shift = tl.where(m_j == float("-inf"), 0.0, m_j - m_safe)
+        s += a_j * s_j
+        t += a_j * (tl.load(at + 2 * stride_part, mask=valid, other=0.0) + shift * s_j)
+        zsum += tl.load(at + 3 * stride_part, mask=valid, other=0.0)
+        z_target += tl.load(at + 4 * stride_part, mask=valid, other=0.0)
+    log_s = tl.log(s)
+    lse = m_safe + log_s
+    targets = tl.load(targets_ptr + rows, mask=valid, other=ignore_index)
     keep = targets != ignore_index
-    in_range = (targets >= 0) & (targets < V)  # out-of-range ids give NaN (no host sync on a GPU)
-    tl.store(logps_ptr + rows, tl.where(keep, tl.where(in_range, z_target - lse, float("nan")), 0.0), mask=row_valid)
-    tl.store(entropy_ptr + rows, tl.where(keep, lse - t / s, 0.0), mask=row_valid)
-    tl.store(vmean_ptr + rows, tl.where(keep, zsum / V - lse, 0.0), mask=row_valid)
-    tl.store(lse_ptr + rows, lse, mask=row_valid)
+    in_range = (targets >= 0) & (targets < V)  # ids outside [0, V) give NaN (the host checks, except in capture)
+    tl.store(logps_ptr + rows, tl.where(keep, tl.where(in_range, z_target - lse, float("nan")), 0.0), mask=valid)
+    tl.store(entropy_ptr + rows, tl.where(keep, log_s - t / s, 0.0), mask=valid)
+    tl.store(vmean_ptr + rows, tl.where(keep, zsum / V - lse, 0.0), mask=valid)
+    tl.store(lse_ptr + rows, lse, mask=valid)
 
 
 @triton.jit
@@ -192,20 +243,35 @@ def _capability(device: torch.device):
     return launch.capability_of(device)
 
 
+def _num_sms(device: torch.device):
+    """The GPU's multiprocessor count (None off a GPU), which sets how many vocabulary slices the forward takes."""
+    return launch.multiprocessor_count(device)
+
+
 def _compile_flags(dtype: torch.dtype):
     return {"DOT_FP32": INTERPRETED, "PRECISION": input_precision(dtype)}
 
 
 def linear_forward(hidden, weight, bias, targets, temperature):
-    """Launch the forward. Returns (logps, entropy, vmean, lse), each (N,) float32."""
+    """Launch the forward: the vocabulary-slice programs, then the merge. Returns (logps, entropy, vmean, lse),
+    each (N,) float32. Extra memory: the (5, splits, N) float32 partials."""
     view, stride_b, stride_t, seq = _as_rows(hidden)
     n_rows, size_h, vocab = targets.numel(), weight.shape[1], weight.shape[0]
-    outs = [torch.empty(n_rows, device=hidden.device, dtype=torch.float32) for _ in range(4)]
-    cfg = launch.linear_forward_config(_capability(hidden.device), hidden.dtype, n_rows, size_h, vocab)
-    _linear_fwd_kernel[(triton.cdiv(n_rows, cfg.constexprs["BLOCK_M"]),)](
+    device = hidden.device
+    cfg = launch.linear_forward_config(_capability(device), hidden.dtype, n_rows, size_h, vocab)
+    block_m, block_n = cfg.constexprs["BLOCK_M"], cfg.constexprs["BLOCK_N"]
+    splits = forward_splits(n_rows, size_h, vocab, hidden.dtype, _capability(device), _num_sms(device))
+    span = triton.cdiv(triton.cdiv(vocab, splits), block_n) * block_n
+    partials = torch.empty(5, splits, n_rows, device=device, dtype=torch.float32)
+    _linear_fwd_kernel[(triton.cdiv(n_rows, block_m), splits)](
         view, stride_b, stride_t, seq, weight, weight.stride(0), weight if bias is None else bias, targets,
-        *outs, n_rows, size_h, vocab, 1.0 / temperature, IGNORE_INDEX,
+        partials, n_rows, size_h, vocab, span, 1.0 / temperature, IGNORE_INDEX,
         HAS_BIAS=bias is not None, **_compile_flags(hidden.dtype), **cfg.launch_kwargs(),
+    )
+    outs = [torch.empty(n_rows, device=device, dtype=torch.float32) for _ in range(4)]
+    merge = launch.linear_combine_config(_capability(device))
+    _linear_combine_kernel[(triton.cdiv(n_rows, merge.constexprs["BLOCK"]),)](
+        partials, partials.stride(0), targets, *outs, n_rows, vocab, splits, IGNORE_INDEX, **merge.launch_kwargs(),
     )
     return outs
 
@@ -250,6 +316,21 @@ def linear_backward(hidden, weight, bias, targets, lse, entropy, grads, temperat
         )
     d_hidden = d_hidden32 if dtype == torch.float32 else d_hidden32.to(dtype)
     return d_hidden.view(hidden.shape), d_weight, None if bias is None else d_bias.to(bias.dtype)
+
+
+def forward_splits(n_rows: int, hidden: int, vocab: int, dtype: torch.dtype, capability=90, num_sms=132) -> int:
+    """The vocabulary slices :func:`linear_forward` launches at this shape (no slice is empty)."""
+    cfg = launch.linear_forward_config(capability, dtype, n_rows, hidden, vocab)
+    block_n = cfg.constexprs["BLOCK_N"]
+    splits = launch.linear_forward_splits(capability, n_rows, vocab, cfg.constexprs["BLOCK_M"], block_n, num_sms)
+    span = triton.cdiv(triton.cdiv(vocab, splits), block_n) * block_n
+    return triton.cdiv(vocab, span)
+
+
+def forward_extra_bytes(n_rows: int, hidden: int, vocab: int, dtype: torch.dtype, capability=90,
+                        num_sms=132) -> int:
+    """Bytes the forward allocates beyond its four (N,) float32 outputs: the (5, splits, N) float32 partials."""
+    return 5 * forward_splits(n_rows, hidden, vocab, dtype, capability, num_sms) * n_rows * 4
 
 
 def backward_extra_bytes(n_rows: int, hidden: int, vocab: int, dtype: torch.dtype, capability=90,
@@ -305,10 +386,16 @@ def compile_specs(capability: int, dtype: torch.dtype, n_rows: int, hidden: int,
         flags = {"DOT_FP32": False, "PRECISION": precision}
         cfg = launch.linear_forward_config(capability, dtype, n_rows, hidden, vocab)
         types = {"h_ptr": ptr, "stride_hb": i32, "stride_ht": i32, "T": i32, "w_ptr": ptr, "stride_wv": i32,
-                 "b_ptr": ptr, "targets_ptr": "*i64", "logps_ptr": f32, "entropy_ptr": f32, "vmean_ptr": f32,
-                 "lse_ptr": f32, "N": i32, "H": i32, "V": i32, "inv_temp": "fp32", "ignore_index": i32}
+                 "b_ptr": ptr, "targets_ptr": "*i64", "part_ptr": f32, "N": i32, "H": i32, "V": i32, "span": i32,
+                 "inv_temp": "fp32", "ignore_index": i32}
         specs.append(launch.KernelSpec(_linear_fwd_kernel, launch.signature_of(_linear_fwd_kernel, types),
                                        {**flags, "HAS_BIAS": True, **cfg.constexprs}, cfg, True))
+        if precision == "ieee":  # the merge has no dot
+            merge = launch.linear_combine_config(capability)
+            types = {"part_ptr": f32, "stride_part": i32, "targets_ptr": "*i64", "logps_ptr": f32, "entropy_ptr": f32,
+                     "vmean_ptr": f32, "lse_ptr": f32, "N": i32, "V": i32, "SPLITS": i32, "ignore_index": i32}
+            specs.append(launch.KernelSpec(_linear_combine_kernel, launch.signature_of(_linear_combine_kernel, types),
+                                           dict(merge.constexprs), merge))
         cfg = launch.linear_dlogits_config(capability, dtype, n_rows, hidden, vocab)
         types = {"h_ptr": ptr, "stride_hb": i32, "stride_ht": i32, "T": i32, "w_ptr": ptr, "stride_wv": i32,
                  "b_ptr": ptr, "targets_ptr": "*i64", "lse_ptr": f32, "entropy_ptr": f32, "g_logp_ptr": f32,
