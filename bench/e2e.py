@@ -31,6 +31,7 @@ that shape (with the SmolLM2 tokenizer) in a temporary folder.
 
 from __future__ import annotations
 
+import dataclasses
 import gc
 import importlib.metadata
 import statistics
@@ -383,6 +384,9 @@ def run_trl(args: Args, model: str, data: str, device: torch.device, work: Path)
     dataset = Dataset.from_list([{"prompt": prompt, "gold": ex.gold}
                                  for prompt, ex in zip(trl_prompts(ordered, tokenizer), ordered)])
     rows = args.prompts * args.num_generations
+    # transformers 5.17 names it gradient_checkpointing; later versions add activation_checkpointing for it.
+    names = {field.name for field in dataclasses.fields(GRPOConfig)}
+    checkpointing = "activation_checkpointing" if "activation_checkpointing" in names else "gradient_checkpointing"
     grpo_config = GRPOConfig(
         output_dir=str(work / "trl"), max_steps=total, per_device_train_batch_size=rows,
         gradient_accumulation_steps=1, generation_batch_size=rows, num_generations=args.num_generations,
@@ -391,7 +395,7 @@ def run_trl(args: Args, model: str, data: str, device: torch.device, work: Path)
         epsilon_high=config.epsilon_high, scale_rewards="group", mask_truncated_completions=False,
         learning_rate=args.learning_rate, lr_scheduler_type="constant", warmup_steps=0, optim="adamw_torch",
         weight_decay=0.0, max_grad_norm=train_args.max_grad_norm, bf16=dtype == torch.bfloat16, fp16=False,
-        activation_checkpointing=args.gradient_checkpointing, use_vllm=False, shuffle_dataset=False,
+        **{checkpointing: args.gradient_checkpointing}, use_vllm=False, shuffle_dataset=False,
         seed=args.seed, use_cpu=device.type == "cpu", report_to="none", logging_steps=1, save_strategy="no",
         disable_tqdm=True,
     )

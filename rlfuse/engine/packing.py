@@ -112,15 +112,19 @@ def shared_prefix_mask(seq: torch.Tensor, pos: torch.Tensor, sliding_window: Opt
 
     Args:
         seq: (groups, L) int64, -1 on prompt tokens, the completion's index in its group, -2 on padding.
-        pos: (groups, L) int64 positions. Padding rows see themselves, so no softmax runs over nothing.
+        pos: (groups, L) int64 positions, on ``seq``'s device. Padding rows see themselves, so no softmax runs
+            over nothing.
+
+    The mask is made on ``seq``'s device.
     """
     L = seq.shape[1]
-    idx = torch.arange(L)
+    idx = torch.arange(L, device=seq.device)
     seq_q, seq_k = seq[:, :, None], seq[:, None, :]
-    allowed = (idx[None, :] <= idx[:, None])[None] & ((seq_k == PROMPT) | (seq_k == seq_q)) & (seq_k != PAD_SLOT) & (seq_q != PAD_SLOT)
+    allowed = ((idx[None, :] <= idx[:, None])[None] & ((seq_k == PROMPT) | (seq_k == seq_q))
+               & (seq_k != PAD_SLOT) & (seq_q != PAD_SLOT))
     if sliding_window:
         allowed &= pos[:, :, None] - pos[:, None, :] < sliding_window
-    allowed |= torch.eye(L, dtype=torch.bool)[None]
+    allowed |= torch.eye(L, dtype=torch.bool, device=seq.device)[None]
     return allowed[:, None]
 
 
