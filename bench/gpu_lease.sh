@@ -4,7 +4,9 @@
 #   1. the kernel and loss tests with compiled kernels (`pytest --device cuda`);
 #   2. the benchmark suite at a few of its full shapes, rlfuse against the installed peers;
 #   3. whole GRPO steps (`bench.e2e`) on a randomly initialized Qwen2.5-0.5B-shaped model, rlfuse against TRL;
-#   4. the sampler, packing and rollout tests that do not need the SmolLM2 GGUF (CUDA-graph decode).
+#   4. the sampler and rollout tests that do not need the SmolLM2 GGUF (CUDA-graph decode);
+#   5. torch.compile's peers at one shape per benchmark, with what time is left;
+#   and, when STEPS names it, sweep: the fused-linear launch configurations (bench/linear_sweep.py).
 # Each step has its own time limit and writes into $OUT as it goes: a step that runs out of time loses
 # only itself. $OUT gets log.txt (everything printed) and parts.tgz (parts/suite-<benchmark>-<shape>.json,
 # one pytest-benchmark file per shape, and parts/e2e-<model>-<device>.json).
@@ -13,6 +15,7 @@
 #
 #   OUT=/tmp/lease bash bench/gpu_lease.sh            # on the GPU machine, from the repository root
 #   DRY=1 OUT=/tmp/lease PY=.venv/bin/python bash bench/gpu_lease.sh   # plumbing check on a CPU: smoke sizes
+#   STEPS="tests sweep e2e" BUDGET_S=250 OUT=/tmp/lease bash bench/gpu_lease.sh   # a shorter lease
 set -u
 OUT=${OUT:?set OUT to the folder that receives the results}
 PY=${PY:-python3}
@@ -32,15 +35,17 @@ else
     unset TRITON_INTERPRET
     DEVICE=cuda; FULL="--full"; WORKERS="-n 12"
 fi
-# Limits in seconds. Each step's limit is cut to what is left before DEADLINE (9 min 20 s from the start),
+# Limits in seconds. Each step's limit is cut to what is left before DEADLINE (BUDGET_S, default 9 min 20 s),
 # and a step with under 10 s left is skipped, so the script ends before a 10-minute command limit.
-DEADLINE=$((SECONDS + 560))
+DEADLINE=$((SECONDS + ${BUDGET_S:-560}))
 cap() {  # the limit $1 cut to the time left; fails when under 10 s are left
     local left=$((DEADLINE - SECONDS))
     [ "$left" -ge 10 ] || { stamp "skipped: ${left}s left"; return 1; }
     echo $(( $1 < left ? $1 : left ))
 }
-T_TESTS=130; T_E2E=100; T_ENGINE_TESTS=35
+T_TESTS=130; T_E2E=100; T_ENGINE_TESTS=35; T_SWEEP=${T_SWEEP:-110}
+# The steps, in order (STEPS="tests sweep e2e" runs those alone, for a shorter lease).
+STEPS=${STEPS:-tests bench e2e engine compile_bench}
 if [ "$DRY" = 1 ]; then T_TESTS=30; T_ENGINE_TESTS=20; fi  # the interpreter is slow
 
 if ls "$WHEELS"/*.whl >/dev/null 2>&1 && [ "$DRY" != 1 ]; then
@@ -82,9 +87,12 @@ run_pytest() {  # limit, log name, pytest arguments...
     stamp "pytest $name done"
 }
 
-run_pytest "$T_TESTS" "kernels and losses" --device "$DEVICE" $WORKERS tests/test_kernels_triton.py \
-    tests/test_linear_logprobs.py tests/test_token_loss_kernel.py tests/test_logprobs_reference.py \
-    tests/test_linear_memory.py tests/test_policy_loss.py tests/test_offpolicy_losses.py tests/test_advantages.py
+step_tests() {
+    run_pytest "$T_TESTS" "kernels and losses" --device "$DEVICE" $WORKERS tests/test_kernels_triton.py \
+        tests/test_linear_logprobs.py tests/test_token_loss_kernel.py tests/test_logprobs_reference.py \
+        tests/test_linear_memory.py tests/test_policy_loss.py tests/test_offpolicy_losses.py \
+        tests/test_advantages.py tests/test_packing.py
+}
 
 bench() {  # limit, module, shape id: one pytest run per shape, since an interrupted run saves no JSON
     local limit
@@ -97,7 +105,8 @@ bench() {  # limit, module, shape id: one pytest run per shape, since an interru
     pack
 }
 # The fast implementations at every shape first; torch.compile (tens of seconds of compilation per shape and
-# pass) at the end, with what time is left.
+# pass) in the step compile_bench, at the end, with what time is left.
+step_bench() {
 if [ "$DRY" = 1 ]; then
     bench 75 logprobs 64x4096; bench 75 policy_loss 4x16x4096; bench 110 linear 64x64x1000
 else
@@ -107,7 +116,23 @@ else
         bench 40 linear "$shape and not torch-compile"
     done
 fi
+}
 
+step_sweep() {  # the fused-linear launch configurations (bench/linear_sweep.py)
+    local limit
+    limit=$(cap "$T_SWEEP") || return 0
+    stamp "linear sweep (limit ${limit}s)"
+    if [ "$DRY" = 1 ]; then
+        RLFUSE_BACKEND=triton TRITON_INTERPRET=1 timeout -k 5 "$limit" "$PY" -m bench.linear_sweep --smoke \
+            --out-dir "$OUT/parts" 2>&1 | tee -a "$OUT/log.txt" | tail -n 30
+    else
+        timeout -k 5 "$limit" "$PY" -m bench.linear_sweep --time-limit-s $((limit - 25)) --out-dir "$OUT/parts" \
+            2>&1 | tee -a "$OUT/log.txt" | tail -n 60
+    fi
+    pack
+}
+
+step_e2e() {
 T_E2E=$(cap "$T_E2E") || T_E2E=0
 stamp "e2e (limit ${T_E2E}s)"
 if [ "$DRY" = 1 ]; then
@@ -123,11 +148,17 @@ if ! ls "$OUT"/parts/e2e-*.json >/dev/null 2>&1 && [ "$DRY" != 1 ] && T_E2E=$(ca
         | tail -n 12
 fi
 pack
+}
 
-run_pytest "$T_ENGINE_TESTS" engine --device "$DEVICE" $WORKERS tests/test_sampler.py tests/test_packing.py \
-    tests/test_rollout.py
-if [ "$DRY" != 1 ]; then
+step_engine() {
+    run_pytest "$T_ENGINE_TESTS" engine --device "$DEVICE" $WORKERS tests/test_sampler.py tests/test_rollout.py
+}
+
+step_compile_bench() {
+    [ "$DRY" = 1 ] && return 0
     bench 40 logprobs "32768x151936 and torch-compile"; bench 40 policy_loss "32x1024x151936 and torch-compile"
     bench 50 linear "8192x4096x128256 and torch-compile"
-fi
+}
+
+for step in $STEPS; do "step_$step"; done
 stamp "end"
