@@ -97,3 +97,16 @@ def test_chunked_backward_gradients_match_the_reference(bias, device, monkeypatc
     torch.testing.assert_close(out.logps, ref.logps.float(), atol=1e-5, rtol=1e-5)
     for got, leaf in zip(grads, leaves):
         torch.testing.assert_close(got.double(), leaf.grad, atol=1e-5, rtol=1e-4)
+
+
+def test_forward_splits_fill_the_gpu_and_never_exceed_the_vocabulary_tiles():
+    from rlfuse.kernels.launch import LINEAR_FORWARD_PROGRAMS_PER_SM, linear_forward_splits
+
+    # 8192 tokens in 128-token tiles: 64 tiles, cut until 2 programs per multiprocessor (264 on 132).
+    splits = linear_forward_splits(90, 8192, 151936, 128, 64, 132)
+    assert 64 * splits >= LINEAR_FORWARD_PROGRAMS_PER_SM * 132 > 64 * (splits - 1)
+    assert linear_forward_splits(90, 1 << 20, 151936, 128, 64, 132) == 1  # enough token tiles already
+    assert linear_forward_splits(90, 1, 100, 128, 64, 132) == 2  # at most one slice per 64 columns
+    assert linear_forward_splits(90, 0, 151936, 128, 64, 132) >= 1  # no token: no division by zero
+    assert linear_forward_splits(None, 8192, 151936, 16, 32, None) == 2  # the interpreter covers the merge
+    assert linear_forward_splits(None, 8, 20, 16, 32, None) == 1

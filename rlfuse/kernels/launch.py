@@ -102,7 +102,7 @@ def linear_forward_splits(capability: Optional[int], n_rows: int, vocab: int, bl
     tiles_n = -(-vocab // block_n)
     if capability is None or not num_sms:
         return min(2, tiles_n)
-    tiles_m = -(-n_rows // block_m)
+    tiles_m = max(1, -(-n_rows // block_m))  # N = 0 launches nothing, but must not divide by 0
     wanted = -(-LINEAR_FORWARD_PROGRAMS_PER_SM * num_sms // tiles_m)
     return max(1, min(wanted, tiles_n))
 
