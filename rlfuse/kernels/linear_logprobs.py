@@ -149,7 +149,8 @@ def linear_token_logprobs(
 
     Raises:
         TypeError: non-float hidden states or weight, or differing dtypes.
-        ValueError: shapes or devices that do not fit, temperature <= 0, token ids out of range (CPU).
+        ValueError: shapes or devices that do not fit, temperature <= 0, token ids out of range (on every
+            device; inside CUDA-graph capture, where no host sync is allowed, such ids give NaN instead).
     """
     check_linear_inputs(hidden_states, lm_head_weight, targets, bias, temperature)
     hidden_2d = hidden_states.reshape(-1, hidden_states.shape[-1]) if hidden_states.dim() == 3 else hidden_states

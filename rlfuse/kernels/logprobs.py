@@ -90,7 +90,8 @@ def token_logprobs_reference(
 
     Raises:
         TypeError: logits not floating point, or targets not integer.
-        ValueError: shapes or devices that do not match, temperature <= 0, token ids out of range.
+        ValueError: shapes or devices that do not match, temperature <= 0, token ids out of range (on every
+            device; inside CUDA-graph capture, where no host sync is allowed, the Triton path gives NaN).
     """
     check_logits_targets(logits, targets, temperature)
     keep = targets != IGNORE_INDEX
