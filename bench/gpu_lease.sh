@@ -11,7 +11,7 @@
 # only itself. $OUT gets log.txt (everything printed) and parts.tgz (parts/suite-<benchmark>-<shape>.json,
 # one pytest-benchmark file per shape, and parts/e2e-<model>-<device>.json).
 # Missing pure-Python packages come as wheels (WHEELS, installed with --no-index) and the
-# random model's tokenizer as a saved folder (TOKENIZER); see docs/gpu.md.
+# random model's tokenizer as a saved folder (TOKENIZER): bench/gpu_prepare.sh makes both. See docs/gpu.md.
 #
 #   OUT=/tmp/lease bash bench/gpu_lease.sh            # on the GPU machine, from the repository root
 #   DRY=1 OUT=/tmp/lease PY=.venv/bin/python bash bench/gpu_lease.sh   # plumbing check on a CPU: smoke sizes
