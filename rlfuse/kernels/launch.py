@@ -7,7 +7,9 @@ CPU interpreter), the dtype and the problem sizes (N tokens, H hidden, V vocabul
 absent, and the compile gate in the tests checks that none spills registers.
 
 Every configuration below was chosen from that static report (registers, spill bytes, shared memory),
-not from timings: no GPU has timed them yet.
+not from timings. One H200 lease (``bench/results/gpu-h200-2026-11-30/``) timed the kernels once; the
+vocabulary split of the fused-linear forward came after it and is untimed (``bench.linear_sweep`` times it
+against other tiles).
 """
 
 from __future__ import annotations
@@ -101,7 +103,7 @@ def linear_forward_splits(capability: Optional[int], n_rows: int, vocab: int, bl
     """
     tiles_n = -(-vocab // block_n)
     if capability is None or not num_sms:
-        return min(2, tiles_n)
+        return max(1, min(2, tiles_n))
     tiles_m = max(1, -(-n_rows // block_m))  # N = 0 launches nothing, but must not divide by 0
     wanted = -(-LINEAR_FORWARD_PROGRAMS_PER_SM * num_sms // tiles_m)
     return max(1, min(wanted, tiles_n))
