@@ -151,9 +151,8 @@ def main(args: Args) -> None:
                                      "tflops": achieved_tflops(roofline_flops(m, h, v)[index], seconds),
                                      "pct_gemm": 100 * achieved_tflops(roofline_flops(m, h, v)[index], seconds)
                                      / ceilings[key]})
-    path = write_results("linear-sweep-smoke" if args.smoke else "linear-sweep", device, rows, {"gemm_tflops": ceilings, "dtype": "bfloat16",
-                                                         "tiles_fields": "BLOCK_M, BLOCK_N, BLOCK_K, warps, stages"},
-                         args.out_dir)
+    meta = {"gemm_tflops": ceilings, "dtype": "bfloat16", "tiles_fields": "BLOCK_M, BLOCK_N, BLOCK_K, warps, stages"}
+    path = write_results("linear-sweep-smoke" if args.smoke else "linear-sweep", device, rows, meta, args.out_dir)
     print(f"linear sweep on {device_name(device)}")
     print_table(rows, ["impl", "tiles", "programs_per_sm", "shape", "pass", "ms", "pct_gemm", "error"])
     print(f"wrote {path}")

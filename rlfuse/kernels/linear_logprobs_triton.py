@@ -243,11 +243,6 @@ def _capability(device: torch.device):
     return launch.capability_of(device)
 
 
-def _num_sms(device: torch.device):
-    """The GPU's multiprocessor count (None off a GPU), which sets how many vocabulary slices the forward takes."""
-    return launch.multiprocessor_count(device)
-
-
 def _compile_flags(dtype: torch.dtype):
     return {"DOT_FP32": INTERPRETED, "PRECISION": input_precision(dtype)}
 
@@ -258,12 +253,10 @@ def linear_forward(hidden, weight, bias, targets, temperature):
     view, stride_b, stride_t, seq = _as_rows(hidden)
     n_rows, size_h, vocab = targets.numel(), weight.shape[1], weight.shape[0]
     device = hidden.device
-    cfg = launch.linear_forward_config(_capability(device), hidden.dtype, n_rows, size_h, vocab)
-    block_m, block_n = cfg.constexprs["BLOCK_M"], cfg.constexprs["BLOCK_N"]
-    splits = forward_splits(n_rows, size_h, vocab, hidden.dtype, _capability(device), _num_sms(device))
-    span = triton.cdiv(triton.cdiv(vocab, splits), block_n) * block_n
+    cfg, splits, span = forward_grid(n_rows, size_h, vocab, hidden.dtype, _capability(device),
+                                     launch.multiprocessor_count(device))
     partials = torch.empty(5, splits, n_rows, device=device, dtype=torch.float32)
-    _linear_fwd_kernel[(triton.cdiv(n_rows, block_m), splits)](
+    _linear_fwd_kernel[(triton.cdiv(n_rows, cfg.constexprs["BLOCK_M"]), splits)](
         view, stride_b, stride_t, seq, weight, weight.stride(0), weight if bias is None else bias, targets,
         partials, n_rows, size_h, vocab, span, 1.0 / temperature, IGNORE_INDEX,
         HAS_BIAS=bias is not None, **_compile_flags(hidden.dtype), **cfg.launch_kwargs(),
@@ -318,19 +311,20 @@ def linear_backward(hidden, weight, bias, targets, lse, entropy, grads, temperat
     return d_hidden.view(hidden.shape), d_weight, None if bias is None else d_bias.to(bias.dtype)
 
 
-def forward_splits(n_rows: int, hidden: int, vocab: int, dtype: torch.dtype, capability=90, num_sms=132) -> int:
-    """The vocabulary slices :func:`linear_forward` launches at this shape (no slice is empty)."""
+def forward_grid(n_rows: int, hidden: int, vocab: int, dtype: torch.dtype, capability=90, num_sms=132):
+    """What :func:`linear_forward` launches at this shape: ``(config, splits, span)``, the tiles, the number of
+    vocabulary slices and the columns per slice (a multiple of BLOCK_N; no slice is empty)."""
     cfg = launch.linear_forward_config(capability, dtype, n_rows, hidden, vocab)
     block_n = cfg.constexprs["BLOCK_N"]
     splits = launch.linear_forward_splits(capability, n_rows, vocab, cfg.constexprs["BLOCK_M"], block_n, num_sms)
     span = triton.cdiv(triton.cdiv(vocab, splits), block_n) * block_n
-    return triton.cdiv(vocab, span)
+    return cfg, triton.cdiv(vocab, span), span
 
 
 def forward_extra_bytes(n_rows: int, hidden: int, vocab: int, dtype: torch.dtype, capability=90,
                         num_sms=132) -> int:
     """Bytes the forward allocates beyond its four (N,) float32 outputs: the (5, splits, N) float32 partials."""
-    return 5 * forward_splits(n_rows, hidden, vocab, dtype, capability, num_sms) * n_rows * 4
+    return 5 * forward_grid(n_rows, hidden, vocab, dtype, capability, num_sms)[1] * n_rows * 4
 
 
 def backward_extra_bytes(n_rows: int, hidden: int, vocab: int, dtype: torch.dtype, capability=90,
