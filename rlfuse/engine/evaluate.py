@@ -16,6 +16,7 @@ from pathlib import Path
 from typing import Dict, List, Literal, Optional, Sequence, Tuple
 
 import torch
+from tqdm.auto import tqdm
 
 from rlfuse.engine.data import Example, build_prompt, load_examples
 from rlfuse.engine.passk import default_ks, mean_pass_at_k
@@ -82,7 +83,8 @@ def _decode(rollout, tokenizer, examples: Sequence[Example], num_generations: in
     texts: List[str] = []
     lengths: List[int] = []
     truncated: List[bool] = []
-    for offset in range(0, len(examples), batch_size):
+    desc = "eval greedy" if greedy else f"eval {num_generations} samples"
+    for offset in tqdm(range(0, len(examples), batch_size), desc=desc, unit="batch", leave=False):
         chunk = examples[offset: offset + batch_size]
         prompts = [build_prompt(tokenizer, ex.question, prompt_style) for ex in chunk]
         batch = rollout.generate(prompts, num_generations, max_new_tokens, temperature, greedy=greedy)
