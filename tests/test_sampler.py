@@ -9,7 +9,7 @@ from rlfuse.engine.data import build_prompt, read_jsonl
 from rlfuse.engine.decoder import DecoderLM
 from rlfuse.engine.model import load_model_and_tokenizer
 from rlfuse.engine.rollout import HFRollout
-from rlfuse.engine.sampler import SharedPrefixSampler, sample_tokens
+from rlfuse.engine.sampler import SharedPrefixSampler, inverse_cdf_sample, sample_tokens
 from rlfuse.engine.trainer import completion_logprobs
 
 COMMON = dict(vocab_size=97, hidden_size=64, intermediate_size=96, num_hidden_layers=2, num_attention_heads=4,
@@ -183,3 +183,24 @@ def test_non_positive_temperature_names_greedy(temperature, device):
         sampler.generate([[7, 8, 9]], num_generations=2, max_new_tokens=3, temperature=temperature)
     greedy = sampler.generate([[7, 8, 9]], num_generations=1, max_new_tokens=3, temperature=1.0, greedy=True)
     assert greedy.completion_ids.shape == (1, 3)
+
+
+def test_inverse_cdf_sample_matches_the_distribution(device, monkeypatch):
+    """Frequencies of many draws match the weights (a chi-square bound that a biased sampler fails), and a
+    zero-weight index is never drawn, also when the uniform draw lands on the row's total."""
+    gen = torch.Generator().manual_seed(int(torch.randint(0, 2**31, ()).item()))
+    weights = torch.rand(7, generator=gen) ** 3 + 0.01
+    weights[2] = 0.0
+    weights[6] = 0.0  # the last index has no weight: an overflow must not land there
+    rows = 40000
+    drawn = inverse_cdf_sample(weights.expand(rows, -1).contiguous().to(device)).cpu()
+    counts = torch.bincount(drawn, minlength=7).double()
+    assert counts[2] == 0 and counts[6] == 0
+    expected = weights.double() / weights.sum() * rows
+    live = expected > 0
+    chi2 = (((counts - expected) ** 2)[live] / expected[live]).sum()
+    assert chi2 < 25.0, (counts, expected)  # 4 degrees of freedom: P(chi2 > 25) < 1e-4
+    monkeypatch.setattr(torch, "rand_like", torch.zeros_like)  # a draw of exactly 0 skips leading zero weights
+    assert inverse_cdf_sample(torch.tensor([[0.0, 0.5, 0.5]], device=device)).tolist() == [1]
+    monkeypatch.setattr(torch, "rand_like", torch.ones_like)  # the rounding case: the draw equals the total
+    assert inverse_cdf_sample(torch.tensor([[0.5, 0.5, 0.0]], device=device)).tolist() == [1]
