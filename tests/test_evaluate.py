@@ -12,7 +12,8 @@ import torch
 
 from rlfuse.engine.cli import main
 from rlfuse.engine.data import Example
-from rlfuse.engine.evaluate import evaluate_examples, flat_metrics, format_table
+from rlfuse.engine.evaluate import (answer_concentration, evaluate_examples, flat_metrics, format_table,
+                                    majority_baseline)
 from rlfuse.engine.rollout import RolloutBatch, truncated_rows
 
 DATA = Path(__file__).parent / "data"
@@ -80,7 +81,9 @@ def test_metrics_of_scripted_completions():
     tokenizer = FakeTokenizer([ex.question for ex in examples], TEXTS)
     result = evaluate_examples(rollout, tokenizer, examples, num_samples=4, batch_size=1)
     assert result["pass@1"] == 0.5
-    assert result["greedy"] == {"accuracy": 0.5, "format_rate": 1.0, "truncated_rate": 0.0, "completion_len_mean": 2.0}
+    assert result["greedy"] == {"accuracy": 0.5, "format_rate": 1.0, "truncated_rate": 0.0, "completion_len_mean": 2.0,
+                                "top_answer_share": 0.5}
+    assert result["majority_baseline"] == 0.5 and result["top_answer"] in ("2", "4")
     for k in (1, 2, 4):
         oracle = (comb_pass_at_k(4, 2, k) + comb_pass_at_k(4, 3, k)) / 2
         assert result["pass@k"][str(k)] == pytest.approx(oracle)
@@ -101,6 +104,22 @@ def test_metrics_of_scripted_completions():
     assert record["eval_diversity"] == 1.5 and record["eval_truncated_rate"] == 0.0
     table = format_table(result, 4, 0.7)
     assert "| pass@1 (greedy)" in table and "| 0.5000 |" in table and "pass@4 (n=4, T=0.7)" in table
+    assert record["eval_top_answer_share"] == 0.5 and "one constant answer" in table
+
+
+def test_a_constant_guess_is_seen_against_the_majority_baseline():
+    """A policy that prints one number for every question: its pass@1 equals the majority baseline and the
+    most frequent answer's share is 1."""
+    golds = ["2", "7", "2", "9", "2", "11"]
+    examples = [Example(f"q{i}", gold) for i, gold in enumerate(golds)]
+    script = {(i, True): [(2, False)] for i in range(len(golds))}  # "#### 2" whatever the question
+    tokenizer = FakeTokenizer([ex.question for ex in examples], TEXTS)
+    result = evaluate_examples(FakeRollout(script), tokenizer, examples, batch_size=4)
+    assert result["pass@1"] == result["majority_baseline"] == 0.5
+    assert result["top_answer"] == "2" and result["greedy"]["top_answer_share"] == 1.0
+    assert answer_concentration([None, "3", "4", "3"]) == ("3", 0.5)
+    assert answer_concentration([None, None]) == (None, 0.0)
+    assert majority_baseline(["1", "5", "5"]) == pytest.approx(2 / 3)
 
 
 def test_sampling_leaves_the_callers_random_state_alone():

@@ -10,6 +10,7 @@ an answer, which is what ROVER and TOPR claim to preserve.
 from __future__ import annotations
 
 import json
+from collections import Counter
 from dataclasses import asdict, dataclass
 from datetime import datetime
 from pathlib import Path
@@ -105,14 +106,32 @@ def _rates(texts, lengths, truncated, golds) -> Tuple[List[bool], Dict[str, floa
                      "truncated_rate": _mean(truncated), "completion_len_mean": _mean(lengths)}
 
 
+def majority_baseline(golds: Sequence[str]) -> float:
+    """The accuracy of one constant answer for every problem, the most common gold answer: what a policy
+    that ignores the question can reach (on SVAMP's test split, ``2`` is right 27 times in 300)."""
+    return Counter(golds).most_common(1)[0][1] / len(golds)
+
+
+def answer_concentration(answers: Sequence[Optional[str]]) -> Tuple[Optional[str], float]:
+    """The most frequent answer of ``answers`` (one per problem, None where there is none) and the share of
+    problems that got it: near 1 when a policy prints the same answer whatever the question."""
+    given = Counter(answer for answer in answers if answer is not None)
+    if not given:
+        return None, 0.0
+    answer, count = given.most_common(1)[0]
+    return answer, count / len(answers)
+
+
 def evaluate_examples(rollout, tokenizer, examples: Sequence[Example], num_samples: int = 0,
                       ks: Sequence[int] = (), max_new_tokens: int = 256, temperature: float = 0.7,
                       batch_size: int = 8, seed: int = 0, prompt_style: str = "zero_shot") -> Dict[str, object]:
     """Evaluate a model, through its ``rollout`` (a :class:`rlfuse.engine.rollout.Rollout` with ``stop_ids``),
     on ``examples``.
 
-    Returns a dict: ``pass@1`` (greedy accuracy), ``greedy`` (its ``format_rate``, ``truncated_rate`` and
-    ``completion_len_mean`` in tokens), and with ``num_samples`` n > 0 also ``pass@k`` (``{str(k): value}`` from
+    Returns a dict: ``pass@1`` (greedy accuracy), ``greedy`` (its ``format_rate``, ``truncated_rate``,
+    ``completion_len_mean`` in tokens, and ``top_answer_share``, see :func:`answer_concentration`),
+    ``top_answer`` (the most frequent greedy answer), ``majority_baseline`` (:func:`majority_baseline`: compare
+    pass@1 with it, a policy can beat a weak base model by guessing one number), and with ``num_samples`` n > 0 also ``pass@k`` (``{str(k): value}`` from
     the n samples, ``ks`` defaulting to 1, 2, 4, ... n), ``diversity`` (mean number of distinct final answers per
     problem; a problem whose samples give no answer counts 0) and ``sampled`` (the rates of the samples). The
     sampling draws from its own generator seeded by ``seed``: the caller's random state is left as it was.
@@ -134,7 +153,9 @@ def evaluate_examples(rollout, tokenizer, examples: Sequence[Example], num_sampl
     problems = [{"gold": gold, "greedy_correct": ok, "greedy_answer": answer_key(text), "greedy_truncated": cut,
                  "greedy_completion": text}
                 for gold, ok, text, cut in zip(golds, greedy_correct, greedy[0], greedy[2])]
+    top_answer, greedy_rates["top_answer_share"] = answer_concentration([p["greedy_answer"] for p in problems])
     result: Dict[str, object] = {"num_problems": len(examples), "pass@1": _mean(greedy_correct),
+                                 "majority_baseline": majority_baseline(golds), "top_answer": top_answer,
                                  "greedy": greedy_rates, "problems": problems}
     if not num_samples:
         return result
@@ -160,7 +181,8 @@ def evaluate_examples(rollout, tokenizer, examples: Sequence[Example], num_sampl
 
 def flat_metrics(result: Dict[str, object], prefix: str = "eval_") -> Dict[str, float]:
     """One flat record of :func:`evaluate_examples`'s result, for ``metrics.jsonl``: ``eval_accuracy`` (greedy
-    pass@1), the greedy ``eval_format_rate``, ``eval_truncated_rate`` and ``eval_completion_len_mean``, and
+    pass@1), the greedy ``eval_format_rate``, ``eval_truncated_rate``, ``eval_completion_len_mean`` and
+    ``eval_top_answer_share``, and
     with samples ``eval_pass@k`` for each k (sampled) and ``eval_diversity``."""
     record = {f"{prefix}accuracy": result["pass@1"]}
     record.update({f"{prefix}{key}": value for key, value in result["greedy"].items() if key != "accuracy"})
@@ -172,7 +194,10 @@ def flat_metrics(result: Dict[str, object], prefix: str = "eval_") -> Dict[str, 
 
 def format_table(result: Dict[str, object], num_samples: int = 0, temperature: float = 0.0) -> str:
     """The metrics of :func:`evaluate_examples` as a two-column markdown table."""
-    rows = [("problems", f"{result['num_problems']}"), ("pass@1 (greedy)", f"{result['pass@1']:.4f}")]
+    rows = [("problems", f"{result['num_problems']}"), ("pass@1 (greedy)", f"{result['pass@1']:.4f}"),
+            ("one constant answer (the most common gold)", f"{result['majority_baseline']:.4f}"),
+            ("greedy: share of the most frequent answer", f"{result['greedy']['top_answer_share']:.4f} "
+                                                          f"({result['top_answer']})")]
     for k, value in result.get("pass@k", {}).items():
         rows.append((f"pass@{k} (n={num_samples}, T={temperature:g})", f"{value:.4f}"))
     if "diversity" in result:
