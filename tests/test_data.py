@@ -5,8 +5,8 @@ from pathlib import Path
 
 import pytest
 
-from rlfuse.engine.data import (DATASETS, Example, gold_answer, load_examples, load_gsm8k, read_jsonl,
-                                shared_data_path, shared_gsm8k_path)
+from rlfuse.engine.data import (DATASETS, Example, gold_answer, learnable_subset, load_examples, load_gsm8k,
+                                read_jsonl, shared_data_path, shared_gsm8k_path)
 from rlfuse.engine.trainer import step_examples
 
 
@@ -140,3 +140,21 @@ def test_eval_data_defaults_to_the_named_data_set_and_a_file_needs_it():
     TrainArgs(data="svamp", eval_every=1).validate()
     with pytest.raises(ValueError, match="--eval-data"):
         TrainArgs(data=str(DATA / "svamp_train_sample.jsonl"), eval_every=1).validate()
+
+
+def test_learnable_subset_keeps_problems_solved_sometimes():
+    rows = [{"question": f"q{i}", "answer": f"x\n#### {i}", "id": f"p{i}"} for i in range(5)]
+
+    def record(i, greedy, correct):
+        return {"gold": str(i), "greedy_correct": greedy, "sampled_correct": correct,
+                "sampled_answers": [str(i)] * correct + ["-1"] * (4 - correct)}
+
+    problems = [record(0, False, 0), record(1, False, 1), record(2, True, 4), record(3, True, 0),
+                record(4, False, 3)]
+    assert [row["id"] for row in learnable_subset(rows, problems)] == ["p1", "p3", "p4"]
+    with pytest.raises(ValueError, match="row 1: gold"):
+        learnable_subset(rows, [problems[0], problems[2]] + problems[2:])
+    with pytest.raises(ValueError, match="--num-samples"):
+        learnable_subset(rows[:1], [{"gold": "0", "greedy_correct": False}])
+    with pytest.raises(ValueError, match="5 rows but 4"):
+        learnable_subset(rows, problems[:4])

@@ -10,7 +10,7 @@ import json
 import os
 from dataclasses import dataclass
 from pathlib import Path
-from typing import List, Optional
+from typing import List, Optional, Sequence
 
 INSTRUCTION = "Solve the problem step by step. End with a last line '#### <number>' holding only the final number."
 # --prompt-style one_shot: one worked example, written for this purpose (in no data set), before the question.
@@ -149,3 +149,37 @@ def build_prompt(tokenizer, question: str, style: str = "zero_shot") -> List[int
     messages = [{"role": "user", "content": prompt_text(question, style)}]
     text = tokenizer.apply_chat_template(messages, add_generation_prompt=True, tokenize=False)
     return tokenizer(text, add_special_tokens=False)["input_ids"]
+
+
+def learnable_subset(rows: Sequence[dict], problems: Sequence[dict]) -> List[dict]:
+    """The records of ``rows`` whose problem the evaluated model solved sometimes but not always.
+
+    Difficulty filtering by the base model's pass rate, as RL recipes for reasoning do before training: a
+    group whose G samples are all wrong, or all right, has zero group-relative advantages and teaches nothing.
+
+    Args:
+        rows: the source JSONL records (dicts with ``question`` and ``answer``), in the order evaluated.
+        problems: ``rlfuse eval``'s per-problem records of the same problems, with samples
+            (``gold``, ``greedy_correct``, ``sampled_correct``, ``sampled_answers``).
+
+    Returns:
+        The records solved greedily or by at least one sample, and not by every sample, in order.
+
+    Raises:
+        ValueError: different lengths, records without samples (evaluate with ``--num-samples`` above 0),
+            or a record whose gold answer differs from its row's (the two are not the same problems in order).
+    """
+    if len(rows) != len(problems):
+        raise ValueError(f"{len(rows)} rows but {len(problems)} evaluated problems; evaluate every row, in order")
+    kept = []
+    for number, (row, problem) in enumerate(zip(rows, problems)):
+        if "sampled_correct" not in problem:
+            raise ValueError("the evaluation has no samples; run rlfuse eval with --num-samples above 0")
+        if gold_answer(row["answer"]) != problem["gold"]:
+            raise ValueError(f"row {number}: gold {gold_answer(row['answer'])!r} but the evaluation's is "
+                             f"{problem['gold']!r}; evaluate the same file, every row, in order")
+        samples = len(problem["sampled_answers"])
+        solved = problem["greedy_correct"] or problem["sampled_correct"] > 0
+        if solved and problem["sampled_correct"] < samples:
+            kept.append(row)
+    return kept
