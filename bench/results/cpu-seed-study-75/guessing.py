@@ -1,0 +1,37 @@
+"""How much of each model's greedy pass@1 on the 300 SVAMP test problems comes from its most frequent answer.
+
+    python bench/results/cpu-seed-study-75/guessing.py   # writes guessing.json beside this file
+
+Reads the per-problem records of the base model (../cpu-seed-study/per-problem/base.json) and of the three
+step-75 checkpoints (seed<N>/eval-step75.json).
+"""
+
+import json
+from collections import Counter
+from pathlib import Path
+
+HERE = Path(__file__).parent
+FILES = {"base": HERE.parent / "cpu-seed-study" / "per-problem" / "base.json",
+         **{f"seed {s}": HERE / f"seed{s}" / "eval-step75.json" for s in (0, 1, 2)}}
+
+
+def summarize(problems):
+    answers = Counter(p["greedy_answer"] for p in problems if p["greedy_answer"] is not None)
+    top, top_count = answers.most_common(1)[0]
+    correct = sum(p["greedy_correct"] for p in problems)
+    from_top = sum(p["greedy_correct"] and p["greedy_answer"] == top for p in problems)
+    return {"correct": correct, "top_answer": top, "top_answer_count": top_count,
+            "correct_with_top_answer": from_top, "correct_with_other_answers": correct - from_top}
+
+
+def main():
+    rows = {name: summarize(json.loads(path.read_text())["problems"]) for name, path in FILES.items()}
+    golds = Counter(p["gold"] for p in json.loads(FILES["base"].read_text())["problems"])
+    answer, count = golds.most_common(1)[0]
+    out = {"problems": 300, "majority_baseline": {"answer": answer, "correct": count}, "models": rows}
+    (HERE / "guessing.json").write_text(json.dumps(out, indent=2) + "\n")
+    print(json.dumps(out, indent=2))
+
+
+if __name__ == "__main__":
+    main()
