@@ -94,8 +94,11 @@ def test_one_shot_example_earns_the_full_reward_and_stops():
     from rlfuse.engine.data import ONE_SHOT_ANSWER
     from rlfuse.engine.rewards import ANSWER_LINE_STOP, gsm8k_rewards
 
-    scored = gsm8k_rewards([ONE_SHOT_ANSWER], ["10"])
+    from rlfuse.engine.data import ONE_SHOT_QUESTION
+
+    scored = gsm8k_rewards([ONE_SHOT_ANSWER], ["10"], questions=[ONE_SHOT_QUESTION])
     assert scored.correct == [True] and scored.formatted == [True] and scored.rewards == [1.1]
+    assert scored.derived == [True]  # the example derives its answer as the default reward requires
     assert re.search(ANSWER_LINE_STOP, ONE_SHOT_ANSWER + "\n")
 
 

@@ -63,7 +63,7 @@ class FakeRollout:
         return RolloutBatch(ids[:, :1], torch.ones_like(ids[:, :1]), ids, torch.ones_like(ids, dtype=torch.bool))
 
 
-TEXTS = ["Half of 4 is 2.\n#### 2", "#### 4", "#### 2", "It is 2", "#### 3", "#### 5", "no answer"]
+TEXTS = ["Half of 4 is 2.\n#### 2", "#### 4", "#### 2", "It is 2", "#### 3", "#### 5", "no answer", "8 / 4 = 2\n#### 2"]
 
 
 def comb_pass_at_k(n, c, k):
@@ -81,16 +81,16 @@ def test_metrics_of_scripted_completions():
     tokenizer = FakeTokenizer([ex.question for ex in examples], TEXTS)
     result = evaluate_examples(rollout, tokenizer, examples, num_samples=4, batch_size=1)
     assert result["pass@1"] == 0.5
-    assert result["greedy"] == {"accuracy": 0.5, "format_rate": 1.0, "truncated_rate": 0.0, "completion_len_mean": 2.0,
-                                "top_answer_share": 0.5}
+    assert result["greedy"] == {"accuracy": 0.5, "derived_accuracy": 0.0, "format_rate": 1.0, "truncated_rate": 0.0,
+                                "completion_len_mean": 2.0, "top_answer_share": 0.5}
     assert result["majority_baseline"] == 0.5 and result["top_answer"] in ("2", "4")
     for k in (1, 2, 4):
         oracle = (comb_pass_at_k(4, 2, k) + comb_pass_at_k(4, 3, k)) / 2
         assert result["pass@k"][str(k)] == pytest.approx(oracle)
     assert list(result["pass@k"]) == ["1", "2", "4"]
     assert result["diversity"] == pytest.approx((2 + 1) / 2)  # {2, 3}, then {5}: "no answer" is no answer
-    assert result["sampled"] == {"accuracy": 5 / 8, "format_rate": 6 / 8, "truncated_rate": 1 / 8,
-                                 "completion_len_mean": 2.0}
+    assert result["sampled"] == {"accuracy": 5 / 8, "derived_accuracy": 0.0, "format_rate": 6 / 8,
+                                 "truncated_rate": 1 / 8, "completion_len_mean": 2.0}
     problems = result["problems"]  # per problem, in order: what a paired comparison of two models needs
     assert [p["gold"] for p in problems] == ["2", "5"]
     assert [p["greedy_correct"] for p in problems] == [True, False]
@@ -112,10 +112,13 @@ def test_a_constant_guess_is_seen_against_the_majority_baseline():
     most frequent answer's share is 1."""
     golds = ["2", "7", "2", "9", "2", "11"]
     examples = [Example(f"q{i}", gold) for i, gold in enumerate(golds)]
+    examples[0] = Example("8 cakes for 4 boys", "2")
     script = {(i, True): [(2, False)] for i in range(len(golds))}  # "#### 2" whatever the question
+    script[0, True] = [(7, False)]  # "8 / 4 = 2": derived from the question's numbers
     tokenizer = FakeTokenizer([ex.question for ex in examples], TEXTS)
     result = evaluate_examples(FakeRollout(script), tokenizer, examples, batch_size=4)
     assert result["pass@1"] == result["majority_baseline"] == 0.5
+    assert result["greedy"]["derived_accuracy"] == pytest.approx(1 / 6)  # only the derived 2 counts
     assert result["top_answer"] == "2" and result["greedy"]["top_answer_share"] == 1.0
     assert answer_concentration([None, "3", "4", "3"]) == ("3", 0.5)
     assert answer_concentration([None, None]) == (None, 0.0)

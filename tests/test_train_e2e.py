@@ -46,6 +46,8 @@ def noisy_rewards(monkeypatch):
     generator = torch.Generator().manual_seed(7)
 
     def rewards(texts, golds, *args, **kwargs):
+        # the default reward pays only a derived answer: each completion comes with its own question
+        assert len(kwargs["questions"]) == len(texts) and all(kwargs["questions"])
         scored = real(texts, golds, *args, **kwargs)
         noise = torch.rand(len(texts), generator=generator).tolist()
         return RewardResult([r + n for r, n in zip(scored.rewards, noise)], scored.correct, scored.formatted)

@@ -97,6 +97,10 @@ class TrainArgs:
     format_reward: float = 0.1
     """Reward added to a correct completion that ends with exactly one '#### <number>' line (a wrong or
     truncated completion earns nothing for its format)."""
+    require_derivation: bool = True
+    """Pay a correct answer only when the completion derives it from the question's numbers by arithmetic
+    steps that are right (rlfuse.engine.derivation): a guessed answer line earns the wrong-answer reward.
+    derived_rate is logged."""
 
     seed: int = 0
     """Seed for data order, sampling and initialization."""

@@ -99,11 +99,12 @@ def _mean(values: Sequence[float]) -> float:
     return float(sum(values)) / len(values)
 
 
-def _rates(texts, lengths, truncated, golds) -> Tuple[List[bool], Dict[str, float]]:
-    scored = gsm8k_rewards(texts, golds, truncated=truncated)
+def _rates(texts, lengths, truncated, golds, questions) -> Tuple[List[bool], Dict[str, float]]:
+    scored = gsm8k_rewards(texts, golds, truncated=truncated, questions=questions)
     correct = solved(scored.correct, truncated)  # a truncated completion counts as wrong, as in training
-    return correct, {"accuracy": _mean(correct), "format_rate": _mean(scored.formatted),
-                     "truncated_rate": _mean(truncated), "completion_len_mean": _mean(lengths)}
+    return correct, {"accuracy": _mean(correct), "derived_accuracy": _mean(solved(scored.derived, truncated)),
+                     "format_rate": _mean(scored.formatted), "truncated_rate": _mean(truncated),
+                     "completion_len_mean": _mean(lengths)}
 
 
 def majority_baseline(golds: Sequence[str]) -> float:
@@ -128,7 +129,9 @@ def evaluate_examples(rollout, tokenizer, examples: Sequence[Example], num_sampl
     """Evaluate a model, through its ``rollout`` (a :class:`rlfuse.engine.rollout.Rollout` with ``stop_ids``),
     on ``examples``.
 
-    Returns a dict: ``pass@1`` (greedy accuracy), ``greedy`` (its ``format_rate``, ``truncated_rate``,
+    Returns a dict: ``pass@1`` (greedy accuracy), ``greedy`` (its ``derived_accuracy``, the share correct with
+    the answer derived from the question, :func:`rlfuse.engine.derivation.derivation_shown`, ``format_rate``,
+    ``truncated_rate``,
     ``completion_len_mean`` in tokens, and ``top_answer_share``, see :func:`answer_concentration`),
     ``top_answer`` (the most frequent greedy answer), ``majority_baseline`` (:func:`majority_baseline`: compare
     pass@1 with it, a policy can beat a weak base model by guessing one number), and with ``num_samples`` n > 0 also ``pass@k`` (``{str(k): value}`` from
@@ -149,7 +152,8 @@ def evaluate_examples(rollout, tokenizer, examples: Sequence[Example], num_sampl
         raise ValueError("no problems to evaluate; pass at least one")
     golds = [ex.gold for ex in examples]
     greedy = _decode(rollout, tokenizer, examples, 1, max_new_tokens, 1.0, True, batch_size, prompt_style)
-    greedy_correct, greedy_rates = _rates(*greedy, golds)
+    questions = [ex.question for ex in examples]
+    greedy_correct, greedy_rates = _rates(*greedy, golds, questions)
     problems = [{"gold": gold, "greedy_correct": ok, "greedy_answer": answer_key(text), "greedy_truncated": cut,
                  "greedy_completion": text}
                 for gold, ok, text, cut in zip(golds, greedy_correct, greedy[0], greedy[2])]
@@ -166,7 +170,8 @@ def evaluate_examples(rollout, tokenizer, examples: Sequence[Example], num_sampl
         texts, lengths, truncated = _decode(rollout, tokenizer, examples, num_samples, max_new_tokens, temperature,
                                             False, batch_size, prompt_style)
     sample_golds = [gold for gold in golds for _ in range(num_samples)]
-    correct, rates = _rates(texts, lengths, truncated, sample_golds)
+    correct, rates = _rates(texts, lengths, truncated, sample_golds,
+                            [question for question in questions for _ in range(num_samples)])
     counts, distinct = [], []
     for problem, start in zip(problems, range(0, len(texts), num_samples)):
         counts.append(sum(correct[start: start + num_samples]))
@@ -181,8 +186,8 @@ def evaluate_examples(rollout, tokenizer, examples: Sequence[Example], num_sampl
 
 def flat_metrics(result: Dict[str, object], prefix: str = "eval_") -> Dict[str, float]:
     """One flat record of :func:`evaluate_examples`'s result, for ``metrics.jsonl``: ``eval_accuracy`` (greedy
-    pass@1), the greedy ``eval_format_rate``, ``eval_truncated_rate``, ``eval_completion_len_mean`` and
-    ``eval_top_answer_share``, and
+    pass@1), the greedy ``eval_derived_accuracy``, ``eval_format_rate``, ``eval_truncated_rate``,
+    ``eval_completion_len_mean`` and ``eval_top_answer_share``, and
     with samples ``eval_pass@k`` for each k (sampled) and ``eval_diversity``."""
     record = {f"{prefix}accuracy": result["pass@1"]}
     record.update({f"{prefix}{key}": value for key, value in result["greedy"].items() if key != "accuracy"})
@@ -196,6 +201,7 @@ def format_table(result: Dict[str, object], num_samples: int = 0, temperature: f
     """The metrics of :func:`evaluate_examples` as a two-column markdown table."""
     rows = [("problems", f"{result['num_problems']}"), ("pass@1 (greedy)", f"{result['pass@1']:.4f}"),
             ("one constant answer (the most common gold)", f"{result['majority_baseline']:.4f}"),
+            ("pass@1 (greedy), answer derived", f"{result['greedy']['derived_accuracy']:.4f}"),
             ("greedy: share of the most frequent answer", f"{result['greedy']['top_answer_share']:.4f} "
                                                           f"({result['top_answer']})")]
     for k, value in result.get("pass@k", {}).items():

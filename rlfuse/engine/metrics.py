@@ -41,14 +41,16 @@ class MetricsLog:
         self.plot()
 
     def plot(self) -> None:
-        """Draw reward, accuracy, format rate and eval accuracy against step with matplotlib."""
+        """Draw reward, accuracy (with the derived share when logged), format rate and eval accuracy against step
+        with matplotlib."""
         import matplotlib
 
         matplotlib.use("Agg")
         import matplotlib.pyplot as plt
 
         fig, ax = plt.subplots(figsize=(7, 4))
-        for key, label in (("reward_mean", "reward"), ("accuracy", "accuracy"), ("format_rate", "format rate"),
+        for key, label in (("reward_mean", "reward"), ("accuracy", "accuracy"),
+                           ("derived_rate", "accuracy, answer derived (paid)"), ("format_rate", "format rate"),
                            ("eval_accuracy", "eval accuracy (greedy)")):
             points = [(r["step"], r[key]) for r in self.records if r.get(key) is not None]
             if points:

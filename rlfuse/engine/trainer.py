@@ -239,8 +239,9 @@ class Trainer:
         texts = self.tokenizer.batch_decode(batch.completion_ids, skip_special_tokens=True)
         golds = [ex.gold for ex in examples for _ in range(args.num_generations)]
         truncated = batch_truncated(batch, self.rollout.stop_ids)
+        questions = [ex.question for ex in examples for _ in range(args.num_generations)]
         scored = gsm8k_rewards(texts, golds, args.format_reward, incorrect_reward=config.incorrect_reward,
-                               truncated=truncated.tolist())
+                               truncated=truncated.tolist(), questions=questions if args.require_derivation else None)
         rewards = torch.tensor(scored.rewards, dtype=torch.float32)
         advantages = compute_advantages(rewards, args.num_generations, config).to(self.device)
         time_rollout = time.perf_counter() - start
@@ -310,6 +311,8 @@ class Trainer:
             "time_update": time_update,
             "peak_mem_gb": peak_memory_gb(self.device),
         }
+        if scored.derived is not None:
+            record["derived_rate"] = float(np.mean(solved(scored.derived, truncated.tolist())))
         if args.replay_staleness:
             record.update(replay_record)
         return record
