@@ -24,7 +24,8 @@ $(STAMP): pyproject.toml setup.py Makefile
 	touch $(STAMP)
 
 train: setup
-	$(VENV)/bin/rlfuse train --algo grpo --model smollm2-135m --data svamp --num-generations 8 --steps 10 --eval-every 10
+	$(VENV)/bin/rlfuse train --algo grpo --model smollm2-135m --data data/svamp-train-learnable.jsonl --eval-data svamp \
+		--num-generations 8 --steps 10 --eval-every 10
 
 test: setup
 	$(PY) -m pytest -q
