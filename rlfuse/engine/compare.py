@@ -137,14 +137,16 @@ def summarize(runs: Dict[str, List[Dict[str, object]]], base: Optional[Dict[str,
 
 
 def summary_markdown(rows: List[Dict[str, object]]) -> str:
-    """The summary rows as a markdown table: pass@1 (greedy), each pass@k, diversity, format and truncation,
-    and the share of problems given the most frequent greedy answer (near 1: one number for every question)."""
+    """The summary rows as a markdown table: pass@1 (greedy, then derived), each pass@k, diversity, format and
+    truncation, and the share of problems given the most frequent greedy answer (near 1: one number for every
+    question)."""
     keys = [k for k in ("eval_accuracy",) if any(k in r for r in rows)]
     passk = sorted({k for r in rows for k in r if k.startswith("eval_pass@")}, key=lambda k: int(k.split("@")[1]))
     keys += [k for k in ("eval_derived_accuracy",) if any(k in r for r in rows)]
     keys += passk + [k for k in ("eval_diversity", "eval_format_rate", "eval_truncated_rate",
                                  "eval_completion_len_mean", "eval_top_answer_share") if any(k in r for r in rows)]
-    names = {"eval_accuracy": "pass@1 (greedy)", "eval_derived_accuracy": "pass@1 (greedy, derived)", "eval_diversity": "distinct answers",
+    names = {"eval_accuracy": "pass@1 (greedy)", "eval_derived_accuracy": "pass@1 (greedy, derived)",
+             "eval_diversity": "distinct answers",
              "eval_format_rate": "format rate", "eval_truncated_rate": "truncated rate",
              "eval_completion_len_mean": "length (tokens)", "eval_top_answer_share": "most frequent answer's share"}
     header = ["algorithm", "step"] + [names.get(k, k[len("eval_"):] + " (sampled)") for k in keys]

@@ -129,15 +129,19 @@ def evaluate_examples(rollout, tokenizer, examples: Sequence[Example], num_sampl
     """Evaluate a model, through its ``rollout`` (a :class:`rlfuse.engine.rollout.Rollout` with ``stop_ids``),
     on ``examples``.
 
-    Returns a dict: ``pass@1`` (greedy accuracy), ``greedy`` (its ``derived_accuracy``, the share correct with
-    the answer derived from the question, :func:`rlfuse.engine.derivation.derivation_shown`, ``format_rate``,
-    ``truncated_rate``,
-    ``completion_len_mean`` in tokens, and ``top_answer_share``, see :func:`answer_concentration`),
-    ``top_answer`` (the most frequent greedy answer), ``majority_baseline`` (:func:`majority_baseline`: compare
-    pass@1 with it, a policy can beat a weak base model by guessing one number), and with ``num_samples`` n > 0 also ``pass@k`` (``{str(k): value}`` from
-    the n samples, ``ks`` defaulting to 1, 2, 4, ... n), ``diversity`` (mean number of distinct final answers per
-    problem; a problem whose samples give no answer counts 0) and ``sampled`` (the rates of the samples). The
-    sampling draws from its own generator seeded by ``seed``: the caller's random state is left as it was.
+    Returns a dict:
+        - ``pass@1``: greedy accuracy.
+        - ``greedy``: its ``derived_accuracy`` (correct with the answer derived from the question,
+          :func:`rlfuse.engine.derivation.derivation_shown`), ``format_rate``, ``truncated_rate``,
+          ``completion_len_mean`` (tokens) and ``top_answer_share`` (:func:`answer_concentration`).
+        - ``top_answer``: the most frequent greedy answer.
+        - ``majority_baseline``: :func:`majority_baseline`; compare pass@1 with it, since a policy can beat a
+          weak base model by guessing one number.
+        - with ``num_samples`` n > 0 also ``pass@k`` (``{str(k): value}`` from the n samples, ``ks`` defaulting
+          to 1, 2, 4, ... n), ``diversity`` (mean number of distinct final answers per problem; a problem whose
+          samples give no answer counts 0) and ``sampled`` (the rates of the samples).
+
+    The sampling draws from its own generator seeded by ``seed``: the caller's random state is left as it was.
     ``prompt_style`` is :func:`rlfuse.engine.data.build_prompt`'s.
 
     ``problems`` lists one record per problem, in order, for paired comparisons of two models on the same

@@ -4,7 +4,9 @@ paid only on top of a correct answer.
 Correctness plus format rewards are the recipe of "DeepSeek-R1: Incentivizing Reasoning Capability in LLMs
 via Reinforcement Learning". Here the format part is gated on correctness, so no part of the reward can be
 earned by a completion that does no work (a bare ``#### 5`` guess earns nothing unless 5 is the answer), and a
-completion cut at the length limit earns the incorrect reward: it never gave its final answer.
+completion cut at the length limit earns the incorrect reward: it never gave its final answer. Given the
+questions, a correct answer is paid only when the completion derives it (``rlfuse.engine.derivation``), since
+a guessed frequent answer is also "correct" often enough to be learned.
 """
 
 from __future__ import annotations
