@@ -11,8 +11,9 @@ import json
 from collections import Counter
 from pathlib import Path
 
-from rlfuse.engine.data import shared_data_path
+from rlfuse.engine.data import load_examples
 from rlfuse.engine.derivation import derivation_shown
+from rlfuse.engine.evaluate import answer_concentration
 
 HERE = Path(__file__).parent
 FILES = {"base": HERE.parent / "cpu-seed-study" / "per-problem" / "base.json",
@@ -20,8 +21,8 @@ FILES = {"base": HERE.parent / "cpu-seed-study" / "per-problem" / "base.json",
 
 
 def summarize(problems, questions):
-    answers = Counter(p["greedy_answer"] for p in problems if p["greedy_answer"] is not None)
-    top, top_count = answers.most_common(1)[0]
+    top, share = answer_concentration([p["greedy_answer"] for p in problems])
+    top_count = round(share * len(problems))
     correct = sum(p["greedy_correct"] for p in problems)
     from_top = sum(p["greedy_correct"] and p["greedy_answer"] == top for p in problems)
     derived = sum(p["greedy_correct"] and not p["greedy_truncated"]
@@ -33,8 +34,7 @@ def summarize(problems, questions):
 
 
 def main():
-    test = shared_data_path("svamp", "test").read_text().splitlines()
-    questions = [json.loads(line)["question"] for line in test if line.strip()]
+    questions = [example.question for example in load_examples("svamp", "test")]
     rows = {name: summarize(json.loads(path.read_text())["problems"], questions) for name, path in FILES.items()}
     golds = Counter(p["gold"] for p in json.loads(FILES["base"].read_text())["problems"])
     answer, count = golds.most_common(1)[0]
