@@ -5,10 +5,30 @@ from __future__ import annotations
 import json
 import math
 from pathlib import Path
-from typing import Any, Dict, List
+from typing import Any, Dict, List, Sequence
 
 METRICS_FILE = "metrics.jsonl"
 PLOT_FILE = "reward.png"
+RUNNING_MEAN_STEPS = 5
+"""Window of the plot's running mean of the paid correctness: a step's 4 prompts differ in difficulty, so one
+step's share is noisy."""
+
+
+def running_mean(values: Sequence[float], window: int) -> List[float]:
+    """Trailing running mean: element i is the mean of ``values[max(0, i - window + 1) : i + 1]``.
+
+    Raises:
+        ValueError: ``window`` below 1.
+    """
+    if window < 1:
+        raise ValueError(f"window must be at least 1, got {window}")
+    out, total = [], 0.0
+    for i, value in enumerate(values):
+        total += value
+        if i >= window:
+            total -= values[i - window]
+        out.append(total / min(i + 1, window))
+    return out
 
 
 def _clean(value: Any) -> Any:
@@ -41,8 +61,8 @@ class MetricsLog:
         self.plot()
 
     def plot(self) -> None:
-        """Draw reward, accuracy (with the derived share when logged), format rate and eval accuracy against step
-        with matplotlib."""
+        """Draw reward, accuracy (with the derived share and, past 5 steps, its running mean when logged), format
+        rate and eval accuracy against step with matplotlib."""
         import matplotlib
 
         matplotlib.use("Agg")
@@ -55,7 +75,10 @@ class MetricsLog:
             points = [(r["step"], r[key]) for r in self.records if r.get(key) is not None]
             if points:
                 steps, values = zip(*points)
-                ax.plot(steps, values, marker="o" if key == "eval_accuracy" else None, label=label)
+                line, = ax.plot(steps, values, marker="o" if key == "eval_accuracy" else None, label=label)
+                if key == "derived_rate" and len(values) > RUNNING_MEAN_STEPS:
+                    ax.plot(steps, running_mean(values, RUNNING_MEAN_STEPS), color=line.get_color(), linestyle="--",
+                            label=f"{label}, {RUNNING_MEAN_STEPS}-step mean")
         ax.set_xlabel("step")
         ax.set_title("reward and accuracy")
         ax.grid(alpha=0.3)
