@@ -1,8 +1,8 @@
 #!/bin/bash
 # pass@k and diversity: n = 8 samples at T = 0.7 on the first 50 SVAMP test problems, for the base model and
 # each seed's step-60 checkpoint (same prompt, stop rule and length limit as training), one thread.
-cd /work/main
-R=${R:-/work/runs/study-derived}
+cd "$(dirname "$0")/../../.."   # the repository root
+R=${R:-runs/study-derived}
 for name in "$@"; do
   model=smollm2-135m; [ $name != base ] && model=$R/$name
   while [ $name != base ] && [ ! -f $R/$name/done ]; do sleep 30; done

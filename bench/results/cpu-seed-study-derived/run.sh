@@ -1,8 +1,8 @@
 #!/bin/bash
 # One seed of the derivation-checked study: the make-train command run for 60 steps at lr 2e-5, evaluated
 # greedily on all 300 SVAMP test problems at the end. The three seeds ran side by side, one thread each.
-cd /work/main
-R=${R:-/work/runs/study-derived}
+cd "$(dirname "$0")/../../.."   # the repository root
+R=${R:-runs/study-derived}
 seed=$1
 mkdir -p $R
 resume=; [ -d $R/seed$seed/checkpoint ] && resume=--resume
