@@ -18,7 +18,8 @@ from pathlib import Path
 
 from rlfuse.engine.data import load_examples
 from rlfuse.engine.derivation import derivation_shown
-from rlfuse.engine.evaluate import answer_concentration
+from rlfuse.engine.evaluate import answer_concentration, flat_metrics
+from rlfuse.engine.metrics import RUNNING_MEAN_STEPS, running_mean
 
 
 def scores(result, examples):
@@ -56,9 +57,9 @@ def plot(runs, path):
     for (name, records), color in zip(runs.items(), ("C0", "C1", "C2", "C3")):
         steps = [r["step"] for r in records]
         derived = [r.get("derived_rate") or 0.0 for r in records]
-        running = [sum(derived[max(0, i - 4):i + 1]) / len(derived[max(0, i - 4):i + 1]) for i in range(len(derived))]
         axes[0].plot(steps, derived, color=color, alpha=0.3)
-        axes[0].plot(steps, running, color=color, label=f"{name} (5-step mean)")
+        axes[0].plot(steps, running_mean(derived, RUNNING_MEAN_STEPS), color=color,
+                     label=f"{name} ({RUNNING_MEAN_STEPS}-step mean)")
         axes[1].plot(steps, [r["completion_len_mean"] for r in records], color=color, label=name)
     axes[0].set_title("paid correct share of the 32 samples (derived)")
     axes[1].set_title("completion length (tokens)")
@@ -108,8 +109,8 @@ def main() -> None:
         path = runs_dir / f"passk-{name}.json"
         if path.is_file():
             result = json.loads(path.read_text())
-            sampled[name] = {"num_problems": result["num_problems"], "greedy_pass@1": result["pass@1"],
-                             "pass@k": result["pass@k"], "diversity": result["diversity"],
+            # greedy pass@1 as "accuracy", the greedy rates, pass@k and diversity; then the samples' own rates
+            sampled[name] = {"num_problems": result["num_problems"], **flat_metrics(result, prefix=""),
                              "sampled": result["sampled"]}
     if sampled:
         summary["sampled_eval"] = sampled
