@@ -210,7 +210,9 @@ def test_shared_prefix_training_forward_matches_the_padded_one(loss_impl, smollm
                          prompts_per_step=2, num_generations=3, max_new_tokens=6, beta=0.04, num_iterations=2,
                          recompute_old_logps=True, learning_rate=1e-5, training_forward=forward,
                          loss_impl=loss_impl, output_dir=str(tmp_path / forward), device=device.type,
-                         dtype="float32")  # float32 on every device (auto is bfloat16 on a GPU)
+                         dtype="float32", mixed_precision="no")  # float32 matmuls on every device: the two
+        # forwards must agree to float32 rounding (dtype auto is bfloat16 on a GPU, mixed precision auto is bf16
+        # matmuls on a CPU with AVX512-BF16)
         trainer = Trainer(args)
         records.append(trainer.step(1))
         weights.append(trainer.model.model.layers[0].self_attn.q_proj.weight.detach().clone())

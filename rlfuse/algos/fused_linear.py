@@ -16,6 +16,16 @@ from rlfuse.algos.configs import PolicyLossConfig
 from rlfuse.algos.losses import masked_mean
 from rlfuse.algos.policy_loss import policy_loss
 from rlfuse.kernels.linear_logprobs import linear_token_logprobs
+from rlfuse.kernels.logprobs import IGNORE_INDEX
+
+
+def masked_targets(targets: torch.Tensor, completion_mask: torch.Tensor) -> torch.Tensor:
+    """``targets`` (B, T) int64 with ``IGNORE_INDEX`` where ``completion_mask`` (B, T) is 0, so that the
+    log-prob op skips padding (no logits are formed for it); unchanged when the shapes differ, which
+    :func:`rlfuse.algos.policy_loss` then reports."""
+    if not isinstance(completion_mask, torch.Tensor) or completion_mask.shape != targets.shape:
+        return targets
+    return targets.masked_fill(completion_mask == 0, IGNORE_INDEX)
 
 
 class FusedLinearPolicyLoss(torch.nn.Module):
@@ -51,7 +61,8 @@ class FusedLinearPolicyLoss(torch.nn.Module):
             hidden_states: (B, T, H) bf16/fp16/fp32, position t predicting ``targets[:, t]`` (strided
                 slices such as ``h[:, P - 1:-1]`` are read in place).
             lm_head_weight: (V, H), the same dtype; tied embeddings receive this gradient too.
-            targets: (B, T) int64 completion token ids.
+            targets: (B, T) int64 completion token ids; positions where ``completion_mask`` is 0 are
+                skipped (no logits formed), whatever id they hold.
             old_logps, advantages, completion_mask, ref_logps: as :func:`rlfuse.algos.policy_loss`;
                 ``old_logps=None`` means on-policy (one update per batch): the current log-probs, detached.
             old_vocab_mean: (B, T) float32, ROVER only; None means on-policy, like ``old_logps``.
@@ -65,6 +76,7 @@ class FusedLinearPolicyLoss(torch.nn.Module):
             TypeError, ValueError: as :func:`rlfuse.kernels.linear_token_logprobs` and ``policy_loss``.
         """
         rover = self.config.loss_type == "rover"
+        targets = masked_targets(targets, completion_mask)  # padding forms no logits
         out = linear_token_logprobs(hidden_states, lm_head_weight, targets, bias, self.temperature,
                                     return_entropy=True, return_vocab_mean=rover, chunk_size=self.chunk_size)
         if old_logps is None:

@@ -9,6 +9,7 @@ import torch
 
 from rlfuse.algos import PolicyLossConfig, get_config
 from rlfuse.engine.data import DATASETS
+from rlfuse.engine.precision import MixedPrecision
 
 Algo = Literal["grpo", "dr_grpo", "dapo", "gspo", "topr", "rover", "reinforce", "rec", "rec_is", "rec_ring", "opmd",
                "asymre", "red_drop", "red_weight", "cispo", "gmpo"]
@@ -122,6 +123,11 @@ class TrainArgs:
     """cpu, cuda, or auto (cuda when available)."""
     dtype: Literal["auto", "float32", "bfloat16", "float16"] = "auto"
     """Model dtype: auto is float32 on the CPU, bfloat16 on a GPU."""
+    mixed_precision: MixedPrecision = "auto"
+    """bf16: matmuls in bfloat16 under torch.autocast (sampling, training forward and backward, evaluation),
+    with the weights, the optimizer state and the loss's logits in float32; auto: bf16 on a CPU with AVX512-BF16
+    or AMX when the weights are float32, none on a GPU (whose weights are bfloat16 already); no: every op in
+    the weights' dtype (runs before this option existed)."""
 
     def loss_config(self) -> PolicyLossConfig:
         """The algorithm's config with this run's overrides."""

@@ -21,6 +21,7 @@ from tqdm.auto import tqdm
 
 from rlfuse.engine.data import Example, build_prompt, load_examples
 from rlfuse.engine.passk import default_ks, mean_pass_at_k
+from rlfuse.engine.precision import MixedPrecision, autocast, resolve_autocast_dtype
 from rlfuse.engine.rewards import answer_key, gsm8k_rewards, solved
 from rlfuse.engine.rollout import batch_truncated
 
@@ -63,6 +64,9 @@ class EvalArgs:
     """cpu, cuda, or auto (cuda when available)."""
     dtype: Literal["auto", "float32", "bfloat16", "float16"] = "auto"
     """Model dtype: auto is float32 on the CPU, bfloat16 on a GPU."""
+    mixed_precision: MixedPrecision = "auto"
+    """bf16: matmuls in bfloat16 under torch.autocast; auto: bf16 on a CPU with AVX512-BF16 or AMX when the
+    weights are float32, none on a GPU; no: every op in the weights' dtype (as 'rlfuse train')."""
 
     def validate(self) -> None:
         """Raise ``ValueError`` naming the option for values that cannot run."""
@@ -289,10 +293,12 @@ def run_eval(args: EvalArgs) -> Tuple[Dict[str, object], Path]:
     if args.num_problems:
         examples = examples[: args.num_problems]
     device = torch.device(("cuda" if torch.cuda.is_available() else "cpu") if args.device == "auto" else args.device)
-    model, tokenizer = load_for_eval(args.model, args.base_model, resolve_dtype(args.dtype, device), device)
-    result = evaluate_examples(make_rollout(model, tokenizer, args.stop_after_answer), tokenizer, examples,
-                               args.num_samples, args.ks, args.max_new_tokens, args.temperature, args.batch_size,
-                               args.seed, args.prompt_style)
+    dtype = resolve_dtype(args.dtype, device)
+    model, tokenizer = load_for_eval(args.model, args.base_model, dtype, device)
+    with autocast(device, resolve_autocast_dtype(args.mixed_precision, device, dtype)):
+        result = evaluate_examples(make_rollout(model, tokenizer, args.stop_after_answer), tokenizer, examples,
+                                   args.num_samples, args.ks, args.max_new_tokens, args.temperature,
+                                   args.batch_size, args.seed, args.prompt_style)
     result["args"] = asdict(args)
     name = Path(args.data).stem if args.data.endswith(".jsonl") else f"{args.data}-{args.split}"
     path = Path(args.output or f"runs/eval-{name}-{datetime.now():%Y%m%d-%H%M%S}.json")

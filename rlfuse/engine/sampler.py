@@ -277,8 +277,8 @@ class SharedPrefixSampler:
 
         def attend(index, q, k, v):
             b = q.shape[0]
-            state.gen_k[index].index_copy_(2, step, k)
-            state.gen_v[index].index_copy_(2, step, v)
+            state.gen_k[index].index_copy_(2, step, k.to(state.gen_k[index].dtype))
+            state.gen_v[index].index_copy_(2, step, v.to(state.gen_v[index].dtype))
             qs = q[:, :, 0].view(b, kv_heads, rep, -1)
             s_prompt = (to_groups(qs) @ state.prompt_k[index].transpose(-1, -2)).float() * scale + state.prompt_bias
             keys, values = state.gen_k[index], state.gen_v[index]

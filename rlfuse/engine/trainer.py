@@ -16,6 +16,7 @@ import torch
 from tqdm.auto import tqdm
 
 from rlfuse.algos import FusedLinearPolicyLoss, compute_advantages, policy_loss
+from rlfuse.algos.fused_linear import masked_targets
 from rlfuse.engine.args import TrainArgs
 from rlfuse.engine.checkpoint import find_checkpoint, load_training_state, save_checkpoint
 from rlfuse.engine.data import Example, build_prompt, load_examples
@@ -25,6 +26,7 @@ from rlfuse.engine.metrics import METRICS_FILE, MetricsLog
 from rlfuse.engine.decoder import DecoderLM
 from rlfuse.engine.model import add_lora, load_model_and_tokenizer, resolve_dtype
 from rlfuse.engine.packing import shared_prefix_completion_hidden_states
+from rlfuse.engine.precision import autocast, resolve_autocast_dtype
 from rlfuse.engine.replay import ReplayBuffer, ReplayItem, replay_backward
 from rlfuse.engine.rewards import ANSWER_LINE_STOP, gsm8k_rewards, solved
 from rlfuse.engine.rollout import HFRollout, RolloutBatch, batch_truncated
@@ -87,8 +89,8 @@ def completion_logprobs(model, batch: RolloutBatch, temperature: float, return_e
     """
     if loss_impl == "fused_linear":
         hidden, weight, bias = completion_hidden_states(model, batch, decoder, num_generations, checkpoint)
-        out = linear_token_logprobs(hidden, weight, batch.completion_ids, bias, temperature, return_entropy,
-                                    return_vocab_mean)
+        out = linear_token_logprobs(hidden, weight, masked_targets(batch.completion_ids, batch.completion_mask),
+                                    bias, temperature, return_entropy, return_vocab_mean)
     else:
         if decoder is not None:
             hidden = shared_prefix_completion_hidden_states(decoder, batch, num_generations, checkpoint)
@@ -131,6 +133,7 @@ class Trainer:
         # A LoRA checkpoint holds only the adapters: the base comes from --model.
         source = str(checkpoint) if checkpoint and not args.lora_rank else args.model
         self.model, self.tokenizer = load_model_and_tokenizer(source, dtype, str(self.device))
+        self.autocast_dtype = resolve_autocast_dtype(args.mixed_precision, self.device, dtype)
         self.ref_model = None
         if self.config.beta > 0 and not args.lora_rank:  # the reference is the initial model, also when resuming
             ref = copy.deepcopy(self.model) if checkpoint is None else load_model_and_tokenizer(args.model, dtype, str(self.device))[0]
@@ -220,7 +223,8 @@ class Trainer:
                 record.update(self.evaluate(step))
             self.log.append(record)
             if step % args.save_every == 0 or step == args.steps:
-                state = {"step": step, "args": dataclasses.asdict(args), "config": dataclasses.asdict(self.config)}
+                state = {"step": step, "args": dataclasses.asdict(args), "config": dataclasses.asdict(self.config),
+                         "autocast_dtype": None if self.autocast_dtype is None else str(self.autocast_dtype)}
                 save_checkpoint(self.output_dir, self.model, self.tokenizer, self.optimizer, state)
             bar.set_postfix(reward=f"{record['reward_mean']:.3f}", acc=f"{record['accuracy']:.2f}",
                             tok_s=f"{record['tokens_per_s']:.0f}")
@@ -229,7 +233,12 @@ class Trainer:
         return self.output_dir
 
     def step(self, step: int) -> Dict[str, object]:
-        """One RL step on ``prompts_per_step`` prompts × G samples; returns its metrics record."""
+        """One RL step on ``prompts_per_step`` prompts × G samples, under ``--mixed-precision``; returns its
+        metrics record."""
+        with autocast(self.device, self.autocast_dtype):
+            return self._step(step)
+
+    def _step(self, step: int) -> Dict[str, object]:
         args, config = self.args, self.config
         reset_peak_memory(self.device)
         start = time.perf_counter()
@@ -354,10 +363,11 @@ class Trainer:
         With a ``step``, the whole result, per-problem records included, is also written to
         ``<output_dir>/eval/step_<step>.json`` (written to a temporary file, then renamed)."""
         args = self.args
-        result = evaluate_examples(self.rollout, self.tokenizer, self.eval_examples, args.eval_samples,
-                                   max_new_tokens=args.max_new_tokens, temperature=args.temperature,
-                                   batch_size=max(1, 32 // max(1, args.eval_samples)), seed=args.seed,
-                                   prompt_style=args.prompt_style)
+        with autocast(self.device, self.autocast_dtype):
+            result = evaluate_examples(self.rollout, self.tokenizer, self.eval_examples, args.eval_samples,
+                                       max_new_tokens=args.max_new_tokens, temperature=args.temperature,
+                                       batch_size=max(1, 32 // max(1, args.eval_samples)), seed=args.seed,
+                                       prompt_style=args.prompt_style)
         if step is not None:
             folder = self.output_dir / EVAL_DIR
             folder.mkdir(parents=True, exist_ok=True)

@@ -68,17 +68,23 @@ class ChunkedLinearLogprobsFunction(torch.autograd.Function):
     """PyTorch path: ``apply(hidden (N, H), weight, bias, targets (N,), temperature, chunk_size)``.
 
     Returns (logps, entropy, vocab_mean), each (N,) float32. Saves only the inputs; the backward recomputes
-    each chunk's logits.
+    each chunk's logits. Only the rows whose target is not ``IGNORE_INDEX`` are computed (the others are 0
+    and get no gradient), so padding costs no matmul. Autocast is off inside: the logits are fp32 whatever
+    the caller's autocast state, as the Triton kernels accumulate them.
     """
 
     @staticmethod
     def forward(ctx, hidden, weight, bias, targets, temperature, chunk_size):
-        outs = [torch.empty(hidden.shape[0], device=hidden.device, dtype=torch.float32) for _ in range(3)]
+        with torch.autocast(hidden.device.type, enabled=False):
+            return ChunkedLinearLogprobsFunction._forward(ctx, hidden, weight, bias, targets, temperature, chunk_size)
+
+    @staticmethod
+    def _forward(ctx, hidden, weight, bias, targets, temperature, chunk_size):
+        outs = [torch.zeros(hidden.shape[0], device=hidden.device, dtype=torch.float32) for _ in range(3)]
         weight32, bias32 = _fp32(weight), _fp32(bias)
-        for start in range(0, hidden.shape[0], chunk_size):
-            rows = slice(start, start + chunk_size)
-            logits = _chunk_logits(hidden[rows], weight32, bias32, temperature)
-            chunk = token_logprobs_reference(logits, targets[rows], 1.0, True, True)
+        for rows in _kept_chunks(targets, chunk_size):
+            logits = _chunk_logits(hidden.index_select(0, rows), weight32, bias32, temperature)
+            chunk = token_logprobs_reference(logits, targets.index_select(0, rows), 1.0, True, True)
             for out, value in zip(outs, chunk):
                 out[rows] = value
         ctx.save_for_backward(hidden, weight, bias, targets)
@@ -87,37 +93,47 @@ class ChunkedLinearLogprobsFunction(torch.autograd.Function):
 
     @staticmethod
     def backward(ctx, g_logp, g_entropy, g_vmean):
+        with torch.autocast(ctx.saved_tensors[0].device.type, enabled=False):
+            return ChunkedLinearLogprobsFunction._backward(ctx, g_logp, g_entropy, g_vmean)
+
+    @staticmethod
+    def _backward(ctx, g_logp, g_entropy, g_vmean):
         hidden, weight, bias, targets = ctx.saved_tensors
         vocab = weight.shape[0]
         d_hidden = torch.zeros_like(hidden, dtype=torch.float32)
         d_weight = torch.zeros_like(weight, dtype=torch.float32)
         d_bias = torch.zeros(vocab, device=weight.device, dtype=torch.float32) if bias is not None else None
         weight32, bias32 = _fp32(weight), _fp32(bias)
-        for start in range(0, hidden.shape[0], ctx.chunk_size):
-            rows = slice(start, start + ctx.chunk_size)
-            log_probs = torch.log_softmax(_chunk_logits(hidden[rows], weight32, bias32, ctx.temperature), dim=-1)
+        for rows in _kept_chunks(targets, ctx.chunk_size):
+            h = hidden.index_select(0, rows).float()
+            log_probs = torch.log_softmax(_chunk_logits(h, weight32, bias32, ctx.temperature), dim=-1)
             probs = log_probs.exp()
-            keep = (targets[rows] != IGNORE_INDEX).unsqueeze(-1)
             dz = torch.zeros_like(log_probs)
             if g_logp is not None:
-                g = torch.where(keep, g_logp[rows].unsqueeze(-1), 0.0)
+                g = g_logp.index_select(0, rows).unsqueeze(-1)
                 dz -= g * probs
-                dz.scatter_add_(-1, torch.where(keep, targets[rows].unsqueeze(-1), 0), g)
+                dz.scatter_add_(-1, targets.index_select(0, rows).unsqueeze(-1), g)
             if g_entropy is not None:
-                g = torch.where(keep, g_entropy[rows].unsqueeze(-1), 0.0)
+                g = g_entropy.index_select(0, rows).unsqueeze(-1)
                 plogp = probs * torch.where(probs > 0, log_probs, 0.0)
                 entropy = -plogp.sum(-1, keepdim=True)
                 dz -= g * (plogp + probs * entropy)
             if g_vmean is not None:
-                g = torch.where(keep, g_vmean[rows].unsqueeze(-1), 0.0)
+                g = g_vmean.index_select(0, rows).unsqueeze(-1)
                 dz += g * (1.0 / vocab - probs)
             dz /= ctx.temperature
             d_hidden[rows] = dz @ weight32
-            d_weight += dz.T @ hidden[rows].float()
+            d_weight += dz.T @ h
             if d_bias is not None:
                 d_bias += dz.sum(0)
         return (d_hidden.to(hidden.dtype), d_weight.to(weight.dtype),
                 None if d_bias is None else d_bias.to(bias.dtype), None, None, None)
+
+
+def _kept_chunks(targets: torch.Tensor, chunk_size: int):
+    """Index tensors of at most ``chunk_size`` rows each, over the rows whose target is not ignored."""
+    kept = (targets != IGNORE_INDEX).nonzero().squeeze(1)
+    return kept.split(chunk_size)
 
 
 def linear_token_logprobs(
