@@ -58,6 +58,8 @@ class Args:
     """Timed runs of each setting; the settings alternate."""
     seed: int = 0
     out_dir: str = "bench/results"
+    smoke: bool = False
+    """Mark the JSON as a smoke run (shapes too small for its figures to mean anything)."""
 
 
 def gemm_gflops(dtype: torch.dtype) -> float:
@@ -158,7 +160,7 @@ def main(args: Args) -> Path:
     extra = {"args": vars(args), "gemm_gflops": ceilings, "linear_weights": weights, "prompt_tokens": prompt_tokens,
              "batch_tokens": {"kept": kept_tokens, "padded": padded_tokens},
              "cpu_native_bf16": cpu_has_native_bf16()}
-    path = write_results("mixed-precision", CPU, rows, extra, args.out_dir, smoke=False)
+    path = write_results("mixed-precision", CPU, rows, extra, args.out_dir, smoke=args.smoke)
     print(path)
     return path
 

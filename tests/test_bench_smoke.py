@@ -88,3 +88,18 @@ def test_rollout_benchmark_smoke(tmp_path, smollm2_dir, device):
     assert set(rows) == {"hf-generate", "rlfuse-shared-prefix"}
     assert all(row["tokens_per_s"] > 0 for row in rows.values())
     assert rows["rlfuse-shared-prefix"]["speedup_vs_hf"] > 0
+
+
+def test_mixed_precision_benchmark_smoke(tmp_path, smollm2_dir):
+    from bench import mixed_precision
+
+    path = mixed_precision.main(mixed_precision.Args(model=smollm2_dir, prompts=1, num_generations=2, max_new_tokens=4,
+                                                     repeats=1, out_dir=str(tmp_path), smoke=True))
+    payload = json.loads(path.read_text())
+    assert payload["smoke"] is True and payload["gemm_gflops"]["bf16"] > 0 and payload["gemm_gflops"]["no"] > 0
+    rows = {(row["part"], row["mixed_precision"], row["head"]): row for row in payload["rows"]}
+    assert set(rows) == {("rollout", "no", "-"), ("rollout", "bf16", "-"), ("update", "no", "padded"),
+                         ("update", "no", "masked"), ("update", "bf16", "padded"), ("update", "bf16", "masked")}
+    assert all(row["seconds"] > 0 and row["matmul_gflops"] > 0 and row["peak_rss_gb"] > 0 for row in rows.values())
+    kept, padded = payload["batch_tokens"]["kept"], payload["batch_tokens"]["padded"]
+    assert 0 < kept <= padded and rows[("update", "no", "masked")]["tokens"] == kept

@@ -72,3 +72,32 @@ def test_summary_of_records_without_runs_or_evaluations():
 def test_bad_algos(algos, message):
     with pytest.raises(ValueError, match=message):
         CompareArgs(algos=algos).validate()
+
+
+def test_figure_draws_each_step_faint_and_its_running_mean(tmp_path, monkeypatch):
+    """Per algorithm and panel: the raw values, then their 5-step running mean; the paid share when logged,
+    the train accuracy for runs without it."""
+    import matplotlib.axes
+
+    from rlfuse.engine.compare import plot_runs
+    from rlfuse.engine.metrics import running_mean
+
+    drawn = []
+    original = matplotlib.axes.Axes.plot
+
+    def spy(self, x, y, *args, **kwargs):
+        drawn.append((self.get_title(), kwargs.get("label"), list(y)))
+        return original(self, x, y, *args, **kwargs)
+
+    monkeypatch.setattr(matplotlib.axes.Axes, "plot", spy)
+    paid = [0.0, 0.1, 0.0, 0.3, 0.2, 0.5, 0.4]
+    runs = {"grpo": [{"step": i + 1, "reward_mean": v + 0.01, "accuracy": 0.9, "derived_rate": v,
+                      "completion_len_mean": 40.0 - i} for i, v in enumerate(paid)],
+            "topr": [{"step": i + 1, "reward_mean": -1.0, "accuracy": v, "completion_len_mean": 50.0}
+                     for i, v in enumerate(paid[:4])]}
+    plot_runs(runs, tmp_path / "compare.png")
+    assert (tmp_path / "compare.png").stat().st_size > 5000
+    assert len(drawn) == 3 * 2 * 2  # 3 panels x 2 algorithms x (raw, mean); titles are set after drawing
+    second_panel = drawn[4:8]
+    assert second_panel[0] == ("", None, paid) and second_panel[1] == ("", "grpo", running_mean(paid, 5))
+    assert second_panel[2][2] == paid[:4] and second_panel[3][1] == "topr"  # no derived_rate: accuracy

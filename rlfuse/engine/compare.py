@@ -3,9 +3,9 @@ draw them side by side.
 
 Each algorithm runs in ``<output_dir>/<algo>`` through the trainer, resumed from its checkpoint when one is
 there, so an interrupted comparison continues where it stopped. The base model is evaluated once with the
-same settings (``base_eval.json``). Outputs: ``compare.png`` (reward, accuracy and completion length against
-step, one line per algorithm), ``summary.json`` and ``summary.md`` (final greedy pass@1, pass@k and diversity
-on the evaluation questions per algorithm, and the base model's).
+same settings (``base_eval.json``). Outputs: ``compare.png`` (reward, the paid share and completion length
+against step, one colour per algorithm, with running means), ``summary.json`` and ``summary.md`` (final
+greedy pass@1, pass@k and diversity on the evaluation questions per algorithm, and the base model's).
 """
 
 from __future__ import annotations
@@ -24,8 +24,10 @@ from rlfuse.engine.args import Algo, TrainArgs
 ALL_ALGOS: Tuple[str, ...] = ("grpo", "dr_grpo", "dapo", "gspo", "topr", "rover")
 FIGURE = "compare.png"
 SUMMARY_JSON, SUMMARY_MD, BASE_EVAL = "summary.json", "summary.md", "base_eval.json"
-PANELS = (("reward_mean", "reward"), ("accuracy", "accuracy (train samples)"),
-          ("completion_len_mean", "completion length (tokens)"))
+# (keys, the first a run logs is drawn; title). derived_rate is the paid share under --require-derivation.
+PANELS = ((("reward_mean",), "reward"),
+          (("derived_rate", "accuracy"), "paid (derived) share of the train samples"),
+          (("completion_len_mean",), "completion length (tokens)"))
 
 
 @dataclass
@@ -162,21 +164,28 @@ def summary_markdown(rows: List[Dict[str, object]]) -> str:
 
 
 def plot_runs(runs: Dict[str, List[Dict[str, object]]], path: Path) -> None:
-    """Draw reward, accuracy and completion length against step, one line per algorithm, into ``path``."""
+    """Draw reward, the paid share (``derived_rate``, else ``accuracy``) and completion length against step,
+    one colour per algorithm: each step faint, its :data:`rlfuse.engine.metrics.RUNNING_MEAN_STEPS`-step
+    running mean solid (one step's 32 samples are too few to rank algorithms by)."""
     import matplotlib
 
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
+    from rlfuse.engine.metrics import RUNNING_MEAN_STEPS, running_mean
+
     fig, axes = plt.subplots(1, len(PANELS), figsize=(5 * len(PANELS), 4))
-    for ax, (key, title) in zip(axes, PANELS):
-        for algo, records in runs.items():
-            points = [(r["step"], r[key]) for r in records if r.get(key) is not None]
+    for ax, (keys, title) in zip(axes, PANELS):
+        for index, (algo, records) in enumerate(runs.items()):
+            key = next((k for k in keys if any(r.get(k) is not None for r in records)), None)
+            points = [(r["step"], r[key]) for r in records if key is not None and r.get(key) is not None]
             if points:
                 steps, values = zip(*points)
-                ax.plot(steps, values, label=algo)
+                colour = f"C{index % 10}"
+                ax.plot(steps, values, color=colour, alpha=0.25, linewidth=0.8)
+                ax.plot(steps, running_mean(values, RUNNING_MEAN_STEPS), color=colour, label=algo)
         ax.set_xlabel("step")
-        ax.set_title(title)
+        ax.set_title(f"{title}, {RUNNING_MEAN_STEPS}-step mean", fontsize=10)
         ax.grid(alpha=0.3)
     axes[0].legend()
     fig.tight_layout()
