@@ -28,7 +28,7 @@ from typing import Dict, List
 import torch
 import tyro
 
-from bench.common import print_table, write_results
+from bench.common import median_time_s, print_table, write_results
 from rlfuse.algos import FusedLinearPolicyLoss, GRPOConfig
 from rlfuse.algos import fused_linear
 from rlfuse.engine.data import build_prompt, load_examples
@@ -65,14 +65,7 @@ class Args:
 def gemm_gflops(dtype: torch.dtype) -> float:
     """Measured rate of a (2048 x 576) @ (576 x 1536) matmul in ``dtype``, GFLOP/s (median of 10)."""
     a, b = torch.randn(2048, 576).to(dtype), torch.randn(576, 1536).to(dtype)
-    for _ in range(3):
-        a @ b
-    times = []
-    for _ in range(10):
-        start = time.perf_counter()
-        a @ b
-        times.append(time.perf_counter() - start)
-    return 2 * 2048 * 576 * 1536 / statistics.median(times) / 1e9
+    return 2 * 2048 * 576 * 1536 / median_time_s(lambda: a @ b, CPU, warmup=3, repeats=10) / 1e9
 
 
 def linear_weights(model) -> Dict[str, int]:

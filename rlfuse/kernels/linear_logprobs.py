@@ -67,7 +67,7 @@ def _fp32(tensor: Optional[torch.Tensor]) -> Optional[torch.Tensor]:
 class ChunkedLinearLogprobsFunction(torch.autograd.Function):
     """PyTorch path: ``apply(hidden (N, H), weight, bias, targets (N,), temperature, chunk_size)``.
 
-    Returns (logps, entropy, vocab_mean), each (N,) float32. Saves only the inputs; the backward recomputes
+    Returns (logps, entropy, vocab_mean), each (N,) float32. Saves the inputs and the kept rows; the backward recomputes
     each chunk's logits. Only the rows whose target is not ``IGNORE_INDEX`` are computed (the others are 0
     and get no gradient), so padding costs no matmul. Autocast is off inside: the logits are fp32 whatever
     the caller's autocast state, as the Triton kernels accumulate them.
@@ -82,12 +82,13 @@ class ChunkedLinearLogprobsFunction(torch.autograd.Function):
     def _forward(ctx, hidden, weight, bias, targets, temperature, chunk_size):
         outs = [torch.zeros(hidden.shape[0], device=hidden.device, dtype=torch.float32) for _ in range(3)]
         weight32, bias32 = _fp32(weight), _fp32(bias)
-        for rows in _kept_chunks(targets, chunk_size):
+        kept = (targets != IGNORE_INDEX).nonzero().squeeze(1)  # padding forms no logits
+        for rows in kept.split(chunk_size):
             logits = _chunk_logits(hidden.index_select(0, rows), weight32, bias32, temperature)
             chunk = token_logprobs_reference(logits, targets.index_select(0, rows), 1.0, True, True)
             for out, value in zip(outs, chunk):
                 out[rows] = value
-        ctx.save_for_backward(hidden, weight, bias, targets)
+        ctx.save_for_backward(hidden, weight, bias, targets, kept)
         ctx.temperature, ctx.chunk_size = temperature, chunk_size
         return tuple(outs)
 
@@ -98,13 +99,13 @@ class ChunkedLinearLogprobsFunction(torch.autograd.Function):
 
     @staticmethod
     def _backward(ctx, g_logp, g_entropy, g_vmean):
-        hidden, weight, bias, targets = ctx.saved_tensors
+        hidden, weight, bias, targets, kept = ctx.saved_tensors
         vocab = weight.shape[0]
         d_hidden = torch.zeros_like(hidden, dtype=torch.float32)
         d_weight = torch.zeros_like(weight, dtype=torch.float32)
         d_bias = torch.zeros(vocab, device=weight.device, dtype=torch.float32) if bias is not None else None
         weight32, bias32 = _fp32(weight), _fp32(bias)
-        for rows in _kept_chunks(targets, ctx.chunk_size):
+        for rows in kept.split(ctx.chunk_size):
             h = hidden.index_select(0, rows).float()
             log_probs = torch.log_softmax(_chunk_logits(h, weight32, bias32, ctx.temperature), dim=-1)
             probs = log_probs.exp()
@@ -128,12 +129,6 @@ class ChunkedLinearLogprobsFunction(torch.autograd.Function):
                 d_bias += dz.sum(0)
         return (d_hidden.to(hidden.dtype), d_weight.to(weight.dtype),
                 None if d_bias is None else d_bias.to(bias.dtype), None, None, None)
-
-
-def _kept_chunks(targets: torch.Tensor, chunk_size: int):
-    """Index tensors of at most ``chunk_size`` rows each, over the rows whose target is not ignored."""
-    kept = (targets != IGNORE_INDEX).nonzero().squeeze(1)
-    return kept.split(chunk_size)
 
 
 def linear_token_logprobs(
