@@ -1,6 +1,8 @@
 """Checkpoints are atomic: a failure mid-write keeps the previous one, and RNG state round-trips."""
 
+import errno
 import json
+from collections import namedtuple
 from pathlib import Path
 
 import pytest
@@ -73,3 +75,48 @@ def test_crash_between_renames_falls_back_to_old(tmp_path, device):
 def test_incomplete_folder_is_not_a_checkpoint(tmp_path):
     (tmp_path / "checkpoint").mkdir()
     assert ckpt.find_checkpoint(tmp_path) is None
+
+
+class TiedModel(torch.nn.Module):
+    """Input and output embeddings sharing one weight, as in SmolLM2: saved once."""
+
+    def __init__(self):
+        super().__init__()
+        self.embed = torch.nn.Embedding(50, 8)
+        self.head = torch.nn.Linear(8, 50, bias=False)
+        self.head.weight = self.embed.weight
+
+    def save_pretrained(self, folder):
+        from safetensors.torch import save_model
+
+        save_model(self, str(Path(folder) / "model.safetensors"))
+
+
+def test_checkpoint_bytes_bounds_what_is_written(tmp_path, device):
+    model = TiedModel().to(device)
+    optimizer = torch.optim.AdamW(model.parameters(), lr=0.1)
+    expected_tensors = 50 * 8 * 4 * 3  # the tied weight once, AdamW's two moments once
+    assert ckpt.checkpoint_bytes(model, optimizer) == 50 * 8 * 4 + ckpt.FILES_MARGIN  # no moments yet
+    model.head(model.embed(torch.tensor([1, 2], device=device))).sum().backward()
+    optimizer.step()
+    estimate = ckpt.checkpoint_bytes(model, optimizer)
+    assert estimate >= expected_tensors + ckpt.FILES_MARGIN  # + AdamW's step counter
+    path = ckpt.save_checkpoint(tmp_path, model, TinyTokenizer(), optimizer, {"step": 1})
+    written = sum(f.stat().st_size for f in path.iterdir())
+    assert expected_tensors < written <= estimate
+
+
+def test_full_disk_refuses_before_writing(tmp_path, monkeypatch, device):
+    model, optimizer = make(tmp_path, device)
+    ckpt.save_checkpoint(tmp_path, model, TinyTokenizer(), optimizer, {"step": 1})
+    needed = ckpt.checkpoint_bytes(model, optimizer)
+    usage = namedtuple("usage", "total used free")
+    monkeypatch.setattr(ckpt.shutil, "disk_usage", lambda path: usage(10 * needed, 9 * needed, needed - 1))
+    with pytest.raises(OSError) as error:
+        ckpt.save_checkpoint(tmp_path, model, TinyTokenizer(), optimizer, {"step": 2})
+    assert error.value.errno == errno.ENOSPC
+    assert str(tmp_path) in str(error.value) and "--save-every 0" in str(error.value)
+    assert json.loads((ckpt.find_checkpoint(tmp_path) / ckpt.STATE_FILE).read_text())["step"] == 1
+    assert not list(tmp_path.glob(".checkpoint-*"))
+    monkeypatch.setattr(ckpt.shutil, "disk_usage", lambda path: usage(10 * needed, 9 * needed, needed))
+    ckpt.save_checkpoint(tmp_path, model, TinyTokenizer(), optimizer, {"step": 2})  # exactly enough is enough

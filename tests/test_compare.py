@@ -10,7 +10,7 @@ from rlfuse.engine.cli import main
 from rlfuse.engine.compare import CompareArgs, summarize, summary_markdown
 
 DATA = Path(__file__).parent / "data"
-TINY = ["--prompts-per-step", "2", "--num-generations", "2", "--max-new-tokens", "6", "--save-every", "1",
+TINY = ["--prompts-per-step", "2", "--num-generations", "2", "--max-new-tokens", "6",
         "--data", str(DATA / "svamp_train_sample.jsonl"), "--eval-data", str(DATA / "svamp_test_sample.jsonl"),
         "--eval-prompts", "2", "--eval-samples", "2"]
 

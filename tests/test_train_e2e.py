@@ -26,7 +26,7 @@ KEYS = {"step", "loss", "reward_mean", "reward_std", "accuracy", "format_rate", 
         "clip_frac", "entropy", "grad_norm", "tokens_per_s", "time_rollout", "time_logprobs", "time_update", "truncated_rate", "peak_mem_gb"}
 DATA = Path(__file__).parent / "data"
 # The first GSM8K train and test questions, shipped with the tests so that they never need the hub.
-TINY = ["--prompts-per-step", "2", "--num-generations", "2", "--max-new-tokens", "8", "--save-every", "1",
+TINY = ["--prompts-per-step", "2", "--num-generations", "2", "--max-new-tokens", "8",
         "--data", str(DATA / "gsm8k_train_sample.jsonl"), "--eval-data", str(DATA / "gsm8k_test_sample.jsonl")]
 
 
@@ -133,7 +133,8 @@ def test_training_accuracy_counts_truncated_completions_as_wrong(smollm2_dir, tm
 def test_killed_run_resumes_to_the_same_result(smollm2_dir, tmp_path, device):
     """Kill a run after its first checkpoint; the resumed run matches an uninterrupted one step for step."""
     killed, whole = tmp_path / "killed", tmp_path / "whole"
-    args = ["--algo", "topr", "--model", smollm2_dir, *TINY, "--steps", "3", "--device", device.type]
+    args = ["--algo", "topr", "--model", smollm2_dir, *TINY, "--steps", "3", "--save-every", "1",
+            "--device", device.type]
     env = dict(os.environ, PYTHONUNBUFFERED="1")
     proc = subprocess.Popen([sys.executable, "-m", "rlfuse", "train", *args, "--output-dir", str(killed)],
                             stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, env=env)
@@ -155,6 +156,28 @@ def test_killed_run_resumes_to_the_same_result(smollm2_dir, tmp_path, device):
         assert a["loss"] == pytest.approx(b["loss"], rel=1e-4, abs=1e-6)
 
 
+def test_full_disk_is_reported_before_training(smollm2_dir, tmp_path, monkeypatch, capsys, device):
+    """A disk without room for one checkpoint (1.6 GB here: fp32 weights and AdamW's two moments) stops the run
+    before its first step, with the way out; --save-every 0 trains on it and writes no checkpoint."""
+    from collections import namedtuple
+
+    from rlfuse.engine import checkpoint as ckpt
+
+    usage = namedtuple("usage", "total used free")
+    monkeypatch.setattr(ckpt.shutil, "disk_usage", lambda path: usage(2**40, 2**40 - 2**30, 2**30))  # 1 GiB free
+    out = tmp_path / "full"
+    argv = ["train", "--model", smollm2_dir, *TINY, "--output-dir", str(out), "--steps", "1", "--device", device.type]
+    assert main(argv) == 2
+    error = capsys.readouterr().err
+    assert "needs 1.5" in error and "1.00 GiB free" in error and "--save-every 0" in error
+    assert not (out / "metrics.jsonl").exists()
+
+    assert main([*argv, "--save-every", "0"]) == 0
+    assert [r["step"] for r in read_metrics(out)] == [1]
+    assert find_checkpoint(out) is None and not list(out.glob(".checkpoint-*"))
+    assert "checkpoint/" not in capsys.readouterr().out
+
+
 def test_gguf_alias_runs_one_step(tmp_path, device):
     out = tmp_path / "alias"
     assert main(["train", "--model", "smollm2-135m", *TINY, "--steps", "1", "--output-dir", str(out),
@@ -172,6 +195,7 @@ def test_gguf_alias_runs_one_step(tmp_path, device):
         (["--eval-every", "1", "--eval-data", "/no/such/test.jsonl"], "does not exist"),
         (["--resume"], "resume"),
         (["--steps", "0"], "--steps"),
+        (["--save-every", "-1"], "--save-every"),
     ],
 )
 def test_bad_options_fail_clearly(extra, message, tmp_path, capsys):

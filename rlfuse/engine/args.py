@@ -108,7 +108,8 @@ class TrainArgs:
     output_dir: Optional[str] = None
     """Where metrics.jsonl, reward.png and checkpoint/ go (default: runs/<algo>-<time>)."""
     save_every: int = 5
-    """Write the checkpoint every N steps (and at the end)."""
+    """Write the checkpoint every N steps and at the end; 0: never (no checkpoint/ folder, so the run cannot be
+    resumed, and `rlfuse compare` redoes such runs when rerun)."""
     resume: bool = False
     """Continue the run in --output-dir from its checkpoint."""
     eval_every: int = 0
@@ -143,12 +144,14 @@ class TrainArgs:
     def validate(self) -> None:
         """Raise ``ValueError`` naming the option for values that cannot run."""
         for name in ("steps", "prompts_per_step", "num_generations", "max_new_tokens", "num_iterations",
-                     "save_every", "eval_prompts"):
+                     "eval_prompts"):
             if getattr(self, name) < 1:
                 raise ValueError(f"--{name.replace('_', '-')} must be >= 1, got {getattr(self, name)}")
         if self.stop_after_answer and self.rollout == "hf":
             raise ValueError("--rollout hf (transformers generate) does not stop after the '#### <number>' line; "
                              "pass --no-stop-after-answer with it, or use --rollout engine")
+        if self.save_every < 0:
+            raise ValueError(f"--save-every must be >= 0 (0: no checkpoints), got {self.save_every}")
         if self.replay_staleness < 0:
             raise ValueError(f"--replay-staleness must be >= 0 (0 disables replay), got {self.replay_staleness}")
         if self.lora_rank < 0:

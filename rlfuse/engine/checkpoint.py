@@ -6,6 +6,7 @@ interrupted run always keeps its last complete checkpoint.
 
 from __future__ import annotations
 
+import errno
 import json
 import random
 import shutil
@@ -37,13 +38,56 @@ def set_rng_state(state: Dict[str, Any]) -> None:
         torch.cuda.set_rng_state_all(state["cuda"])
 
 
+def _tensor_bytes(tensors) -> int:
+    """Bytes of the distinct storages among ``tensors`` (tied weights count once)."""
+    seen = {}
+    for tensor in tensors:
+        if isinstance(tensor, torch.Tensor):
+            seen[(tensor.device, tensor.untyped_storage().data_ptr())] = tensor.untyped_storage().nbytes()
+    return sum(seen.values())
+
+
+FILES_MARGIN = 8 * 2**20  # tokenizer, config and RNG files: a few MB for SmolLM2
+
+
+def checkpoint_bytes(model, optimizer) -> int:
+    """Bytes a checkpoint of ``model`` and ``optimizer`` takes on disk (an upper bound).
+
+    The weights ``save_pretrained`` writes (a PEFT model writes only its adapters, the trainable tensors),
+    every tensor of the optimizer's state (AdamW: two per trained parameter, once it has stepped), and
+    ``FILES_MARGIN`` for the small files.
+    """
+    if hasattr(model, "peft_config"):
+        weights = [p for p in model.parameters() if p.requires_grad]
+    else:
+        weights = list(model.state_dict().values())
+    optimizer_tensors = [t for per_param in optimizer.state.values() for t in per_param.values()]
+    return _tensor_bytes(weights) + _tensor_bytes(optimizer_tensors) + FILES_MARGIN
+
+
+def check_free_space(output_dir: Path, needed: int) -> None:
+    """Raise ``OSError`` (``errno.ENOSPC``) when ``output_dir``'s file system has less than ``needed`` bytes
+    free, naming the sizes and the ways out, before anything is written."""
+    free = shutil.disk_usage(output_dir).free
+    if free < needed:
+        raise OSError(errno.ENOSPC, f"a checkpoint needs {needed / 2**30:.2f} GiB but {output_dir} has "
+                                    f"{free / 2**30:.2f} GiB free; free some space, choose another --output-dir, "
+                                    "or pass --save-every 0 (no checkpoints)")
+
+
 def save_checkpoint(output_dir: Path, model, tokenizer, optimizer, state: Dict[str, Any]) -> Path:
     """Write ``output_dir/checkpoint`` atomically and return its path.
 
     Contents: ``model.safetensors`` + config and tokenizer files (so ``--model output_dir/checkpoint``
     loads it), ``optimizer.pt``, ``rng_state.pt`` and ``trainer_state.json`` (``state``: step and run info).
+
+    Raises:
+        OSError: ``errno.ENOSPC`` when the disk lacks room for it (checked before writing: the previous
+            checkpoint stays as it was), or any error of the write itself (the partial copy is removed, the
+            previous checkpoint kept).
     """
     output_dir = Path(output_dir)
+    check_free_space(output_dir, checkpoint_bytes(model, optimizer))
     final, previous = output_dir / CHECKPOINT, output_dir / f"{CHECKPOINT}.old"
     staging = Path(tempfile.mkdtemp(prefix=f".{CHECKPOINT}-", dir=output_dir))
     try:

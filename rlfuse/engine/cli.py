@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import errno
 import os
 import sys
 from typing import Optional, Sequence
@@ -30,20 +31,23 @@ def _run(args) -> str:
     from rlfuse.engine.trainer import train  # heavy imports only once the options parsed
 
     output_dir = train(args)
-    return f"rlfuse: done. Outputs in {output_dir}/: metrics.jsonl, reward.png, checkpoint/"
+    return f"rlfuse: done. Outputs in {output_dir}/: metrics.jsonl, reward.png" + (", checkpoint/" if args.save_every else "")
 
 
 def main(argv: Optional[Sequence[str]] = None) -> int:
     """Parse ``argv`` (default ``sys.argv[1:]``) and run the chosen subcommand; return the exit code.
 
-    Bad options or inputs (``ValueError``, ``FileNotFoundError``) end with a one-line error on stderr and
-    exit code 2; ``RLFUSE_DEBUG=1`` re-raises them with their traceback.
+    Bad options or inputs (``ValueError``, ``FileNotFoundError``) and a disk too full for a checkpoint
+    (``OSError`` ``ENOSPC``) end with a one-line error on stderr and exit code 2; ``RLFUSE_DEBUG=1`` re-raises
+    them with their traceback.
     """
     args = tyro.extras.subcommand_cli_from_dict({"train": TrainArgs, "eval": EvalArgs, "compare": CompareArgs},
                                                 args=argv, prog="rlfuse")
     try:
         message = _run(args)
-    except (ValueError, FileNotFoundError) as error:
+    except (ValueError, OSError) as error:
+        if isinstance(error, OSError) and not isinstance(error, FileNotFoundError) and error.errno != errno.ENOSPC:
+            raise
         if os.environ.get("RLFUSE_DEBUG"):
             raise
         print(f"rlfuse: error: {error}  (set RLFUSE_DEBUG=1 for the traceback)", file=sys.stderr)

@@ -18,7 +18,8 @@ from tqdm.auto import tqdm
 from rlfuse.algos import FusedLinearPolicyLoss, compute_advantages, policy_loss
 from rlfuse.algos.fused_linear import masked_targets
 from rlfuse.engine.args import TrainArgs
-from rlfuse.engine.checkpoint import find_checkpoint, load_training_state, save_checkpoint
+from rlfuse.engine.checkpoint import (check_free_space, checkpoint_bytes, find_checkpoint, load_training_state,
+                                     save_checkpoint)
 from rlfuse.engine.data import Example, build_prompt, load_examples
 from rlfuse.engine.evaluate import evaluate_examples, flat_metrics
 from rlfuse.engine.memory import peak_memory_gb, reset_peak_memory
@@ -164,6 +165,9 @@ class Trainer:
             state = load_training_state(checkpoint, self.optimizer)
             self.start_step = int(state["step"])
             self.log.truncate(self.start_step)
+        if args.save_every:  # fail now rather than at the first save, minutes in; AdamW's moments come later
+            moments = 0 if self.optimizer.state else 2 * sum(p.numel() * p.element_size() for p in self.trainable)
+            check_free_space(self.output_dir, checkpoint_bytes(self.model, self.optimizer) + moments)
 
     @staticmethod
     def _decoder(model) -> DecoderLM:
@@ -214,7 +218,8 @@ class Trainer:
         torch.manual_seed(seed)
 
     def train(self) -> Path:
-        """Run steps ``start_step + 1 .. args.steps``; checkpoint every ``save_every`` steps and at the end."""
+        """Run steps ``start_step + 1 .. args.steps``; checkpoint every ``save_every`` steps and at the end
+        (never when ``save_every`` is 0)."""
         args = self.args
         bar = tqdm(total=args.steps, initial=self.start_step, desc=f"{args.algo}", unit="step")
         for step in range(self.start_step + 1, args.steps + 1):
@@ -222,7 +227,7 @@ class Trainer:
             if args.eval_every and (step % args.eval_every == 0 or step == args.steps):
                 record.update(self.evaluate(step))
             self.log.append(record)
-            if step % args.save_every == 0 or step == args.steps:
+            if args.save_every and (step % args.save_every == 0 or step == args.steps):
                 state = {"step": step, "args": dataclasses.asdict(args), "config": dataclasses.asdict(self.config),
                          "autocast_dtype": None if self.autocast_dtype is None else str(self.autocast_dtype)}
                 save_checkpoint(self.output_dir, self.model, self.tokenizer, self.optimizer, state)
