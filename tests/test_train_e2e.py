@@ -131,7 +131,8 @@ def test_training_accuracy_counts_truncated_completions_as_wrong(smollm2_dir, tm
 
 
 def test_killed_run_resumes_to_the_same_result(smollm2_dir, tmp_path, device):
-    """Kill a run after its first checkpoint; the resumed run matches an uninterrupted one step for step."""
+    """Kill a run after its first checkpoint; the resumed run matches an uninterrupted one that never saved, step
+    for step."""
     killed, whole = tmp_path / "killed", tmp_path / "whole"
     args = ["--algo", "topr", "--model", smollm2_dir, *TINY, "--steps", "3", "--save-every", "1",
             "--device", device.type]
@@ -148,7 +149,9 @@ def test_killed_run_resumes_to_the_same_result(smollm2_dir, tmp_path, device):
     assert saved < 3, "the run finished before it could be killed; nothing was tested"
 
     assert main(["train", *args, "--output-dir", str(killed), "--resume"]) == 0
-    assert main(["train", *args, "--output-dir", str(whole)]) == 0
+    # The uninterrupted run writes no checkpoint: saving must not change the trajectory either.
+    assert main(["train", *args, "--output-dir", str(whole), "--save-every", "0"]) == 0
+    assert find_checkpoint(whole) is None
     resumed, reference = read_metrics(killed), read_metrics(whole)
     assert [r["step"] for r in resumed] == [1, 2, 3]
     for a, b in zip(resumed, reference):
