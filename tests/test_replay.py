@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import dataclasses
+import json
 import math
 from pathlib import Path
 
@@ -12,7 +13,7 @@ import torch
 from rlfuse.algos import policy_loss
 from rlfuse.engine import trainer as trainer_mod
 from rlfuse.engine.args import TrainArgs
-from rlfuse.engine.replay import ReplayBuffer, ReplayItem, replay_backward
+from rlfuse.engine.replay import ReplayBuffer, ReplayItem, _to_device, replay_backward
 from rlfuse.engine.rewards import RewardResult
 from rlfuse.engine.rollout import RolloutBatch
 from rlfuse.engine.trainer import Trainer, completion_logprobs
@@ -67,6 +68,36 @@ def test_replay_backward_scales_each_loss_and_reports_staleness_and_ratios():
 def test_negative_staleness_option_fails_clearly():
     with pytest.raises(ValueError, match="--replay-staleness"):
         TrainArgs(replay_staleness=-1).validate()
+
+
+def test_buffer_state_round_trips_through_a_checkpoint(tmp_path, device):
+    from rlfuse.engine import checkpoint as ckpt
+
+    buffer = ReplayBuffer(3)
+    for step in (1, 2, 3, 4):  # the first is evicted
+        buffer.add(_to_device(fake_item(step), device))
+    state = buffer.state_dict()
+    assert all(item.behaviour_logps.device.type == "cpu" for item in state["items"])
+    model = torch.nn.Linear(2, 2)
+    model.save_pretrained = lambda folder: torch.save(model.state_dict(), Path(folder) / "w.pt")
+    tokenizer = type("Tok", (), {"save_pretrained": lambda self, folder: None})()
+    optimizer = torch.optim.AdamW(model.parameters())
+    path = ckpt.save_checkpoint(tmp_path, model, tokenizer, optimizer, {"step": 4}, {"replay": state})
+
+    restored = ReplayBuffer(3)
+    restored.load_state_dict(ckpt.load_extra_state(path)["replay"], device)
+    assert [item.step for item in restored] == [2, 3, 4]
+    for old, new in zip(buffer, restored):
+        assert new.behaviour_logps.device.type == device.type and new.batch.completion_ids.device.type == device.type
+        assert torch.equal(old.behaviour_logps, new.behaviour_logps)
+        assert torch.equal(old.batch.completion_mask, new.batch.completion_mask)
+    smaller = ReplayBuffer(1)  # a resume with a smaller --replay-staleness keeps the newest
+    smaller.load_state_dict(state, device)
+    assert [item.step for item in smaller] == [4]
+    (tmp_path / "plain").mkdir()  # a checkpoint saved without extra state (as before replay was saved)
+    assert ckpt.load_extra_state(ckpt.save_checkpoint(tmp_path / "plain", model, tokenizer, optimizer, {})) == {}
+    with pytest.raises(ValueError, match="state_dict"):
+        restored.load_state_dict({"items": [1, 2]}, device)
 
 
 # --------------------------------------------------------------------------------------------------
@@ -148,3 +179,24 @@ def test_replayed_loss_uses_the_stored_behaviour_log_probs(runs):
     assert abs(changed.item() - loss.item()) > 1e-4
     assert changed_metrics["ratio_mean"].item() == pytest.approx(metrics["ratio_mean"].item() * math.exp(0.5),
                                                                  rel=1e-4)
+
+
+def test_resumed_run_replays_what_the_uninterrupted_run_replays(smollm2_dir, tmp_path, monkeypatch):
+    """Stop after step 2 (a checkpoint), resume to step 3: step 3 replays the same two stored batches, so its
+    record equals the uninterrupted run's. An empty buffer after the resume would replay none."""
+    monkeypatch.setattr(trainer_mod, "gsm8k_rewards", length_rewards)
+
+    def run(out, steps, resume=False):
+        args = TrainArgs(algo="rec", model=smollm2_dir, data=str(DATA / "gsm8k_train_sample.jsonl"),
+                         prompts_per_step=2, num_generations=3, max_new_tokens=6, learning_rate=1e-4,
+                         replay_staleness=2, steps=steps, save_every=steps, resume=resume, output_dir=str(out),
+                         mixed_precision="no")
+        Trainer(args).train()
+        return [json.loads(line) for line in (out / "metrics.jsonl").read_text().splitlines()]
+
+    whole = run(tmp_path / "whole", 3)
+    run(tmp_path / "parts", 2)
+    resumed = run(tmp_path / "parts", 3, resume=True)
+    assert [r["step"] for r in resumed] == [1, 2, 3] and resumed[2]["replay_batches"] == 2
+    for key in ("loss", "grad_norm", "replay_ratio_mean", "replay_ratio_max", "reward_mean"):
+        assert resumed[2][key] == pytest.approx(whole[2][key], rel=1e-5, abs=1e-7), key

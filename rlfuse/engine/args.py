@@ -60,7 +60,7 @@ class TrainArgs:
     replay_staleness: int = 0
     """Also train each step on the last k sampled batches, against the behaviour log-probs recorded when they
     were sampled (off-policy replay; the algorithm's own ratio, clip or regularizer corrects for it); 0:
-    on-policy only. The buffer is not checkpointed: a resumed run refills it."""
+    on-policy only. Checkpoints hold the buffer, so a resumed run replays what the uninterrupted one would."""
     max_grad_norm: float = 1.0
     """Gradient clipping by global norm."""
     rollout: Literal["engine", "hf"] = "engine"

@@ -1,4 +1,5 @@
-"""Atomic checkpoints: weights (safetensors, a loadable HF folder), optimizer, RNG state and step.
+"""Atomic checkpoints: weights (safetensors, a loadable HF folder), optimizer, RNG state, step, and the trainer's
+other state (the replay buffer).
 
 A checkpoint is written into a temporary folder beside the final one, then renamed into place, so an
 interrupted run always keeps its last complete checkpoint.
@@ -6,6 +7,7 @@ interrupted run always keeps its last complete checkpoint.
 
 from __future__ import annotations
 
+import dataclasses
 import errno
 import json
 import random
@@ -19,6 +21,7 @@ import torch
 
 CHECKPOINT = "checkpoint"
 STATE_FILE = "trainer_state.json"
+EXTRA_STATE_FILE = "extra_state.pt"
 
 
 def rng_state() -> Dict[str, Any]:
@@ -38,6 +41,19 @@ def set_rng_state(state: Dict[str, Any]) -> None:
         torch.cuda.set_rng_state_all(state["cuda"])
 
 
+def _flat_tensors(obj) -> list:
+    """Every tensor inside ``obj``: nested dicts, lists, tuples and dataclasses."""
+    if isinstance(obj, torch.Tensor):
+        return [obj]
+    if isinstance(obj, dict):
+        obj = list(obj.values())
+    elif dataclasses.is_dataclass(obj) and not isinstance(obj, type):
+        obj = [getattr(obj, field.name) for field in dataclasses.fields(obj)]
+    if isinstance(obj, (list, tuple)):
+        return [tensor for value in obj for tensor in _flat_tensors(value)]
+    return []
+
+
 def _tensor_bytes(tensors) -> int:
     """Bytes of the distinct storages among ``tensors`` (tied weights count once)."""
     seen = {}
@@ -50,19 +66,20 @@ def _tensor_bytes(tensors) -> int:
 FILES_MARGIN = 8 * 2**20  # tokenizer, config and RNG files: a few MB for SmolLM2
 
 
-def checkpoint_bytes(model, optimizer) -> int:
-    """Bytes a checkpoint of ``model`` and ``optimizer`` takes on disk (an upper bound).
+def checkpoint_bytes(model, optimizer, extra_state: Optional[Dict[str, Any]] = None) -> int:
+    """Bytes a checkpoint of ``model``, ``optimizer`` and ``extra_state`` takes on disk (an upper bound).
 
     The weights ``save_pretrained`` writes (a PEFT model writes only its adapters, the trainable tensors),
-    every tensor of the optimizer's state (AdamW: two per trained parameter, once it has stepped), and
-    ``FILES_MARGIN`` for the small files.
+    every tensor of the optimizer's state (AdamW: two per trained parameter, once it has stepped), the tensors
+    in ``extra_state``, and ``FILES_MARGIN`` for the small files.
     """
     if hasattr(model, "peft_config"):
         weights = [p for p in model.parameters() if p.requires_grad]
     else:
         weights = list(model.state_dict().values())
     optimizer_tensors = [t for per_param in optimizer.state.values() for t in per_param.values()]
-    return _tensor_bytes(weights) + _tensor_bytes(optimizer_tensors) + FILES_MARGIN
+    return (_tensor_bytes(weights) + _tensor_bytes(optimizer_tensors) + _tensor_bytes(_flat_tensors(extra_state))
+            + FILES_MARGIN)
 
 
 def check_free_space(output_dir: Path, needed: int) -> None:
@@ -75,11 +92,14 @@ def check_free_space(output_dir: Path, needed: int) -> None:
                                     "or pass --save-every 0 (no checkpoints)")
 
 
-def save_checkpoint(output_dir: Path, model, tokenizer, optimizer, state: Dict[str, Any]) -> Path:
+def save_checkpoint(output_dir: Path, model, tokenizer, optimizer, state: Dict[str, Any],
+                    extra_state: Optional[Dict[str, Any]] = None) -> Path:
     """Write ``output_dir/checkpoint`` atomically and return its path.
 
     Contents: ``model.safetensors`` + config and tokenizer files (so ``--model output_dir/checkpoint``
-    loads it), ``optimizer.pt``, ``rng_state.pt`` and ``trainer_state.json`` (``state``: step and run info).
+    loads it), ``optimizer.pt``, ``rng_state.pt``, ``trainer_state.json`` (``state``: step and run info) and,
+    when given, ``extra_state.pt`` (``extra_state``: picklable objects with CPU tensors, such as the replay
+    buffer; read back by :func:`load_extra_state`).
 
     Raises:
         OSError: ``errno.ENOSPC`` when the disk lacks room for it (checked before writing: the previous
@@ -87,7 +107,7 @@ def save_checkpoint(output_dir: Path, model, tokenizer, optimizer, state: Dict[s
             previous checkpoint kept).
     """
     output_dir = Path(output_dir)
-    check_free_space(output_dir, checkpoint_bytes(model, optimizer))
+    check_free_space(output_dir, checkpoint_bytes(model, optimizer, extra_state))
     final, previous = output_dir / CHECKPOINT, output_dir / f"{CHECKPOINT}.old"
     staging = Path(tempfile.mkdtemp(prefix=f".{CHECKPOINT}-", dir=output_dir))
     try:
@@ -95,6 +115,8 @@ def save_checkpoint(output_dir: Path, model, tokenizer, optimizer, state: Dict[s
         tokenizer.save_pretrained(staging)
         torch.save(optimizer.state_dict(), staging / "optimizer.pt")
         torch.save(rng_state(), staging / "rng_state.pt")
+        if extra_state is not None:
+            torch.save(extra_state, staging / EXTRA_STATE_FILE)
         (staging / STATE_FILE).write_text(json.dumps(state, indent=2))
         if final.exists():
             shutil.rmtree(previous, ignore_errors=True)
@@ -121,3 +143,9 @@ def load_training_state(checkpoint: Path, optimizer) -> Dict[str, Any]:
     optimizer.load_state_dict(torch.load(checkpoint / "optimizer.pt", map_location="cpu", weights_only=False))
     set_rng_state(torch.load(checkpoint / "rng_state.pt", weights_only=False))
     return json.loads((checkpoint / STATE_FILE).read_text())
+
+
+def load_extra_state(checkpoint: Path) -> Dict[str, Any]:
+    """The ``extra_state`` saved in ``checkpoint`` (an empty dict for a checkpoint written without one)."""
+    path = Path(checkpoint) / EXTRA_STATE_FILE
+    return torch.load(path, map_location="cpu", weights_only=False) if path.is_file() else {}

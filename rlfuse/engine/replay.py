@@ -5,14 +5,16 @@ Group-relative REINFORCE and its clipped or regularized variants tolerate data f
 Friends"). The sampler already records the behaviour policy's log-probs, so a replayed batch costs one more
 forward and backward and no sampling: each step trains on the fresh batch plus the stored ones, each loss
 taking its own batch's behaviour log-probs as ``old_logps`` (the algorithm's own ratio, clip or regularizer
-then corrects for the staleness). The buffer lives in memory only: a resumed run starts with it empty.
+then corrects for the staleness). Checkpoints hold the buffer (:meth:`ReplayBuffer.state_dict`), so a resumed
+run replays the batches the uninterrupted run would have.
 """
 
 from __future__ import annotations
 
+import dataclasses
 from collections import deque
 from dataclasses import dataclass
-from typing import Callable, Dict, Iterator, List, Optional, Tuple
+from typing import Any, Callable, Dict, Iterator, List, Optional, Tuple
 
 import torch
 
@@ -65,6 +67,37 @@ class ReplayBuffer:
 
     def __iter__(self) -> Iterator[ReplayItem]:
         return iter(list(self._items))
+
+    def state_dict(self) -> Dict[str, Any]:
+        """The stored batches, oldest first, with every tensor on the CPU (for a checkpoint)."""
+        return {"staleness": self.staleness, "items": [_to_device(item, "cpu") for item in self._items]}
+
+    def load_state_dict(self, state: Dict[str, Any], device) -> None:
+        """Replace the contents with :meth:`state_dict`'s batches, moved to ``device``. A buffer with a smaller
+        ``staleness`` than the saved one keeps the newest batches; staleness 0 keeps none.
+
+        Raises:
+            ValueError: ``state`` is not what :meth:`state_dict` returns.
+        """
+        items = state.get("items") if isinstance(state, dict) else None
+        if not isinstance(items, list) or not all(isinstance(item, ReplayItem) for item in items):
+            raise ValueError("replay state must be ReplayBuffer.state_dict()'s {'staleness', 'items'} dict")
+        self._items.clear()
+        for item in items:
+            self.add(_to_device(item, device))
+
+
+def _to_device(item, device):
+    """A copy of a ReplayItem (or RolloutBatch) whose tensors, nested ones included, are on ``device``."""
+    moved = {}
+    for field in dataclasses.fields(item):
+        value = getattr(item, field.name)
+        if isinstance(value, torch.Tensor):
+            value = value.to(device)
+        elif dataclasses.is_dataclass(value):
+            value = _to_device(value, device)
+        moved[field.name] = value
+    return dataclasses.replace(item, **moved)
 
 
 def replay_backward(items: List[ReplayItem], step: int, loss_fn: LossFn, scale: float) -> Dict[str, Optional[float]]:

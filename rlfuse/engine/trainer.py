@@ -18,8 +18,8 @@ from tqdm.auto import tqdm
 from rlfuse.algos import FusedLinearPolicyLoss, compute_advantages, policy_loss
 from rlfuse.algos.fused_linear import masked_targets
 from rlfuse.engine.args import TrainArgs
-from rlfuse.engine.checkpoint import (check_free_space, checkpoint_bytes, find_checkpoint, load_training_state,
-                                     save_checkpoint)
+from rlfuse.engine.checkpoint import (check_free_space, checkpoint_bytes, find_checkpoint, load_extra_state,
+                                     load_training_state, save_checkpoint)
 from rlfuse.engine.data import Example, build_prompt, load_examples
 from rlfuse.engine.evaluate import evaluate_examples, flat_metrics
 from rlfuse.engine.memory import peak_memory_gb, reset_peak_memory
@@ -165,6 +165,9 @@ class Trainer:
             state = load_training_state(checkpoint, self.optimizer)
             self.start_step = int(state["step"])
             self.log.truncate(self.start_step)
+            extra = load_extra_state(checkpoint)
+            if "replay" in extra:  # the batches an uninterrupted run would replay next
+                self.replay.load_state_dict(extra["replay"], self.device)
         if args.save_every:  # fail now rather than at the first save, minutes in; AdamW's moments come later
             moments = 0 if self.optimizer.state else 2 * sum(p.numel() * p.element_size() for p in self.trainable)
             check_free_space(self.output_dir, checkpoint_bytes(self.model, self.optimizer) + moments)
@@ -230,7 +233,8 @@ class Trainer:
             if args.save_every and (step % args.save_every == 0 or step == args.steps):
                 state = {"step": step, "args": dataclasses.asdict(args), "config": dataclasses.asdict(self.config),
                          "autocast_dtype": None if self.autocast_dtype is None else str(self.autocast_dtype)}
-                save_checkpoint(self.output_dir, self.model, self.tokenizer, self.optimizer, state)
+                extra = {"replay": self.replay.state_dict()} if args.replay_staleness else None
+                save_checkpoint(self.output_dir, self.model, self.tokenizer, self.optimizer, state, extra)
             bar.set_postfix(reward=f"{record['reward_mean']:.3f}", acc=f"{record['accuracy']:.2f}",
                             tok_s=f"{record['tokens_per_s']:.0f}")
             bar.update(1)
