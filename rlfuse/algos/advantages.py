@@ -24,8 +24,11 @@ def check_rewards(rewards: torch.Tensor, num_generations: int) -> None:
             "rewards must come in contiguous groups of G samples of the same prompt"
         )
     # A host sync: done for CPU rewards (the engine's), skipped on an accelerator so the op stays async.
-    if not rewards.is_cuda and torch.isnan(rewards).any():
-        raise ValueError("rewards contain NaN; fix the reward function before computing advantages")
+    if not rewards.is_cuda and not bool(torch.isfinite(rewards).all()):
+        rows = (~torch.isfinite(rewards)).nonzero().flatten()[:8].tolist()
+        raise ValueError(f"rewards contain NaN or infinite values (rows {rows}, first 8 shown); a group's mean and "
+                         "std would turn every advantage of the batch into NaN. Fix the reward function before "
+                         "computing advantages")
 
 
 def group_advantages(
@@ -49,11 +52,11 @@ def group_advantages(
 
     Returns:
         (B,) float tensor of the rewards' dtype. A group of size 1 gets advantage 0. CUDA tensors (or
-        ``RLFUSE_BACKEND=triton``) run a Triton kernel with no host sync; NaN is then not checked.
+        ``RLFUSE_BACKEND=triton``) run a Triton kernel with no host sync; NaN and inf are then not checked.
 
     Raises:
         TypeError: rewards not a float tensor.
-        ValueError: B not a multiple of G, NaN rewards, an unknown ``scale`` or ``estimator``.
+        ValueError: B not a multiple of G, NaN or infinite rewards, an unknown ``scale`` or ``estimator``.
     """
     check_rewards(rewards, num_generations)
     if scale not in ("group", "batch", "none"):
