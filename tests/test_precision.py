@@ -176,3 +176,23 @@ def test_trainer_step_under_mixed_precision(mode, want, smollm2_dir, tmp_path, m
     state = trainer.optimizer.state[trainer.trainable[0]]
     assert state["exp_avg"].dtype == torch.float32 and state["exp_avg"].abs().sum() > 0
     assert not torch.equal(before, trainer.model.model.layers[0].self_attn.q_proj.weight)
+
+
+@pytest.mark.parametrize("mode, want", [("bf16", torch.bfloat16), ("no", None)])
+def test_evaluation_runs_under_mixed_precision(mode, want, smollm2_dir, monkeypatch):
+    """``rlfuse eval`` and compare's base evaluation (both through ``load_and_evaluate``) sample under the
+    chosen autocast, with the float32 weights ``--dtype auto`` gives on the CPU."""
+    from rlfuse.engine import evaluate
+
+    seen = {}
+
+    def spy(rollout, tokenizer, examples, **kwargs):
+        seen.update(autocast=torch.get_autocast_dtype("cpu") if torch.is_autocast_enabled("cpu") else None,
+                    weights={p.dtype for p in rollout.model.parameters()}, kwargs=kwargs)
+        return {"examples": len(examples)}
+
+    monkeypatch.setattr(evaluate, "evaluate_examples", spy)
+    result = evaluate.load_and_evaluate(smollm2_dir, None, "auto", mode, CPU, ["q1", "q2"], True, num_samples=3)
+    assert result == {"examples": 2}
+    assert seen == {"autocast": want, "weights": {torch.float32}, "kwargs": {"num_samples": 3}}
+    assert not torch.is_autocast_enabled("cpu")  # left as it was found

@@ -31,7 +31,8 @@ def _run(args) -> str:
     from rlfuse.engine.trainer import train  # heavy imports only once the options parsed
 
     output_dir = train(args)
-    return f"rlfuse: done. Outputs in {output_dir}/: metrics.jsonl, reward.png" + (", checkpoint/" if args.save_every else "")
+    outputs = "metrics.jsonl, reward.png" + (", checkpoint/" if args.save_every else "")
+    return f"rlfuse: done. Outputs in {output_dir}/: {outputs}"
 
 
 def main(argv: Optional[Sequence[str]] = None) -> int:

@@ -101,25 +101,17 @@ def evaluate_base(args: CompareArgs) -> Dict[str, object]:
     path = Path(args.output_dir) / BASE_EVAL
     if path.is_file():
         return json.loads(path.read_text())
-    import torch
-
     from rlfuse.engine.data import load_examples
-    from rlfuse.engine.evaluate import evaluate_examples, flat_metrics, load_for_eval, make_rollout
-    from rlfuse.engine.model import resolve_dtype
-    from rlfuse.engine.precision import autocast, resolve_autocast_dtype
+    from rlfuse.engine.evaluate import flat_metrics, load_and_evaluate
 
-    device = args.torch_device()
-    dtype = resolve_dtype(args.dtype, device)
-    model, tokenizer = load_for_eval(args.model, None, dtype, device)
     examples = load_examples(args.eval_data or args.data, "test")[: args.eval_prompts]
-    with autocast(device, resolve_autocast_dtype(args.mixed_precision, device, dtype)):
-        result = evaluate_examples(make_rollout(model, tokenizer, args.stop_after_answer), tokenizer, examples,
-                                   args.eval_samples, max_new_tokens=args.max_new_tokens,
-                                   temperature=args.temperature, batch_size=max(1, 32 // max(1, args.eval_samples)),
-                                   seed=args.seed, prompt_style=args.prompt_style)
+    result = load_and_evaluate(args.model, None, args.dtype, args.mixed_precision, args.torch_device(), examples,
+                               args.stop_after_answer, num_samples=args.eval_samples,
+                               max_new_tokens=args.max_new_tokens, temperature=args.temperature,
+                               batch_size=max(1, 32 // max(1, args.eval_samples)), seed=args.seed,
+                               prompt_style=args.prompt_style)
     metrics = flat_metrics(result)
-    del model
-    gc.collect()
+    gc.collect()  # the model loaded for it is gone with load_and_evaluate's frame
     path.write_text(json.dumps(metrics, indent=2) + "\n")
     return metrics
 

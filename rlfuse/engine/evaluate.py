@@ -284,21 +284,35 @@ def make_rollout(model, tokenizer, stop_after_answer: bool = True):
         return HFRollout(model, tokenizer)
 
 
-def run_eval(args: EvalArgs) -> Tuple[Dict[str, object], Path]:
-    """Run ``rlfuse eval``: evaluate, write the JSON (metrics plus the options), return ``(result, path)``."""
+def load_and_evaluate(model: str, base_model: Optional[str], dtype: str, mixed_precision: str,
+                      device: torch.device, examples: Sequence[Example], stop_after_answer: bool,
+                      **evaluate_kwargs) -> Dict[str, object]:
+    """Load ``model`` (:func:`load_for_eval`) in ``--dtype dtype`` and run :func:`evaluate_examples` on
+    ``examples`` under ``--mixed-precision mixed_precision``; ``evaluate_kwargs`` go to it (num_samples, ...).
+
+    Raises:
+        ValueError: as :func:`load_for_eval`, :func:`make_rollout` and :func:`evaluate_examples`.
+    """
     from rlfuse.engine.model import resolve_dtype
 
+    weight_dtype = resolve_dtype(dtype, device)
+    policy, tokenizer = load_for_eval(model, base_model, weight_dtype, device)
+    with autocast(device, resolve_autocast_dtype(mixed_precision, device, weight_dtype)):
+        return evaluate_examples(make_rollout(policy, tokenizer, stop_after_answer), tokenizer, examples,
+                                 **evaluate_kwargs)
+
+
+def run_eval(args: EvalArgs) -> Tuple[Dict[str, object], Path]:
+    """Run ``rlfuse eval``: evaluate, write the JSON (metrics plus the options), return ``(result, path)``."""
     args.validate()
     examples = load_examples(args.data, args.split)
     if args.num_problems:
         examples = examples[: args.num_problems]
     device = torch.device(("cuda" if torch.cuda.is_available() else "cpu") if args.device == "auto" else args.device)
-    dtype = resolve_dtype(args.dtype, device)
-    model, tokenizer = load_for_eval(args.model, args.base_model, dtype, device)
-    with autocast(device, resolve_autocast_dtype(args.mixed_precision, device, dtype)):
-        result = evaluate_examples(make_rollout(model, tokenizer, args.stop_after_answer), tokenizer, examples,
-                                   args.num_samples, args.ks, args.max_new_tokens, args.temperature,
-                                   args.batch_size, args.seed, args.prompt_style)
+    result = load_and_evaluate(args.model, args.base_model, args.dtype, args.mixed_precision, device, examples,
+                               args.stop_after_answer, num_samples=args.num_samples, ks=args.ks,
+                               max_new_tokens=args.max_new_tokens, temperature=args.temperature,
+                               batch_size=args.batch_size, seed=args.seed, prompt_style=args.prompt_style)
     result["args"] = asdict(args)
     name = Path(args.data).stem if args.data.endswith(".jsonl") else f"{args.data}-{args.split}"
     path = Path(args.output or f"runs/eval-{name}-{datetime.now():%Y%m%d-%H%M%S}.json")
