@@ -1,10 +1,14 @@
-"""Static report: every Triton kernel compiled ahead of time for sm_80 and sm_90a, without a GPU.
+"""Static report: every Triton kernel as the wrappers launch it, compiled ahead of time for sm_80 and sm_90a.
 
-For every kernel in ``rlfuse.kernels`` and every launch configuration its wrapper picks at real model
-shapes (``rlfuse.kernels.launch``), in fp32, bf16 and fp16, Triton compiles the kernel for a GPU that
-is absent, and the ``ptxas`` inside the triton wheel (``-v``) reports registers per thread and spill
-bytes; Triton's metadata gives the shared memory, and the PTX shows whether tensor-core instructions
-appear (``mma`` on sm_80, ``wgmma`` on sm_90a). Each distinct configuration is compiled once.
+For every kernel module and every real model shape (``SHAPES`` x ``N_ROWS``) in fp32, bf16 and fp16, the
+module's ``aot_launches`` runs its wrappers on meta tensors with launches configured for an A100 or an
+H100 (``bench.launches``), and each captured launch goes through Triton's own binder: the specialization
+(alignment, divisibility by 16 of sizes and strides, integers equal to 1) is the one that launch gets on a
+GPU. Each distinct specialization is compiled once for that GPU, and the ``ptxas`` inside the triton wheel
+(``-v``) reports registers and spill bytes; Triton's metadata gives the shared memory; the PTX shows the
+tensor-core instruction and its tile shape (``wgmma m64n64k16``, ``mma m16n8k16``) and whether TMA
+(``cp.async.bulk.tensor``) is used. Blocks per multiprocessor follow from registers, warps and shared
+memory.
 
     python -m bench.compiled                  # writes bench/results/compiled-triton<version>.json
     python -m bench.compiled --gate           # also exits 1 when a kernel spills, overflows shared
@@ -31,58 +35,85 @@ from typing import Dict, List, Optional
 
 import torch
 
-#: Model shapes (hidden size H, vocabulary size V) the wrappers are asked about.
+#: Model shapes (hidden size H, vocabulary size V) the wrappers are run at. Llama 2 with an added padding
+#: token gives an odd vocabulary, whose strides are not divisible by 16.
 SHAPES = {
     "smollm2-135m": (576, 49152),
     "qwen2.5-0.5b": (896, 151936),
     "qwen2.5-7b": (3584, 152064),
+    "llama-2-7b+pad": (4096, 32001),
     "llama-3-8b": (4096, 128256),
     "v262144": (4096, 262144),
 }
-N_ROWS = (1024, 8192, 32768)  # tokens per call: only the fused-linear backward's chunking depends on it
+N_ROWS = (1000, 8192, 32768)  # tokens per call: 1000 is not divisible by 16
 DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}
 KERNEL_MODULES = (
     "rlfuse.kernels.logprobs_triton",
     "rlfuse.kernels.token_loss_triton",
     "rlfuse.kernels.linear_logprobs_triton",
+    "rlfuse.kernels.linear_hybrid",
     "rlfuse.kernels.advantages_triton",
 )
-#: Dynamic shared memory one block may use (opt-in maximum), bytes.
+#: Dynamic shared memory one block may use (opt-in maximum), and one multiprocessor holds, bytes.
 SHARED_LIMIT = {80: 166912, 90: 232448}
+SHARED_PER_SM = {80: 167936, 90: 233472}
+SHARED_RESERVED_PER_BLOCK = 1024
+REGISTERS_PER_SM, MAX_WARPS_PER_SM, MAX_BLOCKS_PER_SM = 65536, 64, 32
 TENSOR_CORE_OPS = {80: ("mma.sync",), 90: ("wgmma.mma_async", "mma.sync")}
 RESULTS = Path(__file__).resolve().parent / "results"
-VARIANT_KEYS = ("PRECISION", "LOSS", "SCALE")  # constexprs that pick a kernel variant, shown in the table
+VARIANT_KEYS = ("PRECISION", "LOSS", "SCALE", "WRITE_GRAD", "WANT_ENTROPY")  # shown in the table
 
 
-def _kernel_name(kernel) -> str:
-    fn = getattr(kernel, "fn", kernel)
-    return f"{fn.__module__}.{fn.__name__}"
+def _kernel(module_name: str, kernel_name: str):
+    return getattr(importlib.import_module(module_name), kernel_name)
 
 
-def enumerate_specs(archs=(80, 90), dtypes=tuple(DTYPES), shapes=tuple(SHAPES)) -> List[dict]:
-    """Every distinct (kernel, arch, dtype, constexprs, warps, stages) the wrappers can choose.
+def _json_safe(value):
+    return value if isinstance(value, (bool, int, float, str)) or value is None else str(value)
 
-    Returns a list of jobs: ``{"module", "kernel", "arch", "dtype", "signature", "constexprs", "num_warps",
-    "num_stages", "multiplies_matrices", "shapes"}``; ``shapes`` lists the (model, N) pairs that chose it.
+
+def enumerate_specs(archs=(80, 90), dtypes=tuple(DTYPES), shapes=tuple(SHAPES), modules=KERNEL_MODULES,
+                    n_rows=N_ROWS) -> List[dict]:
+    """Every distinct (kernel, arch, specialization, options) the wrappers launch at the given shapes.
+
+    Returns a list of jobs: ``{"module", "kernel", "arch", "dtype", "signature", "constexprs", "attrs",
+    "options", "num_warps", "num_stages", "specialization", "multiplies_matrices", "shapes"}``;
+    ``constexprs`` maps argument names to values, ``specialization`` says which arguments Triton's binder
+    marked divisible by 16 or turned into the constant 1, and ``shapes`` lists the (model, N) pairs that
+    launched it.
     """
-    jobs: Dict[tuple, dict] = {}
-    for module_name in KERNEL_MODULES:
+    from bench.launches import captured_launches, describe, specialize
+    from rlfuse.kernels import launch
+
+    jobs: Dict[str, dict] = {}
+    for module_name in modules:
         module = importlib.import_module(module_name)
+        matmuls = set(getattr(module, "DOT_KERNELS", ()))
         for arch in archs:
             for dtype_name in dtypes:
                 for shape in shapes:
                     hidden, vocab = SHAPES[shape]
-                    for n_rows in N_ROWS:
-                        for spec in module.compile_specs(arch, DTYPES[dtype_name], n_rows, hidden, vocab):
+                    for n in n_rows:
+                        with captured_launches(launch.TARGETS[arch]) as launches:
+                            module.aot_launches(DTYPES[dtype_name], n, hidden, vocab)
+                        seen = set()
+                        for captured in launches:
+                            spec = specialize(captured, arch)
+                            names = captured.kernel.arg_names
+                            constexprs = {names[path[0]]: _json_safe(value) for path, value in spec["constexprs"].items()}
+                            attrs = {names[path[0]]: value for path, value in spec["attrs"].items() if value}
                             job = {
-                                "module": module_name, "kernel": _kernel_name(spec.kernel), "arch": arch,
-                                "dtype": dtype_name, "signature": spec.signature,
-                                "constexprs": {k: spec.constexprs[k] for k in sorted(spec.constexprs)},
-                                "num_warps": spec.config.num_warps, "num_stages": spec.config.num_stages,
-                                "multiplies_matrices": spec.multiplies_matrices,
+                                "module": module_name, "kernel": captured.name, "arch": arch, "dtype": dtype_name,
+                                "signature": spec["signature"], "constexprs": dict(sorted(constexprs.items())),
+                                "attrs": attrs, "options": spec["options"], **spec["options"],
+                                "specialization": describe(spec, captured.kernel),
+                                "multiplies_matrices": captured.name.rsplit(".", 1)[1] in matmuls,
                             }
-                            key = json.dumps({k: v for k, v in job.items()}, sort_keys=True)
-                            jobs.setdefault(key, {**job, "shapes": []})["shapes"].append(f"{shape}/N={n_rows}")
+                            key = json.dumps(job, sort_keys=True, default=str)
+                            entry = jobs.setdefault(key, {**job, "shapes": []})
+                            if (key, shape, n) not in seen:
+                                seen.add((key, shape, n))
+                                entry["shapes"].append(f"{shape}/N={n}")
     return list(jobs.values())
 
 
@@ -113,30 +144,51 @@ def tensor_core_op(ptx: str, arch: int) -> Optional[str]:
     return None
 
 
-def _divisibility_attrs(signature: Dict[str, str]):
-    # At launch Triton marks pointers (torch allocations are 16-byte aligned) and 16-divisible integers as
-    # such; strides of H and V rows are multiples of 16 at every shape above.
-    attrs = {}
-    for index, (name, kind) in enumerate(signature.items()):
-        if kind.startswith("*") or name.startswith("stride"):
-            attrs[(index,)] = [["tt.divisibility", 16]]
-    return attrs
+def tensor_core_shapes(ptx: str) -> List[str]:
+    """Every distinct tensor-core instruction with its tile shape in the PTX, e.g. ``wgmma m64n64k16`` or
+    ``mma m16n8k16``, most frequent first."""
+    counts: Dict[str, int] = {}
+    for op, shape in re.findall(r"^\s*(wgmma\.mma_async|mma\.sync)\S*?\.(m\d+n\d+k\d+)", ptx, re.MULTILINE):
+        name = f"{op.split('.')[0]} {shape}"
+        counts[name] = counts.get(name, 0) + 1
+    return sorted(counts, key=lambda name: -counts[name])
+
+
+def uses_tma(ptx: str) -> bool:
+    """Whether the PTX copies tiles with the tensor memory accelerator (``cp.async.bulk.tensor``)."""
+    return "cp.async.bulk.tensor" in ptx
+
+
+def blocks_per_sm(arch: int, registers: int, num_warps: int, shared_bytes: int) -> Dict[str, object]:
+    """Resident blocks per multiprocessor, and what limits them: registers (allocated per warp in units of
+    256), warps (64 per SM), shared memory (plus 1 KiB reserved per block), or the 32-block cap."""
+    per_warp = -(-registers * 32 // 256) * 256
+    limits = {
+        "registers": (REGISTERS_PER_SM // per_warp) // num_warps if per_warp else MAX_BLOCKS_PER_SM,
+        "warps": MAX_WARPS_PER_SM // num_warps,
+        "shared": SHARED_PER_SM[arch] // (shared_bytes + SHARED_RESERVED_PER_BLOCK),
+        "blocks": MAX_BLOCKS_PER_SM,
+    }
+    limiter = min(limits, key=lambda name: limits[name])
+    return {"blocks_per_sm": limits[limiter], "occupancy_limiter": limiter,
+            "warps_per_sm": limits[limiter] * num_warps}
 
 
 def compile_one(job: dict) -> dict:
-    """Compile one job, run ptxas -v on its PTX, and return the job with the static figures added."""
+    """Compile one job for its GPU, run ptxas -v on its PTX, and return the job with the static figures."""
     import triton
     from triton.backends.compiler import GPUTarget
     from triton.backends.nvidia.compiler import get_ptxas
     from triton.compiler import ASTSource
 
-    module = importlib.import_module(job["module"])
-    kernel = getattr(module, job["kernel"].rsplit(".", 1)[1])
+    kernel = _kernel(job["module"], job["kernel"].rsplit(".", 1)[1])
+    names = kernel.arg_names
+    constexprs = {(names.index(name),): value for name, value in job["constexprs"].items()}
+    attrs = {(names.index(name),): value for name, value in job["attrs"].items()}
     arch = job["arch"]
-    source = ASTSource(kernel, job["signature"], job["constexprs"], attrs=_divisibility_attrs(job["signature"]))
     start = time.perf_counter()
-    compiled = triton.compile(source, target=GPUTarget("cuda", arch, 32),
-                              options={"num_warps": job["num_warps"], "num_stages": job["num_stages"]})
+    compiled = triton.compile(ASTSource(kernel, job["signature"], constexprs, attrs),
+                              target=GPUTarget("cuda", arch, 32), options=dict(job["options"]))
     ptx = compiled.asm["ptx"]
     gpu_name = "sm_90a" if arch == 90 else f"sm_{arch}"
     with tempfile.TemporaryDirectory() as folder:
@@ -146,10 +198,13 @@ def compile_one(job: dict) -> dict:
                               str(Path(folder) / "kernel.cubin")], capture_output=True, text=True)
     if out.returncode != 0:
         raise RuntimeError(f"ptxas failed on {job['kernel']} for {gpu_name}: {out.stderr[-2000:]}")
-    op = tensor_core_op(ptx, arch)
-    return {**job, "gpu": gpu_name, **parse_ptxas(out.stdout + out.stderr),
-            "shared_bytes": int(compiled.metadata.shared), "tensor_core_op": op,
-            "compile_s": round(time.perf_counter() - start, 2)}
+    figures = parse_ptxas(out.stdout + out.stderr)
+    shared = int(compiled.metadata.shared)
+    shapes = tensor_core_shapes(ptx)
+    return {**job, "gpu": gpu_name, "triton_version": triton.__version__, **figures, "shared_bytes": shared,
+            **blocks_per_sm(arch, figures["registers"], job["num_warps"], shared),
+            "tensor_core_op": tensor_core_op(ptx, arch), "tensor_core": shapes[0] if shapes else None,
+            "tensor_core_shapes": shapes, "tma": uses_tma(ptx), "compile_s": round(time.perf_counter() - start, 2)}
 
 
 def with_ones(job: dict) -> dict:
@@ -161,7 +216,9 @@ def with_ones(job: dict) -> dict:
     """
     signature = {name: ("constexpr" if kind in ("i32", "i64") else kind) for name, kind in job["signature"].items()}
     ones = {name: 1 for name, kind in job["signature"].items() if kind in ("i32", "i64")}
-    return {**job, "signature": signature, "constexprs": {**job["constexprs"], **ones}, "ones": sorted(ones)}
+    attrs = {name: value for name, value in job["attrs"].items() if name not in ones}
+    return {**job, "signature": signature, "constexprs": {**job["constexprs"], **ones}, "attrs": attrs,
+            "ones": sorted(ones)}
 
 
 def compile_ones(jobs: List[dict]) -> List[str]:
@@ -176,11 +233,12 @@ def compile_ones(jobs: List[dict]) -> List[str]:
             continue
         seen.add((job["kernel"], job["arch"]))
         variant = with_ones(job)
-        kernel = getattr(importlib.import_module(variant["module"]), variant["kernel"].rsplit(".", 1)[1])
+        kernel = _kernel(variant["module"], variant["kernel"].rsplit(".", 1)[1])
+        names = kernel.arg_names
+        constexprs = {(names.index(name),): value for name, value in variant["constexprs"].items()}
         try:
-            triton.compile(ASTSource(kernel, variant["signature"], variant["constexprs"]),
-                           target=GPUTarget("cuda", variant["arch"], 32),
-                           options={"num_warps": variant["num_warps"], "num_stages": variant["num_stages"]})
+            triton.compile(ASTSource(kernel, variant["signature"], constexprs),
+                           target=GPUTarget("cuda", variant["arch"], 32), options=dict(variant["options"]))
         except Exception as error:  # reported, with the kernel's name
             errors.append(f"{variant['kernel']} for sm_{variant['arch']} with {variant['ones']} = 1: "
                           f"{type(error).__name__}: {str(error)[-400:]}")
@@ -230,6 +288,9 @@ def main(argv=None) -> int:
     parser.add_argument("--workers", type=int, default=os.cpu_count() or 1)
     parser.add_argument("--dtypes", nargs="+", default=list(DTYPES), choices=list(DTYPES))
     parser.add_argument("--archs", nargs="+", type=int, default=[80, 90], choices=[80, 90])
+    parser.add_argument("--modules", nargs="+", default=list(KERNEL_MODULES),
+                        help="kernel modules, each with an aot_launches(dtype, n_rows, hidden, vocab)")
+    parser.add_argument("--shapes", nargs="+", default=list(SHAPES), choices=list(SHAPES))
     parser.add_argument("--ones", action="store_true",
                         help="only compile each kernel with its integer arguments equal to 1 (see with_ones); "
                              "exit 1 if one fails")
@@ -241,7 +302,7 @@ def main(argv=None) -> int:
     import triton
 
     start = time.perf_counter()
-    jobs = enumerate_specs(tuple(args.archs), tuple(args.dtypes))
+    jobs = enumerate_specs(tuple(args.archs), tuple(args.dtypes), tuple(args.shapes), tuple(args.modules))
     if args.ones:
         errors = compile_ones(jobs)
         print("\n".join(errors) or f"every kernel compiles with its integer arguments equal to 1 "
@@ -250,9 +311,11 @@ def main(argv=None) -> int:
     records = run(jobs, args.workers)
     failures = gate_failures(records)
     report = {"kind": "compiled", "note": "compiled ahead of time for these GPUs, not run on them",
+              "specialization": "Triton's binder on the arguments the wrappers launch with (meta tensors)",
               **versions(), "fp32_dot": "IEEE by default, TF32 where torch allows it: both compiled",
-              "shapes": {k: {"hidden": h, "vocab": v} for k, (h, v) in SHAPES.items()}, "n_rows": list(N_ROWS),
-              "records": records, "gate_failures": failures, "wall_s": round(time.perf_counter() - start, 1)}
+              "shapes": {k: {"hidden": h, "vocab": v} for k, (h, v) in SHAPES.items() if k in args.shapes},
+              "n_rows": list(N_ROWS), "records": records, "gate_failures": failures,
+              "wall_s": round(time.perf_counter() - start, 1)}
     out = args.out or RESULTS / f"compiled-triton{triton.__version__}.json"
     out.parent.mkdir(parents=True, exist_ok=True)
     out.write_text(json.dumps(report, indent=1) + "\n")
@@ -264,25 +327,32 @@ def main(argv=None) -> int:
 
 
 def format_table(records: List[dict]) -> str:
-    """A markdown table: one row per kernel, dtype and configuration, sm_80 and sm_90a side by side."""
+    """A markdown table: one row per kernel, dtype, configuration and specialization, sm_80 and sm_90a side
+    by side (registers / spill bytes, shared memory, blocks per multiprocessor, tensor-core tile, TMA)."""
     rows: Dict[tuple, Dict[int, dict]] = {}
     for r in records:
-        tiles = ",".join(f"{k}={v}" for k, v in r["constexprs"].items() if k.startswith("BLOCK"))
+        tiles = ",".join(f"{k}={v}" for k, v in r["constexprs"].items() if k.startswith("BLOCK") or k == "ROWS")
         variant = ",".join(f"{k}={v}" for k, v in r["constexprs"].items() if k in VARIANT_KEYS)
         dtype = r["dtype"] + (f" ({variant})" if variant else "")
-        key = (r["kernel"].rsplit(".", 1)[1], dtype, tiles, r["num_warps"], r["num_stages"])
+        odd = [name for name in ("V", "N", "H") if name in r["signature"] and
+               name not in r["specialization"]["divisible_by_16"]]
+        spec = "÷16" if not odd else "not ÷16: " + ",".join(odd)
+        key = (r["kernel"].rsplit(".", 1)[1], dtype, tiles, r["num_warps"], r["num_stages"], spec)
         rows.setdefault(key, {})[r["arch"]] = r
-    lines = ["| kernel | dtype | tiles | warps/stages | sm_80 regs / spill B | sm_90a regs / spill B | "
-             "shared B (80/90) | tensor cores (80/90) |", "|---|---|---|---|---|---|---|---|"]
-    for (kernel, dtype, tiles, warps, stages), by_arch in sorted(rows.items()):
+    lines = ["| kernel | dtype | tiles | warps/stages | sizes | sm_80 regs / spill B | sm_90a regs / spill B | "
+             "shared B (80/90) | blocks/SM (80/90) | tensor cores (80/90) | TMA |",
+             "|---|---|---|---|---|---|---|---|---|---|---|"]
+    for (kernel, dtype, tiles, warps, stages, spec), by_arch in sorted(rows.items()):
         def cell(arch, fmt):
             r = by_arch.get(arch)
             return "–" if r is None else fmt(r)
         regs = [cell(a, lambda r: f"{r['registers']} / {r['spill_stores'] + r['spill_loads']}") for a in (80, 90)]
         shared = "/".join(cell(a, lambda r: str(r["shared_bytes"])) for a in (80, 90))
-        cores = "/".join(cell(a, lambda r: (r["tensor_core_op"] or "–").split(".")[0]) for a in (80, 90))
-        lines.append(f"| `{kernel}` | {dtype} | {tiles or '–'} | {warps}/{stages} | {regs[0]} | {regs[1]} | "
-                     f"{shared} | {cores} |")
+        blocks = "/".join(cell(a, lambda r: str(r["blocks_per_sm"])) for a in (80, 90))
+        cores = " / ".join(cell(a, lambda r: r["tensor_core"] or "–") for a in (80, 90))
+        tma = "/".join(cell(a, lambda r: "yes" if r["tma"] else "no") for a in (80, 90))
+        lines.append(f"| `{kernel}` | {dtype} | {tiles or '–'} | {warps}/{stages} | {spec} | {regs[0]} | {regs[1]} | "
+                     f"{shared} | {blocks} | {cores} | {tma} |")
     return "\n".join(lines)
 
 

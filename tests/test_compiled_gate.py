@@ -1,6 +1,7 @@
-"""The compile gate: every Triton kernel, at every launch configuration its wrapper can choose at real
-model shapes, compiles for sm_80 and sm_90a without register spills, within the shared memory of a block,
-and with tensor-core instructions wherever it multiplies matrices whose operands allow them.
+"""The compile gate: every Triton kernel, as the wrappers launch it at real model shapes (the specialization
+Triton's binder gives those launches), compiles for sm_80 and sm_90a without register spills, within the
+shared memory of a block, and with tensor-core instructions wherever it multiplies matrices whose operands
+allow them; and the gate does fail on a kernel that spills.
 
 ``python -m bench.compiled --gate`` does the compiling (Triton ahead of time, then the ptxas inside the
 triton wheel); it runs here in a subprocess because this process runs Triton's interpreter.
@@ -15,7 +16,8 @@ from pathlib import Path
 
 import pytest
 
-from bench.compiled import KERNEL_MODULES, gate_failures, parse_ptxas, tensor_core_op
+from bench.compiled import (KERNEL_MODULES, blocks_per_sm, gate_failures, parse_ptxas, tensor_core_op,
+                            tensor_core_shapes, uses_tma)
 
 ROOT = Path(__file__).resolve().parents[1]
 
@@ -42,6 +44,27 @@ def test_tensor_core_detection():
     assert tensor_core_op("\twgmma.mma_async.sync.aligned.m64n64k16.f32.bf16.bf16 {...}", 90) == "wgmma.mma_async"
     assert tensor_core_op("\tmma.sync.aligned.m16n8k16.row.col.f32.bf16.bf16.f32 {...}", 80) == "mma.sync"
     assert tensor_core_op("\tfma.rn.f32 %f1, %f2, %f3, %f4;", 80) is None
+
+
+def test_tensor_core_shapes_and_tma():
+    ptx = ("\twgmma.mma_async.sync.aligned.m64n128k16.f32.bf16.bf16 {...}\n"
+           "\twgmma.mma_async.sync.aligned.m64n128k16.f32.bf16.bf16 {...}\n"
+           "\twgmma.mma_async.sync.aligned.m64n64k16.f32.bf16.bf16 {...}\n")
+    assert tensor_core_shapes(ptx) == ["wgmma m64n128k16", "wgmma m64n64k16"]
+    assert tensor_core_shapes("\tmma.sync.aligned.m16n8k16.row.col.f32.bf16.bf16.f32 {...}") == ["mma m16n8k16"]
+    assert tensor_core_shapes("\tfma.rn.f32 %f1, %f2, %f3, %f4;") == []
+    assert uses_tma("\tcp.async.bulk.tensor.2d.shared::cluster.global.mbarrier::complete_tx::bytes [%r1], ...")
+    assert not uses_tma("\tcp.async.cg.shared.global [%r1], [%rd2], 16;")
+
+
+def test_blocks_per_sm_follow_registers_warps_and_shared_memory():
+    # 128 registers x 256 threads = 32768 of 65536 registers: 2 blocks.
+    assert blocks_per_sm(90, 128, 8, 0) == {"blocks_per_sm": 2, "occupancy_limiter": "registers", "warps_per_sm": 16}
+    assert blocks_per_sm(90, 32, 8, 0)["blocks_per_sm"] == 8  # 64 warps a multiprocessor at most
+    assert blocks_per_sm(90, 64, 4, 100_000)["blocks_per_sm"] == 2  # 228 KiB of shared memory
+    assert blocks_per_sm(80, 64, 4, 100_000) == {"blocks_per_sm": 1, "occupancy_limiter": "shared",
+                                                 "warps_per_sm": 4}
+    assert blocks_per_sm(90, 16, 1, 0)["blocks_per_sm"] == 32
 
 
 def _record(**changes):
@@ -82,7 +105,7 @@ def test_gate_every_kernel_compiles_without_spills(tmp_path):
     out = tmp_path / "compiled.json"
     env = {k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"}
     proc = subprocess.run([sys.executable, "-m", "bench.compiled", "--gate", "--out", str(out)], cwd=ROOT,
-                          env=env, capture_output=True, text=True, timeout=900)
+                          env=env, capture_output=True, text=True, timeout=1500)
     assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-5000:]
     report = json.loads(out.read_text())
     records = report["records"]
@@ -95,12 +118,38 @@ def test_gate_every_kernel_compiles_without_spills(tmp_path):
                 for dtype in ("fp32", "bf16", "fp16"):
                     assert (kernel, gpu, dtype) in compiled, (kernel, gpu, dtype)
     for r in records:
+        assert r["triton_version"] == report["triton_version"]
         assert r["spill_stores"] == 0 and r["spill_loads"] == 0, r
+        assert r["blocks_per_sm"] >= 1 and r["occupancy_limiter"] in ("registers", "warps", "shared", "blocks")
+        assert isinstance(r["tma"], bool) and r["shapes"]
         if r["multiplies_matrices"] and r["dtype"] != "fp32":
             assert r["tensor_core_op"] == ("wgmma.mma_async" if r["arch"] == 90 else "mma.sync"), r
+            assert r["tensor_core"].startswith("wgmma m64n" if r["arch"] == 90 else "mma m16n8k"), r
         if r["dtype"] == "fp32" and r["constexprs"].get("PRECISION") == "ieee":
             # fp32 operands multiply in IEEE fp32 by default (torch's own default), not as TF32 on tensor cores
             assert r["tensor_core_op"] is None, r
+    # The launch's own specialization: the odd vocabulary (32001) launches the row kernels with V and the
+    # row strides not divisible by 16, the even ones with them divisible; each is compiled as it launches.
+    fwd = [r for r in records if r["kernel"].endswith("_logprobs_fwd_kernel") and r["gpu"] == "sm_90a"
+           and r["dtype"] == "bf16"]
+    odd = [r for r in fwd if any(shape.startswith("llama-2-7b+pad") for shape in r["shapes"])]
+    even = [r for r in fwd if any(shape.startswith("qwen2.5-0.5b/N=8192") for shape in r["shapes"])]
+    assert odd and all("V" not in r["specialization"]["divisible_by_16"] for r in odd)
+    assert even and all({"V", "stride_t", "N"} <= set(r["specialization"]["divisible_by_16"]) for r in even)
+
+
+def test_gate_fails_on_a_kernel_that_spills(tmp_path):
+    """A kernel that keeps 4 x 8192 floats live in one warp, compiled through the same path: the gate fails."""
+    out = tmp_path / "spill.json"
+    env = {k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"}
+    env["PYTHONPATH"] = os.pathsep.join([str(ROOT / "tests"), env.get("PYTHONPATH", "")])
+    proc = subprocess.run([sys.executable, "-m", "bench.compiled", "--gate", "--modules", "gate_fixture_spill",
+                           "--archs", "90", "--dtypes", "fp32", "--shapes", "smollm2-135m", "--out", str(out)],
+                          cwd=ROOT, env=env, capture_output=True, text=True, timeout=600)
+    assert proc.returncode == 1, proc.stdout[-2000:] + proc.stderr[-2000:]
+    assert "spills" in proc.stderr
+    (record,) = json.loads(out.read_text())["records"]
+    assert record["spill_stores"] > 0 and record["kernel"].endswith("_spilling_kernel")
 
 
 def test_every_kernel_compiles_with_integer_arguments_equal_to_one():

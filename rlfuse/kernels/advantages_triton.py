@@ -45,17 +45,15 @@ def group_advantages_triton(rewards: torch.Tensor, num_generations: int, scale: 
     factor = num_generations / (num_generations - 1) if estimator == "rloo" else 1.0
     _group_advantages_kernel[(rewards.numel() // num_generations,)](
         rewards, out, batch_std, num_generations, eps, factor,
-        SCALE=SCALES[scale], **launch.advantages_config(launch.capability_of(rewards.device),
+        SCALE=SCALES[scale], **launch.advantages_config(launch.target_of(rewards.device),
                                                         num_generations).launch_kwargs(),
     )
     return out
 
 
-def compile_specs(capability: int, dtype: torch.dtype, n_rows: int, hidden: int, vocab: int):
-    """The launches for ``bench.compiled``: rewards of ``dtype``, G = 16, every scale mode."""
-    cfg = launch.advantages_config(capability, 16)
-    ptr = launch.pointer(dtype)
-    types = {"rewards_ptr": ptr, "out_ptr": ptr, "batch_std_ptr": ptr, "G": "i32", "eps": "fp32", "factor": "fp32"}
-    signature = launch.signature_of(_group_advantages_kernel, types)
-    return [launch.KernelSpec(_group_advantages_kernel, signature, {"SCALE": scale, **cfg.constexprs}, cfg)
-            for scale in SCALES.values()]
+def aot_launches(dtype: torch.dtype, n_rows: int, hidden: int, vocab: int) -> None:
+    """Run the wrapper's launches on meta tensors (``bench.compiled`` captures them): rewards of ``dtype`` in
+    groups of G = 16, every scale mode."""
+    rewards = torch.empty(256, dtype=dtype, device="meta")
+    for scale in SCALES:
+        group_advantages_triton(rewards, 16, scale, "grpo", 1e-4)

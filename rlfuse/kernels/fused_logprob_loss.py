@@ -22,7 +22,8 @@ LossFn = Callable[[torch.Tensor, torch.Tensor, torch.Tensor], Tuple[torch.Tensor
 
 
 class LogprobLossFunction(torch.autograd.Function):
-    """``apply(logits, targets, temperature, inplace_backward, loss_fn, aux) -> loss``; metrics land in ``aux``."""
+    """``apply(logits, targets, temperature, inplace_backward, loss_fn, aux) -> loss``; metrics land in ``aux``.
+    Used only when the logits need a gradient."""
 
     @staticmethod
     def forward(ctx, logits, targets, temperature, inplace_backward, loss_fn, aux):
@@ -32,14 +33,12 @@ class LogprobLossFunction(torch.autograd.Function):
             logps_leaf = logps.view(shape).detach().requires_grad_(True)
             vmean_leaf = vmean.view(shape).detach().requires_grad_(True)
             loss, metrics = loss_fn(logps_leaf, vmean_leaf, entropy.view(shape))
-            if ctx.needs_input_grad[0]:
-                g_logp, g_vmean = torch.autograd.grad(loss, (logps_leaf, vmean_leaf), allow_unused=True)
+            g_logp, g_vmean = torch.autograd.grad(loss, (logps_leaf, vmean_leaf), allow_unused=True)
         aux.update({k: (v.detach() if isinstance(v, torch.Tensor) else v) for k, v in metrics.items()})
-        if ctx.needs_input_grad[0]:
-            dlogits = view if inplace_backward else torch.empty_like(view)
-            logprobs_backward(view, targets, stats, entropy, g_logp, None, g_vmean, temperature, dlogits)
-            ctx.save_for_backward(dlogits)
-            ctx.shape = logits.shape
+        dlogits = view if inplace_backward else torch.empty_like(view)
+        logprobs_backward(view, targets, stats, entropy, g_logp, None, g_vmean, temperature, dlogits)
+        ctx.save_for_backward(dlogits)
+        ctx.shape = logits.shape
         return loss.detach()
 
     @staticmethod
@@ -67,8 +66,14 @@ def fused_logprob_loss(
 
     Returns:
         ``(loss, metrics)``: the scalar float32 loss, differentiable w.r.t. ``logits``, and ``loss_fn``'s
-        metrics, detached.
+        metrics, detached. Under ``torch.no_grad()``, or for logits that need no gradient, only the
+        statistics kernel runs (one pass) and nothing is saved.
     """
+    if not (torch.is_grad_enabled() and logits.requires_grad):  # one pass, no d(logits), nothing saved
+        logps, entropy, vmean, _, _ = logprobs_forward(logits, targets, float(temperature))
+        shape = targets.shape
+        loss, metrics = loss_fn(logps.view(shape), vmean.view(shape), entropy.view(shape))
+        return loss.detach(), {k: (v.detach() if isinstance(v, torch.Tensor) else v) for k, v in metrics.items()}
     aux: Dict[str, torch.Tensor] = {}
     loss = LogprobLossFunction.apply(logits, targets, float(temperature), inplace_backward, loss_fn, aux)
     return loss, aux

@@ -1,11 +1,13 @@
 """Per-token log-probs, entropy and vocabulary mean straight from hidden states and the LM head.
 
 logits = hidden_states @ lm_head_weight.T (+ bias) is never materialized as a whole (N, V) tensor:
-- on CUDA (or ``RLFUSE_BACKEND=triton``) Triton kernels tile tokens x vocabulary, keep each tile's logits
-  on chip and merge tiles with an online log-sum-exp (``linear_logprobs_triton``);
+- on CUDA (or ``RLFUSE_BACKEND=triton``), as ``launch.linear_implementation`` picks: per vocabulary chunk a
+  cuBLAS GEMM forms fp32 logits that Triton row kernels reduce (``linear_hybrid``, the default), or Triton
+  kernels tile tokens x vocabulary and keep each tile's logits on chip (``linear_logprobs_triton``);
 - otherwise a chunked PyTorch path walks ``chunk_size`` tokens at a time (memory O(chunk_size x V)).
-Both store only O(N) statistics and recompute each tile's logits in the backward, which forms
-d(hidden), d(weight) and d(bias) for any mix of the three outputs' gradients.
+All store only O(N) statistics and recompute the logits in the backward, which forms d(hidden),
+d(weight) and d(bias) for any mix of the three outputs' gradients. Under ``torch.no_grad()`` the GPU paths
+save nothing for a backward.
 
 The materialized reference :func:`linear_token_logprobs_reference` is the tests' first oracle.
 """
@@ -131,6 +133,20 @@ class ChunkedLinearLogprobsFunction(torch.autograd.Function):
                 None if d_bias is None else d_bias.to(bias.dtype), None, None, None)
 
 
+def _triton_path(hidden_states, weight, bias, targets, temperature):
+    """The GPU path the launch table picks (``launch.linear_implementation``): ``hybrid`` (cuBLAS GEMMs per
+    vocabulary chunk with Triton row kernels) or ``fused`` (Triton kernels that multiply on chip)."""
+    from rlfuse.kernels import launch
+
+    if launch.linear_implementation(launch.target_of(hidden_states.device)) == "fused":
+        from rlfuse.kernels.linear_logprobs_triton import linear_logprobs_fused
+
+        return linear_logprobs_fused(hidden_states, weight, bias, targets, temperature)
+    from rlfuse.kernels.linear_hybrid import linear_logprobs_hybrid
+
+    return linear_logprobs_hybrid(hidden_states, weight, bias, targets, temperature)
+
+
 def linear_token_logprobs(
     hidden_states: torch.Tensor,
     lm_head_weight: torch.Tensor,
@@ -167,9 +183,7 @@ def linear_token_logprobs(
     hidden_2d = hidden_states.reshape(-1, hidden_states.shape[-1]) if hidden_states.dim() == 3 else hidden_states
     flat_targets = targets.reshape(-1)
     if use_triton(hidden_states):
-        from rlfuse.kernels.linear_logprobs_triton import LinearLogprobsFunction
-
-        outs = LinearLogprobsFunction.apply(hidden_states, lm_head_weight, bias, flat_targets, float(temperature))
+        outs = _triton_path(hidden_states, lm_head_weight, bias, flat_targets, float(temperature))
     else:
         outs = ChunkedLinearLogprobsFunction.apply(hidden_2d, lm_head_weight, bias, flat_targets,
                                                    float(temperature),

@@ -25,6 +25,7 @@ like torch's own matmuls.
 from __future__ import annotations
 
 import os
+from typing import Optional
 
 import torch
 import triton
@@ -33,6 +34,8 @@ import triton.language as tl
 from rlfuse.kernels import launch
 
 IGNORE_INDEX = -100
+#: The kernels that multiply matrices (``bench.compiled`` requires tensor-core instructions in them).
+DOT_KERNELS = ("_linear_fwd_kernel", "_linear_dlogits_kernel", "_linear_dhidden_kernel")
 # Triton's CPU interpreter computes tl.dot on bf16 operands from their raw bits; upcast there (only).
 INTERPRETED = os.environ.get("TRITON_INTERPRET") == "1"
 
@@ -153,6 +156,7 @@ def _linear_combine_kernel(
         t += a_j * (tl.load(at + 2 * stride_part, mask=valid, other=0.0) + shift * s_j)
         zsum += tl.load(at + 3 * stride_part, mask=valid, other=0.0)
         z_target += tl.load(at + 4 * stride_part, mask=valid, other=0.0)
+    s = tl.where(valid, s, 1.0)  # rows past N: no log(0), no 0 / 0
     log_s = tl.log(s)
     lse = m_safe + log_s
     targets = tl.load(targets_ptr + rows, mask=valid, other=ignore_index)
@@ -239,10 +243,6 @@ def _as_rows(hidden: torch.Tensor):
     return hidden, hidden.stride(0), hidden.stride(1), hidden.shape[1]
 
 
-def _capability(device: torch.device):
-    return launch.capability_of(device)
-
-
 def _compile_flags(dtype: torch.dtype):
     return {"DOT_FP32": INTERPRETED, "PRECISION": input_precision(dtype)}
 
@@ -253,8 +253,8 @@ def linear_forward(hidden, weight, bias, targets, temperature):
     view, stride_b, stride_t, seq = _as_rows(hidden)
     n_rows, size_h, vocab = targets.numel(), weight.shape[1], weight.shape[0]
     device = hidden.device
-    cfg, splits, span = forward_grid(n_rows, size_h, vocab, hidden.dtype, _capability(device),
-                                     launch.multiprocessor_count(device))
+    target = launch.target_of(device)
+    cfg, splits, span = forward_grid(n_rows, size_h, vocab, hidden.dtype, target)
     partials = torch.empty(5, splits, n_rows, device=device, dtype=torch.float32)
     _linear_fwd_kernel[(triton.cdiv(n_rows, cfg.constexprs["BLOCK_M"]), splits)](
         view, stride_b, stride_t, seq, weight, weight.stride(0), weight if bias is None else bias, targets,
@@ -262,7 +262,7 @@ def linear_forward(hidden, weight, bias, targets, temperature):
         HAS_BIAS=bias is not None, **_compile_flags(hidden.dtype), **cfg.launch_kwargs(),
     )
     outs = [torch.empty(n_rows, device=device, dtype=torch.float32) for _ in range(4)]
-    merge = launch.linear_combine_config(_capability(device))
+    merge = launch.linear_combine_config(target)
     _linear_combine_kernel[(triton.cdiv(n_rows, merge.constexprs["BLOCK"]),)](
         partials, partials.stride(0), targets, *outs, n_rows, vocab, splits, IGNORE_INDEX, **merge.launch_kwargs(),
     )
@@ -276,10 +276,10 @@ def linear_backward(hidden, weight, bias, targets, lse, entropy, grads, temperat
     """
     view, stride_b, stride_t, seq = _as_rows(hidden)
     n_rows, size_h, vocab = targets.numel(), weight.shape[1], weight.shape[0]
-    capability, dtype = _capability(hidden.device), hidden.dtype
-    chunk = launch.linear_vocab_chunk(capability, dtype, n_rows, vocab)
-    cfg_dz = launch.linear_dlogits_config(capability, dtype, n_rows, size_h, vocab)
-    cfg_dh = launch.linear_dhidden_config(capability, dtype, n_rows, size_h, vocab)
+    target, dtype = launch.target_of(hidden.device), hidden.dtype
+    chunk = launch.linear_vocab_chunk(target, dtype, n_rows, vocab)
+    cfg_dz = launch.linear_dlogits_config(target, dtype, n_rows, size_h, vocab)
+    cfg_dh = launch.linear_dhidden_config(target, dtype, n_rows, size_h, vocab)
     flags = _compile_flags(dtype)
     # hidden as an (N, H) matrix for d(weight) = dz.T @ hidden: a view when one exists, else one copy.
     hidden_2d = hidden.reshape(n_rows, size_h)
@@ -311,24 +311,25 @@ def linear_backward(hidden, weight, bias, targets, lse, entropy, grads, temperat
     return d_hidden.view(hidden.shape), d_weight, None if bias is None else d_bias.to(bias.dtype)
 
 
-def forward_grid(n_rows: int, hidden: int, vocab: int, dtype: torch.dtype, capability=90, num_sms=132):
+def forward_grid(n_rows: int, hidden: int, vocab: int, dtype: torch.dtype,
+                 target: Optional[launch.Target] = launch.TARGETS[90]):
     """What :func:`linear_forward` launches at this shape: ``(config, splits, span)``, the tiles, the number of
     vocabulary slices and the columns per slice (a multiple of BLOCK_N; no slice is empty)."""
-    cfg = launch.linear_forward_config(capability, dtype, n_rows, hidden, vocab)
+    cfg = launch.linear_forward_config(target, dtype, n_rows, hidden, vocab)
     block_n = cfg.constexprs["BLOCK_N"]
-    splits = launch.linear_forward_splits(capability, n_rows, vocab, cfg.constexprs["BLOCK_M"], block_n, num_sms)
+    splits = launch.linear_forward_splits(target, n_rows, vocab, cfg.constexprs["BLOCK_M"], block_n)
     span = triton.cdiv(triton.cdiv(vocab, splits), block_n) * block_n
     return cfg, triton.cdiv(vocab, span), span
 
 
-def forward_extra_bytes(n_rows: int, hidden: int, vocab: int, dtype: torch.dtype, capability=90,
-                        num_sms=132) -> int:
+def forward_extra_bytes(n_rows: int, hidden: int, vocab: int, dtype: torch.dtype,
+                        target: Optional[launch.Target] = launch.TARGETS[90]) -> int:
     """Bytes the forward allocates beyond its four (N,) float32 outputs: the (5, splits, N) float32 partials."""
-    return 5 * forward_grid(n_rows, hidden, vocab, dtype, capability, num_sms)[1] * n_rows * 4
+    return 5 * forward_grid(n_rows, hidden, vocab, dtype, target)[1] * n_rows * 4
 
 
-def backward_extra_bytes(n_rows: int, hidden: int, vocab: int, dtype: torch.dtype, capability=90,
-                         hidden_is_matrix: bool = True) -> int:
+def backward_extra_bytes(n_rows: int, hidden: int, vocab: int, dtype: torch.dtype,
+                         target: Optional[launch.Target] = launch.TARGETS[90], hidden_is_matrix: bool = True) -> int:
     """Bytes the backward allocates beyond its inputs and the gradients it returns (the formula the tests
     check against the allocations measured under the interpreter).
 
@@ -336,7 +337,7 @@ def backward_extra_bytes(n_rows: int, hidden: int, vocab: int, dtype: torch.dtyp
     fp32 (then it is the output); a copy of the hidden states when they have no (N, H) view.
     """
     element = torch.finfo(dtype).bits // 8
-    chunk = min(launch.linear_vocab_chunk(capability, dtype, n_rows, vocab), vocab)
+    chunk = min(launch.linear_vocab_chunk(target, dtype, n_rows, vocab), vocab)
     extra = n_rows * chunk * element
     if dtype != torch.float32:
         extra += n_rows * hidden * 4
@@ -371,36 +372,36 @@ class LinearLogprobsFunction(torch.autograd.Function):
         return d_hidden, d_weight, d_bias, None, None
 
 
-def compile_specs(capability: int, dtype: torch.dtype, n_rows: int, hidden: int, vocab: int):
-    """The launches the wrappers make at this shape, for ``bench.compiled``: every gradient flag on, a bias,
-    and for fp32 both dot precisions (IEEE by default, TF32 where torch allows it)."""
-    ptr, f32, i32 = launch.pointer(dtype), "*fp32", "i32"  # Python ints below 2**31 launch as i32
-    specs = []
-    for precision in (("ieee", "tf32") if dtype == torch.float32 else ("ieee",)):
-        flags = {"DOT_FP32": False, "PRECISION": precision}
-        cfg = launch.linear_forward_config(capability, dtype, n_rows, hidden, vocab)
-        types = {"h_ptr": ptr, "stride_hb": i32, "stride_ht": i32, "T": i32, "w_ptr": ptr, "stride_wv": i32,
-                 "b_ptr": ptr, "targets_ptr": "*i64", "part_ptr": f32, "N": i32, "H": i32, "V": i32, "span": i32,
-                 "inv_temp": "fp32", "ignore_index": i32}
-        specs.append(launch.KernelSpec(_linear_fwd_kernel, launch.signature_of(_linear_fwd_kernel, types),
-                                       {**flags, "HAS_BIAS": True, **cfg.constexprs}, cfg, True))
-        if precision == "ieee":  # the merge has no dot
-            merge = launch.linear_combine_config(capability)
-            types = {"part_ptr": f32, "stride_part": i32, "targets_ptr": "*i64", "logps_ptr": f32, "entropy_ptr": f32,
-                     "vmean_ptr": f32, "lse_ptr": f32, "N": i32, "V": i32, "SPLITS": i32, "ignore_index": i32}
-            specs.append(launch.KernelSpec(_linear_combine_kernel, launch.signature_of(_linear_combine_kernel, types),
-                                           dict(merge.constexprs), merge))
-        cfg = launch.linear_dlogits_config(capability, dtype, n_rows, hidden, vocab)
-        types = {"h_ptr": ptr, "stride_hb": i32, "stride_ht": i32, "T": i32, "w_ptr": ptr, "stride_wv": i32,
-                 "b_ptr": ptr, "targets_ptr": "*i64", "lse_ptr": f32, "entropy_ptr": f32, "g_logp_ptr": f32,
-                 "g_entropy_ptr": f32, "g_vmean_ptr": f32, "dz_ptr": ptr, "stride_dz": i32, "N": i32, "H": i32,
-                 "V": i32, "v0": i32, "C": i32, "inv_temp": "fp32", "ignore_index": i32}
-        grad_flags = {"HAS_BIAS": True, "HAS_G_LOGP": True, "HAS_G_ENTROPY": True, "HAS_G_VMEAN": True}
-        specs.append(launch.KernelSpec(_linear_dlogits_kernel, launch.signature_of(_linear_dlogits_kernel, types),
-                                       {**flags, **grad_flags, **cfg.constexprs}, cfg, True))
-        cfg = launch.linear_dhidden_config(capability, dtype, n_rows, hidden, vocab)
-        types = {"dz_ptr": ptr, "stride_dz": i32, "w_ptr": ptr, "stride_wv": i32, "dh_ptr": f32, "N": i32,
-                 "H": i32, "v0": i32, "C": i32}
-        specs.append(launch.KernelSpec(_linear_dhidden_kernel, launch.signature_of(_linear_dhidden_kernel, types),
-                                       {**flags, "ACCUMULATE": True, **cfg.constexprs}, cfg, True))
-    return specs
+def linear_logprobs_fused(hidden, weight, bias, targets, temperature: float):
+    """(logps, entropy, vocab_mean), each (N,) float32: through autograd when any input needs a gradient,
+    else the forward alone (nothing saved)."""
+    needs_grad = torch.is_grad_enabled() and any(t is not None and t.requires_grad for t in (hidden, weight, bias))
+    if needs_grad:
+        return LinearLogprobsFunction.apply(hidden, weight, bias, targets, float(temperature))
+    weight = weight if weight.stride(-1) == 1 else weight.contiguous()
+    logps, entropy, vmean, _ = linear_forward(hidden, weight, bias, targets.contiguous(), float(temperature))
+    return logps, entropy, vmean
+
+
+def aot_launches(dtype: torch.dtype, n_rows: int, hidden: int, vocab: int) -> None:
+    """Run the forward and backward on meta tensors (``bench.compiled`` captures the launches): a
+    ``hidden[:, :-1]`` view with a bias and every output's gradient, and contiguous (N, H) hidden states with
+    the log-prob's gradient alone; fp32 both in IEEE precision and as TF32."""
+    seq = min(n_rows, 1024)
+    batch = max(1, n_rows // seq)
+    w = torch.empty(vocab, hidden, dtype=dtype, device="meta")
+    targets = torch.empty(batch * seq, dtype=torch.int64, device="meta")
+    cases = ((torch.empty(batch, seq + 1, hidden, dtype=dtype, device="meta")[:, :-1],
+              torch.empty(vocab, dtype=dtype, device="meta"), True),
+             (torch.empty(batch * seq, hidden, dtype=dtype, device="meta"), None, False))
+    tf32_settings = (False, True) if dtype == torch.float32 else (False,)  # fp32: IEEE and, where allowed, TF32
+    before = torch.backends.cuda.matmul.allow_tf32
+    try:
+        for tf32 in tf32_settings:
+            torch.backends.cuda.matmul.allow_tf32 = tf32
+            for h, bias, every in cases:
+                logps, entropy, vmean, lse = linear_forward(h, w, bias, targets, 0.7)
+                grads = (logps, entropy, vmean) if every else (logps, None, None)
+                linear_backward(h, w, bias, targets, lse, entropy, grads, 0.7)
+    finally:
+        torch.backends.cuda.matmul.allow_tf32 = before

@@ -126,7 +126,8 @@ def token_logprobs(
     tensors (or with ``RLFUSE_BACKEND=triton``) one Triton pass over the logits computes all three outputs
     with an online softmax, and the backward writes d(logits) in one more pass for any mix of their
     gradients. ``inplace_backward=True`` writes d(logits) into the logits' own storage (the logits must not
-    be needed afterwards); the torch path ignores it.
+    be needed afterwards); the torch path ignores it. Under ``torch.no_grad()``, or for logits that need no
+    gradient, only the outputs asked for are computed and nothing is kept for a backward.
 
     Raises:
         TypeError, ValueError: as :func:`token_logprobs_reference`, and for a bad ``RLFUSE_BACKEND``.
@@ -134,9 +135,10 @@ def token_logprobs(
     if not use_triton(logits):
         return token_logprobs_reference(logits, targets, temperature, return_entropy, return_vocab_mean)
     check_logits_targets(logits, targets, temperature)
-    from rlfuse.kernels.logprobs_triton import TokenLogprobsFunction
+    from rlfuse.kernels.logprobs_triton import token_logprobs_triton
 
-    logps, entropy, vocab_mean = TokenLogprobsFunction.apply(logits, targets, float(temperature), inplace_backward)
+    logps, entropy, vocab_mean = token_logprobs_triton(logits, targets, float(temperature), return_entropy,
+                                                       return_vocab_mean, inplace_backward)
     if not (return_entropy or return_vocab_mean):
         return logps
     return TokenLogprobs(logps, entropy if return_entropy else None, vocab_mean if return_vocab_mean else None)

@@ -1,9 +1,16 @@
 """Triton kernels for per-token log-probs, entropy and vocabulary mean from logits, forward and backward.
 
-Forward: one program per row reads the row's logits once, with an online softmax over vocabulary
-blocks (running max m, sum of exponentials s, and the exponential-weighted sum of logits for the
-entropy), then writes five floats: log-prob, entropy, vocab mean, and m and log s for the backward.
-Backward: one more read of the row, one write of d(logits), for any mix of the three outputs' gradients.
+Forward: each program takes ROWS rows and reads their logits once, with an online softmax over
+vocabulary tiles, then writes three floats per row (log-prob, entropy, vocab mean) and two statistics for
+the backward (the max logit m and log s). Backward: one more read of the rows, one write of d(logits), for
+any mix of the three outputs' gradients. Under ``torch.no_grad()`` (or for logits that need no gradient)
+only the forward runs and nothing is kept for a backward.
+
+Streaming at the memory roofline: within a tile only the running maximum is reduced across the program's
+threads. The other sums of the online softmax (sum of exponentials, the entropy's sum, the sum of logits)
+stay per lane, rescaled by the row's alpha, and are reduced once per row. The next tile's load is issued
+before the current tile is used, so two tiles per program are in flight. Exponents are in base 2
+(``ex2`` is the hardware instruction; the temperature and log2(e) fold into one scale).
 
 Math, with z = logits / T, lse = logsumexp(z), p = softmax(z), H the entropy, V the vocabulary size:
     logp = z_y - lse,  H = lse - sum_v p_v z_v,  vmean = mean_v z_v - lse
@@ -22,102 +29,129 @@ import triton.language as tl
 from rlfuse.kernels import launch
 
 IGNORE_INDEX = -100
+LOG2E = 1.4426950408889634
+LN2 = 0.6931471805599453
 
 
 @triton.jit
-def _row_stats(row_ptr, V, inv_temp, BLOCK_V: tl.constexpr):
-    """Online softmax over one row: returns (m, log s, entropy, sum_v x_v) in float32, with m the max of the raw
-    logits x (0 when all are -inf) and s = sum_v exp((x_v - m) / T), so lse = m / T + log s.
+def _rows_stats(row_ptrs, row_valid, V, inv_temp, WANT_ENTROPY: tl.constexpr, WANT_SUM: tl.constexpr,
+                ROWS: tl.constexpr, BLOCK_V: tl.constexpr):
+    """Online softmax over ROWS rows of V logits each: returns (m, log s, entropy, sum_v x_v), each (ROWS,)
+    float32, with m the max of the raw logits x (0 when all are -inf) and s = sum_v exp((x_v - m) / T), so
+    lse = m / T + log s. Without WANT_ENTROPY the entropy is 0; without WANT_SUM the sum is 0.
 
-    The running max m is taken over the raw logits x, and every exponent is formed as (x - m) / T: the
-    subtraction of nearby float32 values is exact, so the temperature scales a small number, where
-    x / T - m / T would round each term at the logits' magnitude (ulp(1e3) ~ 1e-4). t accumulates
-    sum_v e_v (z_v - z_max); when m grows, the terms already summed shift by d = (m_old - m_new) / T:
-    t <- alpha (t + d s), as s <- alpha s.
+    The running max is taken over the raw logits x, and every exponent is formed as (x - m)·c with
+    c = log2(e) / T: the subtraction of nearby float32 values is exact, so the temperature scales a small
+    number. s and t = sum_v e_v (z_v - z_max) (in base-2 units) are kept per lane; when the max grows by
+    d = (m_old - m_new)·c, every lane's terms shift alike: t <- alpha (t + d s), s <- alpha s, alpha = 2^d.
     """
-    m = float("-inf")
-    s = 0.0
-    t = 0.0
-    xsum = 0.0
+    scale = inv_temp * 1.4426950408889634
+    offs = tl.arange(0, BLOCK_V)
+    m = tl.full((ROWS,), float("-inf"), tl.float32)
+    s = tl.zeros((ROWS, BLOCK_V), tl.float32)
+    t = tl.zeros((ROWS, BLOCK_V), tl.float32)
+    xsum = tl.zeros((ROWS, BLOCK_V), tl.float32)
+    x_next = tl.load(row_ptrs[:, None] + offs[None, :], mask=row_valid[:, None] & (offs < V)[None, :],
+                     other=float("-inf"))
     for start in range(0, V, BLOCK_V):
-        offs = start + tl.arange(0, BLOCK_V)
-        valid = offs < V
-        x = tl.load(row_ptr + offs, mask=valid, other=float("-inf")).to(tl.float32)
-        m_new = tl.maximum(m, tl.max(x, 0))
+        x = x_next.to(tl.float32)
+        ahead = start + BLOCK_V + offs  # the next tile's load goes out before this tile is used
+        x_next = tl.load(row_ptrs[:, None] + ahead[None, :], mask=row_valid[:, None] & (ahead < V)[None, :],
+                         other=float("-inf"))
+        m_new = tl.maximum(m, tl.max(x, 1))
         # While every logit seen is -inf, shift by 0 instead of -inf so that no -inf - -inf = NaN appears.
         m_safe = tl.where(m_new == float("-inf"), 0.0, m_new)
-        shift = tl.where(m == float("-inf"), 0.0, (m - m_safe) * inv_temp)  # 0 while s = 0
-        alpha = tl.exp((m - m_safe) * inv_temp)
-        d = (x - m_safe) * inv_temp
-        e = tl.exp(d)
-        t = (t + shift * s) * alpha + tl.sum(e * tl.where(e > 0, d, 0.0), 0)
-        s = s * alpha + tl.sum(e, 0)
-        xsum += tl.sum(tl.where(valid, x, 0.0), 0)
+        shift = tl.where(m == float("-inf"), 0.0, (m - m_safe) * scale)  # 0 while s = 0
+        alpha = tl.exp2(shift)[:, None]
+        d = (x - m_safe[:, None]) * scale
+        e = tl.exp2(d)
+        if WANT_ENTROPY:
+            t = (t + shift[:, None] * s) * alpha + e * tl.where(e > 0, d, 0.0)
+        s = s * alpha + e
+        if WANT_SUM:
+            xsum += tl.where((start + offs < V)[None, :], x, 0.0)
         m = m_new
     m_safe = tl.where(m == float("-inf"), 0.0, m)
-    log_s = tl.log(s)
-    return m_safe, log_s, log_s - t / s, xsum
+    s_row = tl.where(row_valid, tl.sum(s, 1), 1.0)  # rows past N: no log(0)
+    log_s = tl.log(s_row)
+    entropy = tl.zeros((ROWS,), tl.float32)
+    if WANT_ENTROPY:
+        entropy = log_s - tl.sum(t, 1) * 0.6931471805599453 / s_row
+    return m_safe, log_s, entropy, tl.sum(xsum, 1)
 
 
 @triton.jit
 def _logprobs_fwd_kernel(
     logits_ptr, stride_b, stride_t, T, targets_ptr,
-    logps_ptr, entropy_ptr, vmean_ptr, max_ptr, logs_ptr,
-    V, inv_temp, ignore_index,
-    BLOCK_V: tl.constexpr,
+    logps_ptr, entropy_ptr, vmean_ptr, stats_ptr,
+    N, V, inv_temp, ignore_index,
+    WANT_ENTROPY: tl.constexpr, WANT_VMEAN: tl.constexpr, ROWS: tl.constexpr, BLOCK_V: tl.constexpr,
 ):
-    row = tl.program_id(0).to(tl.int64)
-    row_ptr = logits_ptr + (row // T) * stride_b + (row % T) * stride_t
-    target = tl.load(targets_ptr + row)
-    m, log_s, entropy, xsum = _row_stats(row_ptr, V, inv_temp, BLOCK_V)
-    keep = target != ignore_index
+    rows = tl.program_id(0).to(tl.int64) * ROWS + tl.arange(0, ROWS)
+    row_valid = rows < N
+    row_ptrs = logits_ptr + (rows // T) * stride_b + (rows % T) * stride_t
+    targets = tl.load(targets_ptr + rows, mask=row_valid, other=ignore_index)
+    m, log_s, entropy, xsum = _rows_stats(row_ptrs, row_valid, V, inv_temp, WANT_ENTROPY, WANT_VMEAN, ROWS, BLOCK_V)
+    keep = targets != ignore_index
     # Ids outside [0, V) were rejected on the host, except during CUDA-graph capture: there they give NaN.
-    in_range = (target >= 0) & (target < V)
-    x_target = tl.load(row_ptr + tl.where(keep & in_range, target, 0)).to(tl.float32)
+    in_range = (targets >= 0) & (targets < V)
+    x_target = tl.load(row_ptrs + tl.where(keep & in_range, targets, 0), mask=row_valid & keep & in_range,
+                       other=0.0).to(tl.float32)
     # log p = (x - m) / T - log s: no term of the logits' magnitude is rounded (unlike x / T - lse).
     logp = tl.where(in_range, (x_target - m) * inv_temp - log_s, float("nan"))
-    tl.store(logps_ptr + row, tl.where(keep, logp, 0.0))
-    tl.store(entropy_ptr + row, tl.where(keep, entropy, 0.0))
-    tl.store(vmean_ptr + row, tl.where(keep, (xsum / V - m) * inv_temp - log_s, 0.0))
-    tl.store(max_ptr + row, m)
-    tl.store(logs_ptr + row, log_s)
+    tl.store(logps_ptr + rows, tl.where(keep, logp, 0.0), mask=row_valid)
+    if WANT_ENTROPY:
+        tl.store(entropy_ptr + rows, tl.where(keep, entropy, 0.0), mask=row_valid)
+    if WANT_VMEAN:
+        tl.store(vmean_ptr + rows, tl.where(keep, (xsum / V - m) * inv_temp - log_s, 0.0), mask=row_valid)
+    tl.store(stats_ptr + rows, m, mask=row_valid)
+    tl.store(stats_ptr + N + rows, log_s, mask=row_valid)
 
 
 @triton.jit
 def _logprobs_bwd_kernel(
     logits_ptr, stride_b, stride_t, T, dlogits_ptr, dstride_b, dstride_t, targets_ptr,
-    max_ptr, logs_ptr, entropy_ptr, g_logp_ptr, g_entropy_ptr, g_vmean_ptr,
-    V, inv_temp, ignore_index,
+    stats_ptr, entropy_ptr, g_logp_ptr, g_entropy_ptr, g_vmean_ptr,
+    N, V, inv_temp, ignore_index,
     HAS_G_LOGP: tl.constexpr, HAS_G_ENTROPY: tl.constexpr, HAS_G_VMEAN: tl.constexpr,
-    BLOCK_V: tl.constexpr,
+    ROWS: tl.constexpr, BLOCK_V: tl.constexpr,
 ):
-    row = tl.program_id(0).to(tl.int64)
-    row_ptr = logits_ptr + (row // T) * stride_b + (row % T) * stride_t
-    drow_ptr = dlogits_ptr + (row // T) * dstride_b + (row % T) * dstride_t
-    target = tl.load(targets_ptr + row)
-    keep = target != ignore_index
-    m = tl.load(max_ptr + row)
-    log_s = tl.load(logs_ptr + row)
-    g_logp = 0.0
-    g_entropy = 0.0
-    g_vmean = 0.0
+    rows = tl.program_id(0).to(tl.int64) * ROWS + tl.arange(0, ROWS)
+    row_valid = rows < N
+    row_ptrs = logits_ptr + (rows // T) * stride_b + (rows % T) * stride_t
+    drow_ptrs = dlogits_ptr + (rows // T) * dstride_b + (rows % T) * dstride_t
+    targets = tl.load(targets_ptr + rows, mask=row_valid, other=ignore_index)
+    keep = row_valid & (targets != ignore_index)
+    m = tl.load(stats_ptr + rows, mask=row_valid, other=0.0)[:, None]
+    log_s = tl.load(stats_ptr + N + rows, mask=row_valid, other=0.0)[:, None]
+    g_logp = tl.zeros((ROWS,), tl.float32)
+    g_entropy = tl.zeros((ROWS,), tl.float32)
+    g_vmean = tl.zeros((ROWS,), tl.float32)
+    entropy = tl.zeros((ROWS,), tl.float32)
     if HAS_G_LOGP:
-        g_logp = tl.where(keep, tl.load(g_logp_ptr + row), 0.0)
+        g_logp = tl.where(keep, tl.load(g_logp_ptr + rows, mask=row_valid, other=0.0), 0.0)
     if HAS_G_ENTROPY:
-        g_entropy = tl.where(keep, tl.load(g_entropy_ptr + row), 0.0)
-        entropy = tl.load(entropy_ptr + row)
+        g_entropy = tl.where(keep, tl.load(g_entropy_ptr + rows, mask=row_valid, other=0.0), 0.0)
+        entropy = tl.load(entropy_ptr + rows, mask=row_valid, other=0.0)
     if HAS_G_VMEAN:
-        g_vmean = tl.where(keep, tl.load(g_vmean_ptr + row), 0.0)
+        g_vmean = tl.where(keep, tl.load(g_vmean_ptr + rows, mask=row_valid, other=0.0), 0.0)
+    offs = tl.arange(0, BLOCK_V)
+    x_next = tl.load(row_ptrs[:, None] + offs[None, :], mask=row_valid[:, None] & (offs < V)[None, :],
+                     other=float("-inf"))
     for start in range(0, V, BLOCK_V):
-        offs = start + tl.arange(0, BLOCK_V)
-        valid = offs < V
-        x = tl.load(row_ptr + offs, mask=valid, other=float("-inf")).to(tl.float32)
+        cols = start + offs
+        x = x_next.to(tl.float32)
+        ahead = cols + BLOCK_V
+        x_next = tl.load(row_ptrs[:, None] + ahead[None, :], mask=row_valid[:, None] & (ahead < V)[None, :],
+                         other=float("-inf"))
         logp = (x - m) * inv_temp - log_s
         p = tl.exp(logp)
-        d = tl.where(offs == target, g_logp, 0.0) - (g_logp + g_vmean) * p + g_vmean / V
+        d = tl.where(cols[None, :] == targets[:, None], g_logp[:, None], 0.0) - (g_logp + g_vmean)[:, None] * p \
+            + (g_vmean / V)[:, None]
         if HAS_G_ENTROPY:
-            d -= g_entropy * p * (tl.where(p > 0, logp, 0.0) + entropy)
-        tl.store(drow_ptr + offs, (d * inv_temp).to(dlogits_ptr.dtype.element_ty), mask=valid)
+            d -= g_entropy[:, None] * p * (tl.where(p > 0, logp, 0.0) + entropy[:, None])
+        tl.store(drow_ptrs[:, None] + cols[None, :], (d * inv_temp).to(dlogits_ptr.dtype.element_ty),
+                 mask=row_valid[:, None] & (cols < V)[None, :])
 
 
 def _as_3d(logits: torch.Tensor) -> torch.Tensor:
@@ -133,21 +167,24 @@ def _as_3d(logits: torch.Tensor) -> torch.Tensor:
     return logits.reshape(-1, logits.shape[-2], logits.shape[-1])
 
 
-def logprobs_forward(logits: torch.Tensor, targets: torch.Tensor, temperature: float):
-    """Launch the forward kernel. Returns (logps, entropy, vmean) float32 (N,), the row statistics the backward
-    needs (a (2, N) float32 tensor: each row's max logit and log s, with lse = max / T + log s) and the
-    (B, T, V) view used."""
+def logprobs_forward(logits: torch.Tensor, targets: torch.Tensor, temperature: float, want_entropy: bool = True,
+                     want_vmean: bool = True):
+    """Launch the forward kernel. Returns (logps, entropy, vmean) float32 (N,) (an output not wanted is left
+    unwritten), the row statistics the backward needs (a (2, N) float32 tensor: each row's max logit and
+    log s, with lse = max / T + log s) and the (B, T, V) view used."""
     view = _as_3d(logits)
     batch, seq, vocab = view.shape
     n_rows = batch * seq
     flat_targets = targets.reshape(-1).contiguous()
     outs = [torch.empty(n_rows, device=logits.device, dtype=torch.float32) for _ in range(3)]
     stats = torch.empty(2, n_rows, device=logits.device, dtype=torch.float32)
-    cfg = launch.row_config(launch.capability_of(logits.device), vocab)
-    _logprobs_fwd_kernel[(n_rows,)](
-        view, view.stride(0), view.stride(1), seq, flat_targets, *outs, stats[0], stats[1],
-        vocab, 1.0 / temperature, IGNORE_INDEX, **cfg.launch_kwargs(),
-    )
+    cfg = launch.row_config(launch.target_of(logits.device), vocab)
+    if n_rows:
+        _logprobs_fwd_kernel[(cfg.programs(triton.cdiv(n_rows, cfg.constexprs["ROWS"])),)](
+            view, view.stride(0), view.stride(1), seq, flat_targets, *outs, stats,
+            n_rows, vocab, 1.0 / temperature, IGNORE_INDEX, WANT_ENTROPY=want_entropy, WANT_VMEAN=want_vmean,
+            **cfg.launch_kwargs(),
+        )
     return (*outs, stats, view)
 
 
@@ -159,22 +196,29 @@ def logprobs_backward(view, targets, stats, entropy, g_logp, g_entropy, g_vmean,
     tensors or None.
     """
     batch, seq, vocab = view.shape
+    n_rows = batch * seq
     dummy = entropy
-    _logprobs_bwd_kernel[(batch * seq,)](
+    cfg = launch.row_config(launch.target_of(view.device), vocab)
+    if not n_rows:
+        return dlogits
+    _logprobs_bwd_kernel[(cfg.programs(triton.cdiv(n_rows, cfg.constexprs["ROWS"])),)](
         view, view.stride(0), view.stride(1), seq, dlogits, dlogits.stride(0), dlogits.stride(1),
-        targets.reshape(-1).contiguous(), stats[0], stats[1], entropy,
+        targets.reshape(-1).contiguous(), stats, entropy,
         dummy if g_logp is None else g_logp.reshape(-1).float().contiguous(),
         dummy if g_entropy is None else g_entropy.reshape(-1).float().contiguous(),
         dummy if g_vmean is None else g_vmean.reshape(-1).float().contiguous(),
-        vocab, 1.0 / temperature, IGNORE_INDEX,
+        n_rows, vocab, 1.0 / temperature, IGNORE_INDEX,
         HAS_G_LOGP=g_logp is not None, HAS_G_ENTROPY=g_entropy is not None, HAS_G_VMEAN=g_vmean is not None,
-        **launch.row_config(launch.capability_of(view.device), vocab).launch_kwargs(),
+        **cfg.launch_kwargs(),
     )
     return dlogits
 
 
 class TokenLogprobsFunction(torch.autograd.Function):
-    """Autograd wrapper: ``apply(logits, targets, temperature, inplace_backward) -> (logps, entropy, vmean)``."""
+    """Autograd wrapper: ``apply(logits, targets, temperature, inplace_backward) -> (logps, entropy, vmean)``.
+
+    Used only when the logits need a gradient; :func:`token_logprobs_triton` calls the forward alone otherwise.
+    """
 
     @staticmethod
     def forward(ctx, logits, targets, temperature, inplace_backward):
@@ -193,21 +237,30 @@ class TokenLogprobsFunction(torch.autograd.Function):
         return dlogits.reshape(ctx.shape), None, None, None
 
 
-def compile_specs(capability: int, dtype: torch.dtype, n_rows: int, hidden: int, vocab: int):
-    """The launches the wrappers make for (N, V) logits of ``dtype``, for ``bench.compiled`` (the backward
-    with every gradient flag on)."""
-    ptr, f32, i32 = launch.pointer(dtype), "*fp32", "i32"
-    cfg = launch.row_config(capability, vocab)
-    fwd = {"logits_ptr": ptr, "stride_b": i32, "stride_t": i32, "T": i32, "targets_ptr": "*i64", "logps_ptr": f32,
-           "entropy_ptr": f32, "vmean_ptr": f32, "max_ptr": f32, "logs_ptr": f32, "V": i32, "inv_temp": "fp32",
-           "ignore_index": i32}
-    bwd = {"logits_ptr": ptr, "stride_b": i32, "stride_t": i32, "T": i32, "dlogits_ptr": ptr, "dstride_b": i32,
-           "dstride_t": i32, "targets_ptr": "*i64", "max_ptr": f32, "logs_ptr": f32, "entropy_ptr": f32,
-           "g_logp_ptr": f32,
-           "g_entropy_ptr": f32, "g_vmean_ptr": f32, "V": i32, "inv_temp": "fp32", "ignore_index": i32}
-    flags = {"HAS_G_LOGP": True, "HAS_G_ENTROPY": True, "HAS_G_VMEAN": True}
-    return [
-        launch.KernelSpec(_logprobs_fwd_kernel, launch.signature_of(_logprobs_fwd_kernel, fwd), dict(cfg.constexprs), cfg),
-        launch.KernelSpec(_logprobs_bwd_kernel, launch.signature_of(_logprobs_bwd_kernel, bwd),
-                          {**flags, **cfg.constexprs}, cfg),
-    ]
+def token_logprobs_triton(logits, targets, temperature: float, want_entropy: bool, want_vmean: bool,
+                          inplace_backward: bool):
+    """(logps, entropy, vmean) of the Triton path: through autograd when the logits need a gradient, else the
+    forward kernel alone (no statistics kept, nothing saved). Unwanted outputs are None on the no-grad path."""
+    if torch.is_grad_enabled() and logits.requires_grad:
+        return TokenLogprobsFunction.apply(logits, targets, float(temperature), inplace_backward)
+    logps, entropy, vmean, _, _ = logprobs_forward(logits, targets, temperature, want_entropy, want_vmean)
+    shape = targets.shape
+    return (logps.view(shape), entropy.view(shape) if want_entropy else None,
+            vmean.view(shape) if want_vmean else None)
+
+
+def aot_launches(dtype: torch.dtype, n_rows: int, hidden: int, vocab: int) -> None:
+    """Run the wrappers' launches on meta tensors (``bench.compiled`` captures them): the forward on
+    contiguous (N, V) logits and on a ``logits[:, :-1]`` view, with and without the optional outputs, and the
+    backward with every output's gradient."""
+    seq = min(n_rows, 1024)
+    batch = max(1, n_rows // seq)
+    targets = torch.empty(batch * seq, dtype=torch.int64, device="meta")
+    flat = torch.empty(batch * seq, vocab, dtype=dtype, device="meta")
+    sliced = torch.empty(batch, seq + 1, vocab, dtype=dtype, device="meta")[:, :-1]
+    for logits in (flat, sliced):
+        for wanted in ((True, True), (False, False)):
+            logps, entropy, vmean, stats, view = logprobs_forward(logits, targets.view(logits.shape[:-1]), 0.7,
+                                                                  *wanted)
+        grads = [torch.empty_like(logps) for _ in range(3)]
+        logprobs_backward(view, targets, stats, entropy, *grads, 0.7, torch.empty_like(view))

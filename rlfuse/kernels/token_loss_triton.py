@@ -6,12 +6,14 @@ folds ``loss_agg_mode`` and the sequence lengths, e.g. m_t / (|o_i|·B') for seq
 covers the token-level PPO clip (GRPO, Dr. GRPO, DAPO; dual clip optional), TOPR at token level, the REC
 family at token level (REINFORCE, REC, OPMD, AsymRE, RED), CISPO at token level, and every KL estimator.
 
-One program per row:
-1. sweep the row once with an online softmax: lse, entropy and the target's log-prob;
+A persistent grid of programs, each looping over groups of ROWS rows; per group:
+1. sweep the rows once with an online softmax: lse, entropy and the target's log-prob;
 2. the token loss l_t and its derivative g_t = dl_t/dlogp_t (below), in registers;
-3. sweep the row again, while it is still in L2, writing d(logits)_v = w_t·g_t·([v = y] - p_v) / T.
-So the logits are read twice and d(logits) written once: the two-pass floor for a loss that needs the
-softmax's normalizer before any gradient. The loss is sum_t w_t·l_t.
+3. sweep the rows again, while they are still in L2, writing d(logits)_v = w_t·g_t·([v = y] - p_v) / T.
+The grid is capped so that the rows in flight fit in the L2 cache (``launch.token_loss_config``), so the
+second sweep reads from L2: the logits cross HBM once and d(logits) once, the two-pass floor for a loss
+that needs the softmax's normalizer before any gradient. The loss is sum_t w_t·l_t. Without a gradient
+(``torch.no_grad()``, or logits that need none) the second sweep is compiled out and nothing is saved.
 
 Token losses, r = exp(logp - old_logp), A the advantage:
 - PPO clip ("Proximal Policy Optimization Algorithms", eq. 7): l = max(-A·r, -A·clip(r, 1-eps_low,
@@ -37,7 +39,7 @@ import triton
 import triton.language as tl
 
 from rlfuse.kernels import launch
-from rlfuse.kernels.logprobs_triton import _as_3d, _row_stats
+from rlfuse.kernels.logprobs_triton import _as_3d, _rows_stats
 
 IGNORE_INDEX = -100
 TOKEN_LOSSES = {"ppo_clip": 0, "topr": 1, "rec": 2, "cispo": 3}
@@ -83,28 +85,54 @@ def _token_loss_kernel(
     logits_ptr, stride_b, stride_t, T, dlogits_ptr, dstride_b, dstride_t, targets_ptr,
     old_logps_ptr, adv_ptr, ref_logps_ptr, weights_ptr,
     loss_ptr, logps_ptr, entropy_ptr, ratio_ptr, clipped_ptr, kl_ptr,
-    V, inv_temp, epsilon_low, epsilon_high, clip_ratio_c, beta, ignore_index,
+    N, V, inv_temp, epsilon_low, epsilon_high, clip_ratio_c, beta, ignore_index,
     epsilon_low_prime, epsilon_high_prime, weight_temperature, regularizer_coef,
     LOSS: tl.constexpr, DUAL_CLIP: tl.constexpr, KL: tl.constexpr, WRITE_GRAD: tl.constexpr,
-    CLIP_MODE: tl.constexpr, WEIGHT: tl.constexpr, REGULARIZER: tl.constexpr, BLOCK_V: tl.constexpr,
+    CLIP_MODE: tl.constexpr, WEIGHT: tl.constexpr, REGULARIZER: tl.constexpr, ROWS: tl.constexpr,
+    BLOCK_V: tl.constexpr,
 ):
-    row = tl.program_id(0).to(tl.int64)
-    row_ptr = logits_ptr + (row // T) * stride_b + (row % T) * stride_t
-    target = tl.load(targets_ptr + row)
-    # Pass 1 over the row.
-    m, log_s, row_entropy, _ = _row_stats(row_ptr, V, inv_temp, BLOCK_V)
+    groups = tl.cdiv(N, ROWS)
+    for group in range(tl.program_id(0), groups, tl.num_programs(0)):
+        rows = (group * ROWS + tl.arange(0, ROWS)).to(tl.int64)  # group * ROWS <= N < 2**31
+        _token_loss_rows(
+            rows, logits_ptr, stride_b, stride_t, T, dlogits_ptr, dstride_b, dstride_t, targets_ptr,
+            old_logps_ptr, adv_ptr, ref_logps_ptr, weights_ptr,
+            loss_ptr, logps_ptr, entropy_ptr, ratio_ptr, clipped_ptr, kl_ptr,
+            N, V, inv_temp, epsilon_low, epsilon_high, clip_ratio_c, beta, ignore_index,
+            epsilon_low_prime, epsilon_high_prime, weight_temperature, regularizer_coef,
+            LOSS, DUAL_CLIP, KL, WRITE_GRAD, CLIP_MODE, WEIGHT, REGULARIZER, ROWS, BLOCK_V)
+
+
+@triton.jit
+def _token_loss_rows(
+    rows, logits_ptr, stride_b, stride_t, T, dlogits_ptr, dstride_b, dstride_t, targets_ptr,
+    old_logps_ptr, adv_ptr, ref_logps_ptr, weights_ptr,
+    loss_ptr, logps_ptr, entropy_ptr, ratio_ptr, clipped_ptr, kl_ptr,
+    N, V, inv_temp, epsilon_low, epsilon_high, clip_ratio_c, beta, ignore_index,
+    epsilon_low_prime, epsilon_high_prime, weight_temperature, regularizer_coef,
+    LOSS: tl.constexpr, DUAL_CLIP: tl.constexpr, KL: tl.constexpr, WRITE_GRAD: tl.constexpr,
+    CLIP_MODE: tl.constexpr, WEIGHT: tl.constexpr, REGULARIZER: tl.constexpr, ROWS: tl.constexpr,
+    BLOCK_V: tl.constexpr,
+):
+    """One group of ROWS rows: both sweeps and the per-token outputs."""
+    row_valid = rows < N
+    row_ptrs = logits_ptr + (rows // T) * stride_b + (rows % T) * stride_t
+    target = tl.load(targets_ptr + rows, mask=row_valid, other=ignore_index)
+    # Pass 1 over the rows.
+    m, log_s, row_entropy, _ = _rows_stats(row_ptrs, row_valid, V, inv_temp, True, False, ROWS, BLOCK_V)
     keep = target != ignore_index
     in_range = (target >= 0) & (target < V)  # ids outside [0, V) give NaN (checked on the host except in graph capture)
-    x_target = tl.load(row_ptr + tl.where(keep & in_range, target, 0)).to(tl.float32)
+    x_target = tl.load(row_ptrs + tl.where(keep & in_range, target, 0), mask=row_valid & keep & in_range,
+                       other=0.0).to(tl.float32)
     # log p = (x - m) / T - log s: no term of the logits' magnitude is rounded (unlike x / T - lse).
     logp = tl.where(keep, tl.where(in_range, (x_target - m) * inv_temp - log_s, float("nan")), 0.0)
     entropy = tl.where(keep, row_entropy, 0.0)
     # The token loss and its derivative; masked tokens (weight 0) are zeroed first, as in policy_loss.
-    weight = tl.load(weights_ptr + row)
+    weight = tl.load(weights_ptr + rows, mask=row_valid, other=0.0)
     active = weight != 0.0
     lp = tl.where(active, logp, 0.0)
-    old = tl.where(active, tl.load(old_logps_ptr + row), 0.0)
-    adv = tl.where(active, tl.load(adv_ptr + row), 0.0)
+    old = tl.where(active, tl.load(old_logps_ptr + rows, mask=row_valid, other=0.0), 0.0)
+    adv = tl.where(active, tl.load(adv_ptr + rows, mask=row_valid, other=0.0), 0.0)
     ratio = tl.exp(lp - old)
     if LOSS == 0:
         unclipped = -adv * ratio
@@ -159,12 +187,12 @@ def _token_loss_kernel(
         loss = -capped * adv * lp
         grad = -capped * adv
         clipped = ratio > cap
-    kl = 0.0
+    kl = tl.zeros((ROWS,), tl.float32)
     if KL != 0:
-        diff = lp - tl.where(active, tl.load(ref_logps_ptr + row), 0.0)
+        diff = lp - tl.where(active, tl.load(ref_logps_ptr + rows, mask=row_valid, other=0.0), 0.0)
         if KL == 1:
             kl = diff
-            dkl = 1.0
+            dkl = tl.full((ROWS,), 1.0, tl.float32)
         elif KL == 2:
             kl = 0.5 * diff * diff
             dkl = diff
@@ -173,31 +201,39 @@ def _token_loss_kernel(
             dkl = 1.0 - tl.exp(-diff)
         loss = loss + beta * kl
         grad = grad + beta * dkl
-    tl.store(loss_ptr + row, tl.where(active, loss, 0.0))
-    tl.store(logps_ptr + row, logp)
-    tl.store(entropy_ptr + row, entropy)
-    tl.store(ratio_ptr + row, ratio)
-    tl.store(clipped_ptr + row, tl.where(active & clipped, 1.0, 0.0))
-    tl.store(kl_ptr + row, tl.where(active, kl, 0.0))
+    tl.store(loss_ptr + rows, tl.where(active, loss, 0.0), mask=row_valid)
+    tl.store(logps_ptr + rows, logp, mask=row_valid)
+    tl.store(entropy_ptr + rows, entropy, mask=row_valid)
+    tl.store(ratio_ptr + rows, ratio, mask=row_valid)
+    tl.store(clipped_ptr + rows, tl.where(active & clipped, 1.0, 0.0), mask=row_valid)
+    tl.store(kl_ptr + rows, tl.where(active, kl, 0.0), mask=row_valid)
     if WRITE_GRAD:
-        # Pass 2 over the same row (still in L2): d(loss)/d(logits) = w·g·([v = y] - p_v) / T.
-        scale = tl.where(active, weight * grad, 0.0)
-        drow_ptr = dlogits_ptr + (row // T) * dstride_b + (row % T) * dstride_t
+        # Pass 2 over the same rows (still in L2): d(loss)/d(logits) = w·g·([v = y] - p_v) / T.
+        scale = tl.where(active, weight * grad, 0.0)[:, None]
+        drow_ptrs = dlogits_ptr + (rows // T) * dstride_b + (rows % T) * dstride_t
+        m2 = m[:, None]
+        log_s2 = log_s[:, None]
+        offs = tl.arange(0, BLOCK_V)
+        x_next = tl.load(row_ptrs[:, None] + offs[None, :], mask=row_valid[:, None] & (offs < V)[None, :],
+                         other=float("-inf"))
         for start in range(0, V, BLOCK_V):
-            offs = start + tl.arange(0, BLOCK_V)
-            valid = offs < V
-            x = tl.load(row_ptr + offs, mask=valid, other=float("-inf")).to(tl.float32)
-            p = tl.exp((x - m) * inv_temp - log_s)
-            dz = tl.where(offs == target, scale, 0.0) - scale * p
+            cols = start + offs
+            x = x_next.to(tl.float32)
+            ahead = cols + BLOCK_V
+            x_next = tl.load(row_ptrs[:, None] + ahead[None, :], mask=row_valid[:, None] & (ahead < V)[None, :],
+                             other=float("-inf"))
+            p = tl.exp((x - m2) * inv_temp - log_s2)
+            dz = tl.where(cols[None, :] == target[:, None], scale, 0.0) - scale * p
             dz = tl.where(scale != 0.0, dz * inv_temp, 0.0)  # a masked row (even all -inf) writes exact zeros
-            tl.store(drow_ptr + offs, dz.to(dlogits_ptr.dtype.element_ty), mask=valid)
+            tl.store(drow_ptrs[:, None] + cols[None, :], dz.to(dlogits_ptr.dtype.element_ty),
+                     mask=row_valid[:, None] & (cols < V)[None, :])
 
 
 def token_loss_forward(logits, targets, old_logps, advantages, ref_logps, weights, params: TokenLossParams,
                        temperature: float, dlogits: Optional[torch.Tensor]):
     """Launch the kernel once. Returns a dict of (N,) float32 per-token tensors (``loss``, ``logps``,
     ``entropy``, ``ratio``, ``clipped``, ``kl``) and the (B, T, V) logits view; d(logits) goes into
-    ``dlogits`` (shaped like the view) unless it is None."""
+    ``dlogits`` (shaped like the view) unless it is None, in which case the second sweep is compiled out."""
     view = _as_3d(logits)
     batch, seq, vocab = view.shape
     n_rows = batch * seq
@@ -207,11 +243,13 @@ def token_loss_forward(logits, targets, old_logps, advantages, ref_logps, weight
     ref = rows[0] if ref_logps is None else ref_logps.reshape(-1).float().contiguous()
     kl = KL_ESTIMATORS[params.kl_estimator] if ref_logps is not None else 0
     target = dlogits if dlogits is not None else view
-    cfg = launch.row_config(launch.capability_of(logits.device), vocab)
-    _token_loss_kernel[(n_rows,)](
+    cfg = launch.token_loss_config(launch.target_of(logits.device), logits.dtype, vocab)
+    if not n_rows:
+        return outs, view
+    _token_loss_kernel[(cfg.programs(triton.cdiv(n_rows, cfg.constexprs["ROWS"])),)](
         view, view.stride(0), view.stride(1), seq, target, target.stride(0), target.stride(1),
         targets.reshape(-1).contiguous(), rows[0], rows[1], ref, rows[2], *outs.values(),
-        vocab, 1.0 / temperature, float(params.epsilon_low), float(params.epsilon_high),
+        n_rows, vocab, 1.0 / temperature, float(params.epsilon_low), float(params.epsilon_high),
         float(params.clip_ratio_c or 0.0), float(params.beta), IGNORE_INDEX,
         float(params.epsilon_low_prime), float(params.epsilon_high_prime), float(params.weight_temperature),
         float(params.regularizer_coef),
@@ -224,7 +262,8 @@ def token_loss_forward(logits, targets, old_logps, advantages, ref_logps, weight
 
 class TokenLossFunction(torch.autograd.Function):
     """``apply(logits, targets, old_logps, advantages, ref_logps, weights, params, temperature,
-    inplace_backward, aux) -> loss``; the per-token tensors land in ``aux``.
+    inplace_backward, aux) -> loss``; the per-token tensors land in ``aux``. Used only when the logits need
+    a gradient.
 
     d(logits) is written during the forward (same kernel); the backward only scales it by the incoming
     gradient, and skips that pass when the gradient is exactly 1.
@@ -233,15 +272,12 @@ class TokenLossFunction(torch.autograd.Function):
     @staticmethod
     def forward(ctx, logits, targets, old_logps, advantages, ref_logps, weights, params, temperature,
                 inplace_backward, aux):
-        dlogits = None
-        if ctx.needs_input_grad[0]:
-            dlogits = _as_3d(logits) if inplace_backward else torch.empty_like(_as_3d(logits))
+        dlogits = _as_3d(logits) if inplace_backward else torch.empty_like(_as_3d(logits))
         outs, _ = token_loss_forward(logits, targets, old_logps, advantages, ref_logps, weights, params,
                                      temperature, dlogits)
         aux.update({name: t.view(targets.shape) for name, t in outs.items()})
-        if dlogits is not None:
-            ctx.save_for_backward(dlogits)
-            ctx.shape = logits.shape
+        ctx.save_for_backward(dlogits)
+        ctx.shape = logits.shape
         return (weights.reshape(-1).float() * outs["loss"]).sum()
 
     @staticmethod
@@ -272,30 +308,34 @@ def fused_token_loss(logits: torch.Tensor, targets: torch.Tensor, old_logps: tor
     Returns:
         ``(loss, per_token)``: the scalar float32 loss (differentiable w.r.t. ``logits`` only), and a dict
         of detached (B, T) float32 tensors ``loss``, ``logps``, ``entropy``, ``ratio``, ``clipped`` (0/1),
-        ``kl``.
+        ``kl``. Under ``torch.no_grad()``, or for logits that need no gradient, d(logits) is neither formed
+        nor written and nothing is saved.
     """
+    if not (torch.is_grad_enabled() and logits.requires_grad):
+        outs, _ = token_loss_forward(logits, targets, old_logps, advantages, ref_logps, weights, params,
+                                     float(temperature), None)
+        per_token = {name: t.view(targets.shape) for name, t in outs.items()}
+        return (weights.reshape(-1).float() * outs["loss"]).sum(), per_token
     aux: Dict[str, torch.Tensor] = {}
     loss = TokenLossFunction.apply(logits, targets, old_logps, advantages, ref_logps, weights, params,
                                    float(temperature), inplace_backward, aux)
     return loss, aux
 
 
-def compile_specs(capability: int, dtype: torch.dtype, n_rows: int, hidden: int, vocab: int):
-    """The launches for ``bench.compiled``: PPO clip with the dual clip and TOPR, with a k3 KL and d(logits)."""
-    ptr, f32, i32 = launch.pointer(dtype), "*fp32", "i32"
-    cfg = launch.row_config(capability, vocab)
-    types = {"logits_ptr": ptr, "stride_b": i32, "stride_t": i32, "T": i32, "dlogits_ptr": ptr, "dstride_b": i32,
-             "dstride_t": i32, "targets_ptr": "*i64", "old_logps_ptr": f32, "adv_ptr": f32, "ref_logps_ptr": f32,
-             "weights_ptr": f32, "loss_ptr": f32, "logps_ptr": f32, "entropy_ptr": f32, "ratio_ptr": f32,
-             "clipped_ptr": f32, "kl_ptr": f32, "V": i32, "inv_temp": "fp32", "epsilon_low": "fp32",
-             "epsilon_high": "fp32", "clip_ratio_c": "fp32", "beta": "fp32", "ignore_index": i32,
-             "epsilon_low_prime": "fp32", "epsilon_high_prime": "fp32", "weight_temperature": "fp32",
-             "regularizer_coef": "fp32"}
-    signature = launch.signature_of(_token_loss_kernel, types)
-    # Every loss with a k3 KL and d(logits); REC with its most involved dials (ring, truncated weight, k2).
-    variants = [{"LOSS": loss, "DUAL_CLIP": loss == 0, "CLIP_MODE": 3 if loss == 2 else 0,
-                 "WEIGHT": 2 if loss == 2 else 0, "REGULARIZER": 1 if loss == 2 else 0}
-                for loss in TOKEN_LOSSES.values()]
-    return [launch.KernelSpec(_token_loss_kernel, signature,
-                              {**variant, "KL": 3, "WRITE_GRAD": True, **cfg.constexprs}, cfg)
-            for variant in variants]
+def aot_launches(dtype: torch.dtype, n_rows: int, hidden: int, vocab: int) -> None:
+    """Run the wrapper's launches on meta tensors (``bench.compiled`` captures them): every loss with a k3 KL,
+    and REC with its most involved dials (ring, truncated weight, k2), with and without d(logits), over a
+    ``logits[:, :-1]`` view."""
+    seq = min(n_rows, 1024)
+    batch = max(1, n_rows // seq)
+    logits = torch.empty(batch, seq + 1, vocab, dtype=dtype, device="meta")[:, :-1]
+    targets = torch.empty(batch, seq, dtype=torch.int64, device="meta")
+    per_token = [torch.empty(batch, seq, device="meta") for _ in range(4)]
+    for loss_type in TOKEN_LOSSES:
+        rec = loss_type == "rec"
+        params = TokenLossParams(loss_type, clip_ratio_c=3.0 if loss_type == "ppo_clip" else None,
+                                 clip_mode="ring" if rec else "none",
+                                 weight="truncated_importance_sampling" if rec else "none",
+                                 regularizer="k2" if rec else "none", regularizer_coef=0.1)
+        for dlogits in (torch.empty_like(logits), None):
+            token_loss_forward(logits, targets, *per_token[:2], per_token[2], per_token[3], params, 0.7, dlogits)
