@@ -153,31 +153,29 @@ def logits_passes(fn, logits, targets, weights, device) -> Dict[str, Callable[[]
     return {"fwd": forward, "fwd_bwd": forward_backward}
 
 
-def bench_impls(name, fn, logits, targets, weights, device, fwd_bytes, fwd_bwd_bytes, fields, repeats=5) -> Dict:
+def bench_impls(name, fn, logits, targets, weights, device, works, fields, repeats=5) -> Dict:
     """Time ``fn(logits, targets) -> tuple of outputs`` forward and forward+backward; one result row.
 
-    The passes are those of :func:`logits_passes`. A failure is recorded in the row, not raised.
+    The passes are those of :func:`logits_passes`. ``works`` maps ``fwd``/``fwd_bwd`` to the
+    :class:`bench.work.Work` the implementation does in that pass: its bytes over the time give the
+    achieved GB/s, and its roofline (those bytes at the copy bandwidth measured in the same run) over the
+    time the percentage. A failure is recorded in the row, not raised.
     """
     bandwidth = measured_copy_bandwidth(device)
     passes = logits_passes(fn, logits, targets, weights, device)
     row = {"impl": name, **fields}
     try:
-        t_fwd = median_time_s(passes["fwd"], device, repeats=repeats)
-        t_fb = median_time_s(passes["fwd_bwd"], device, repeats=repeats)
+        times = {pass_name: median_time_s(passes[pass_name], device, repeats=repeats) for pass_name in passes}
     except Exception as error:  # a peer that cannot run this shape is reported, not fatal
         row["error"] = f"{type(error).__name__}: {error}"[:300]
         return row
-    row.update({
-        "fwd_ms": t_fwd * 1e3,
-        "fwd_bwd_ms": t_fb * 1e3,
-        "fwd_bytes": fwd_bytes,
-        "fwd_bwd_bytes": fwd_bwd_bytes,
-        "fwd_gbs": achieved_gbs(fwd_bytes, t_fwd),
-        "fwd_pct_copy_bw": 100 * achieved_gbs(fwd_bytes, t_fwd) / bandwidth,
-        "fwd_bwd_gbs": achieved_gbs(fwd_bwd_bytes, t_fb),
-        "fwd_bwd_pct_copy_bw": 100 * achieved_gbs(fwd_bwd_bytes, t_fb) / bandwidth,
-        "peak_mem_bytes": peak_memory_bytes(passes["fwd_bwd"], device),
-    })
+    for pass_name, seconds in times.items():
+        done = works[pass_name]
+        row.update({f"{pass_name}_ms": seconds * 1e3, f"{pass_name}_bytes": done.bytes,
+                    f"{pass_name}_gbs": achieved_gbs(done.bytes, seconds),
+                    f"{pass_name}_pct_roofline": done.fields(seconds, bandwidth)["pct_of_roofline"],
+                    f"{pass_name}_work_source": done.source})
+    row["peak_mem_bytes"] = peak_memory_bytes(passes["fwd_bwd"], device)
     return row
 
 
@@ -187,8 +185,8 @@ def report(name: str, device: torch.device, rows: List[Dict], out_dir: str) -> P
     path = write_results(name, device, rows, {"copy_bandwidth_gbs": bandwidth}, out_dir)
     print(f"{name} on {device_name(device)}; copy bandwidth {bandwidth:.1f} GB/s"
           + ("" if device.type == "cuda" else " (CPU smoke run through the Triton interpreter: not a speed figure)"))
-    print_table(rows, ["impl", "n_tokens", "vocab", "fwd_ms", "fwd_bwd_ms", "fwd_pct_copy_bw",
-                       "fwd_bwd_pct_copy_bw", "peak_mem_bytes", "error"])
+    print_table(rows, ["impl", "n_tokens", "vocab", "fwd_ms", "fwd_bwd_ms", "fwd_pct_roofline",
+                       "fwd_bwd_pct_roofline", "peak_mem_bytes", "error"])
     print(f"wrote {path}")
     return path
 

@@ -1,9 +1,12 @@
-"""Benchmark ``token_logprobs`` (log-prob + entropy): forward and forward+backward, against its peers.
+"""Benchmark ``token_logprobs`` (log-prob + entropy): forward (under ``torch.no_grad()``, as the old-policy
+and reference passes run) and forward+backward, against its peers.
 
-Per shape: median time, the fewest bytes the op must move (forward reads the logits once and writes
-two floats per token; backward reads them once more and writes d(logits)), achieved GB/s and its share
-of the copy bandwidth measured in the same run, and peak memory. Peers, where installed: torch eager
-(the reference), torch.compile of it, and TRL's ``selective_log_softmax`` + ``entropy_from_logits``.
+Per shape: median time; the bytes each implementation moves (:func:`work`: rlfuse's by its design, one
+read forward and one read and one write backward; torch eager's and TRL's as their aten ops move them;
+torch.compile's the fewest any implementation must move, a lower bound), achieved GB/s and its share of
+the copy bandwidth measured in the same run, and peak memory. Peers, where installed: torch eager (the
+reference), torch.compile of it, TRL's ``selective_log_softmax`` + ``entropy_from_logits``, and QuACK's
+cross entropy (a logits-row kernel; loss only, no entropy).
 ``python -m bench.logprobs [--full]``; without a GPU it runs a smoke shape through Triton's interpreter.
 """
 
@@ -20,12 +23,13 @@ if not torch.cuda.is_available():
 
 import tyro
 
-from bench.common import bench_impls, pick_device, report
-from rlfuse.kernels import token_logprobs_reference
+from bench.common import backend, bench_impls, pick_device, report
+from bench.work import Work, pass_work
+from rlfuse.kernels import token_logprobs, token_logprobs_reference
 
 FULL_SHAPES = [(n, v) for n in (8192, 32768) for v in (32000, 128256, 151936, 262144)]
 SMOKE_SHAPES = [(64, 4096)]
-IMPLEMENTATIONS = ("rlfuse-triton", "torch-eager", "torch-compile", "trl")
+IMPLEMENTATIONS = ("rlfuse-triton", "torch-eager", "torch-compile", "trl", "quack-cross-entropy")
 """Every name :func:`implementations` can return; the peers only on a GPU, where installed."""
 
 
@@ -43,10 +47,12 @@ class Args:
 
 def implementations(device: torch.device):
     """name -> f(logits, targets) returning (logps, entropy); peers that are not installed are left out."""
-    from rlfuse.kernels.logprobs_triton import TokenLogprobsFunction
+    def rlfuse(x, y):
+        with backend("triton"):
+            return tuple(token_logprobs(x, y, return_entropy=True)[:2])
 
     impls = {
-        "rlfuse-triton": lambda x, y: TokenLogprobsFunction.apply(x, y, 1.0, False)[:2],
+        "rlfuse-triton": rlfuse,
         "torch-eager": lambda x, y: tuple(token_logprobs_reference(x, y, return_entropy=True)[:2]),
     }
     if device.type == "cuda":
@@ -56,6 +62,12 @@ def implementations(device: torch.device):
             from trl.trainer.utils import entropy_from_logits, selective_log_softmax
 
             impls["trl"] = lambda x, y: (selective_log_softmax(x, y), entropy_from_logits(x))
+        except ImportError:
+            pass
+        try:
+            from quack.cross_entropy import cross_entropy
+
+            impls["quack-cross-entropy"] = lambda x, y: (cross_entropy(x, y, reduction="none"),)
         except ImportError:
             pass
     return impls
@@ -69,6 +81,21 @@ def roofline_bytes(n: int, v: int, element_size: int):
     """
     fwd = n * v * element_size + n * 8 + 2 * n * 4
     return fwd, fwd + 2 * n * v * element_size + 2 * n * 4
+
+
+def work(impl: str, pass_name: str, n: int, v: int, element_size: int, fn=None) -> Work:
+    """The bytes ``impl`` moves in one pass (``fwd`` or ``fwd_bwd``) at N tokens x V logits."""
+    index = ("fwd", "fwd_bwd").index(pass_name)
+    floor = roofline_bytes(n, v, element_size)[index]
+    if impl == "rlfuse-triton":  # + the two row statistics kept for the backward
+        return Work(0, floor + 8 * n, "formula", "one read forward; one read and one write of d(logits) backward")
+    if impl == "quack-cross-entropy":
+        return Work(0, floor, "formula", "loss only: one read forward, one read and one write backward")
+    if impl in ("torch-eager", "trl") and fn is not None:
+        rows = 4
+        logits, targets, _ = make_inputs(rows, v, torch.device("cpu"))
+        return pass_work(fn, (logits, targets), 0, pass_name, rows, n)
+    return Work(0, floor, "lower bound")
 
 
 def make_inputs(n: int, v: int, device: torch.device):
@@ -87,9 +114,9 @@ def main(args: Args) -> None:
     rows = []
     for n, v in shapes:
         logits, targets, weights = make_inputs(n, v, device)
-        fwd_bytes, fwd_bwd_bytes = roofline_bytes(n, v, logits.element_size())
         for name, fn in implementations(device).items():
-            rows.append(bench_impls(name, fn, logits, targets, weights, device, fwd_bytes, fwd_bwd_bytes,
+            works = {p: work(name, p, n, v, logits.element_size(), fn) for p in ("fwd", "fwd_bwd")}
+            rows.append(bench_impls(name, fn, logits, targets, weights, device, works,
                                     {"n_tokens": n, "vocab": v, "dtype": "bfloat16"}))
     report("logprobs", device, rows, args.out_dir)
 

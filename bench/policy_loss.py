@@ -1,9 +1,14 @@
 """Benchmark the fused policy loss from logits (``policy_loss_from_logits``), forward and forward+backward.
 
-Per shape: median time, the fewest bytes (forward: read the logits once; forward+backward: read them
-once and write d(logits) once), achieved GB/s and its share of the copy bandwidth measured in the same
-run, and peak memory. Peers, where installed: torch eager (the reference composition), torch.compile of
-it, and Liger-Kernel's Triton GRPO loss. ``python -m bench.policy_loss [--full] [--algo dapo]``.
+Per shape: median time; the bytes each implementation moves (:func:`work`: rlfuse's token-local kernel
+one read forward, one read and one write of d(logits) forward+backward, its second sweep of a row served by
+L2; Liger-Kernel's two kernels one read forward and a read and a read and a write with the backward; torch
+eager's as its aten ops move them; torch.compile's the fewest, a lower bound), achieved GB/s and its share
+of the copy bandwidth measured in the same run, and peak memory. The forward runs under
+``torch.no_grad()``. Peers, where installed: torch eager (the reference composition), torch.compile of it,
+and Liger-Kernel's Triton GRPO loss, which reads (B, T + 1, V) logits and drops the last position itself:
+every implementation gets the same (B, T + 1, V) buffer, rlfuse and torch its ``[:, :-1]`` view.
+``python -m bench.policy_loss [--full] [--algo dapo]``.
 """
 
 from __future__ import annotations
@@ -20,7 +25,9 @@ if not torch.cuda.is_available():
 import tyro
 
 from bench.common import backend, bench_impls, pick_device, report
+from bench.work import Work, pass_work
 from rlfuse.algos import get_config, policy_loss_from_logits
+from rlfuse.algos.fused import passes_over_logits
 
 FULL_SHAPES = [(b, 1024, v) for b in (8, 32) for v in (32000, 128256, 151936, 262144)]
 SMOKE_SHAPES = [(4, 16, 4096)]
@@ -43,12 +50,13 @@ class Args:
 
 
 def implementations(device, config, old_logps, advantages, mask):
-    """name -> f(logits, targets) returning (loss,); peers that are not installed are left out."""
+    """name -> f(logits (B, T + 1, V), targets (B, T)) returning (loss,); missing peers are left out."""
 
     def rlfuse_loss(name):
         def run(logits, targets):
             with backend(name):
-                return (policy_loss_from_logits(logits, targets, old_logps, advantages, mask, config=config)[0],)
+                return (policy_loss_from_logits(logits[:, :-1], targets, old_logps, advantages, mask,
+                                                config=config)[0],)
         return run
 
     impls = {"rlfuse-triton": rlfuse_loss("triton"), "torch-eager": rlfuse_loss("torch")}
@@ -57,10 +65,10 @@ def implementations(device, config, old_logps, advantages, mask):
         try:
             from liger_kernel.transformers.grpo_loss import triton_grpo_loss
 
-            def liger(logits, targets):  # Liger expects (B, T + 1, V) and drops the last position itself
-                padded = torch.cat([logits, logits[:, -1:]], dim=1)
-                out = triton_grpo_loss(padded, old_logps, None, targets, advantages, mask.int(), temperature=1.0,
-                                       beta=0.0, eps_low=config.epsilon_low, eps_high=config.epsilon_high)
+            def liger(logits, targets):
+                out = triton_grpo_loss(logits, old_logps, None, targets, advantages, mask.int(), temperature=1.0,
+                                       beta=0.0, eps_low=config.epsilon_low, eps_high=config.epsilon_high,
+                                       inplace=False)
                 return (out[0] if isinstance(out, tuple) else out,)
 
             impls["liger-triton-grpo"] = liger
@@ -80,10 +88,32 @@ def roofline_bytes(b: int, t: int, v: int, element_size: int):
     return n * v * element_size + small, 2 * n * v * element_size + small
 
 
+def work(impl: str, pass_name: str, b: int, t: int, v: int, element_size: int, fn=None, config=None) -> Work:
+    """The bytes ``impl`` moves in one pass (``fwd`` or ``fwd_bwd``)."""
+    index = ("fwd", "fwd_bwd").index(pass_name)
+    floor = roofline_bytes(b, t, v, element_size)[index]
+    logits = b * t * v * element_size
+    if impl == "rlfuse-triton":
+        if index and config is not None and passes_over_logits(config) == 3:  # statistics, then a d(logits) kernel
+            return Work(0, floor + logits, "formula", "one read; one read and one write of d(logits)")
+        note = "second sweep of each row from L2 (rows in flight capped)" if index else "one read, no d(logits)"
+        return Work(0, floor, "formula", note)
+    if impl == "liger-triton-grpo":
+        return Work(0, floor + (logits if index else 0), "formula",
+                    "forward kernel reads the logits; backward kernel reads them and writes d(logits)")
+    if impl == "torch-eager" and fn is not None:
+        small_b, small_t = 1, 4
+        logits_small, targets, old, adv, mask = make_inputs(small_b, small_t, v, torch.device("cpu"))
+        small = implementations(torch.device("cpu"), config, old, adv, mask)["torch-eager"]
+        return pass_work(small, (logits_small, targets), 0, pass_name, small_b * small_t, b * t)
+    return Work(0, floor, "lower bound")
+
+
 def make_inputs(b: int, t: int, v: int, device: torch.device):
-    """Seeded ``(logits (B, T, V) bf16, targets (B, T) int64, old_logps (B, T), advantages (B,), mask (B, T) bool)``."""
+    """Seeded ``(logits (B, T + 1, V) bf16, targets (B, T) int64, old_logps (B, T), advantages (B,),
+    mask (B, T) bool)``; the logits' last position predicts nothing."""
     gen = torch.Generator(device=device).manual_seed(0)
-    logits = (torch.randn(b, t, v, device=device, generator=gen) * 4).to(torch.bfloat16)
+    logits = (torch.randn(b, t + 1, v, device=device, generator=gen) * 4).to(torch.bfloat16)
     targets = torch.randint(0, v, (b, t), device=device, generator=gen)
     old_logps = -torch.rand(b, t, device=device, generator=gen) * 5
     advantages = torch.randn(b, device=device, generator=gen)
@@ -99,9 +129,9 @@ def main(args: Args) -> None:
     rows = []
     for b, t, v in shapes:
         logits, targets, old_logps, advantages, mask = make_inputs(b, t, v, device)
-        fwd_bytes, fwd_bwd_bytes = roofline_bytes(b, t, v, logits.element_size())
         for name, fn in implementations(device, config, old_logps, advantages, mask).items():
-            rows.append(bench_impls(name, fn, logits, targets, advantages, device, fwd_bytes, fwd_bwd_bytes,
+            works = {p: work(name, p, b, t, v, logits.element_size(), fn, config) for p in ("fwd", "fwd_bwd")}
+            rows.append(bench_impls(name, fn, logits, targets, advantages, device, works,
                                     {"algo": args.algo, "n_tokens": b * t, "vocab": v, "dtype": "bfloat16"}))
     report("policy_loss", device, rows, args.out_dir)
 

@@ -2,8 +2,9 @@
 fixture and record the roofline (bytes, FLOPs, % of the measured device ceiling) in ``benchmark.extra_info``.
 
 ``bench/conftest.py`` builds one :class:`SuiteRun` per session; ``bench/test_*.py`` call :func:`time_pass`.
-The roofline math itself lives beside each benchmark (``roofline_bytes`` / ``roofline_flops`` in
-``bench.logprobs``, ``bench.policy_loss``, ``bench.linear``) and is shared with the ``python -m bench.X`` scripts.
+The work each implementation does lives beside each benchmark (``work`` in ``bench.logprobs``,
+``bench.policy_loss``, ``bench.linear``; ``bench.work`` for the counting) and is shared with the
+``python -m bench.X`` scripts.
 """
 
 from __future__ import annotations
@@ -16,6 +17,7 @@ import pytest
 import torch
 
 from bench.common import achieved_gbs, achieved_tflops, device_name, measured_copy_bandwidth, peak_memory_bytes
+from bench.work import Work
 
 SMOKE_ROUNDS = (3, 1)
 """(timed rounds, warm-up rounds) at the smoke size: the Triton interpreter takes about a second a call."""
@@ -74,32 +76,28 @@ def gemm_ceiling_tflops(m: int, h: int, v: int, device: str, dtype: torch.dtype)
     return gemm_tflops(m, h, v, torch.device(device), dtype)
 
 
-def roofline_fields(seconds: float, num_bytes: int, flops: Optional[int], copy_bandwidth_gbs: float,
+def roofline_fields(seconds: float, work: Work, copy_bandwidth_gbs: float,
                     gemm_tflops: Optional[float] = None) -> Dict:
-    """The roofline of one timed pass: achieved GB/s (and TFLOP/s) and its percentage of the device ceiling.
+    """The roofline of one timed pass, judged by the work its implementation does (``bench.work``).
 
     Args:
         seconds: the median time of the pass.
-        num_bytes: the fewest bytes the pass must move.
-        flops: the FLOPs it must do (None for a memory-bound op).
+        work: the FLOPs and bytes the implementation performs in the pass, and how they were counted.
         copy_bandwidth_gbs: the device's copy bandwidth measured in the same run, GB/s.
-        gemm_tflops: a bare GEMM's TFLOP/s on the same shape; when given, the pass is judged by FLOPs
-            against it, otherwise by bytes against the copy bandwidth.
+        gemm_tflops: a bare GEMM's TFLOP/s on the same shape, for the matrix products' share.
 
     Returns:
         ``seconds``, ``bytes``, ``flops``, ``achieved_gbs``, ``achieved_tflops`` (None without FLOPs),
-        ``copy_bandwidth_gbs``, ``gemm_tflops``, ``ceiling`` (the name of the ceiling used) and
-        ``pct_of_ceiling``.
+        ``copy_bandwidth_gbs``, ``gemm_tflops``, ``work_source``, ``work_note``, ``roofline_s`` (the time the
+        work takes at those ceilings), ``ceiling`` (``roofline of its own work``) and ``pct_of_ceiling`` (that
+        time over the measured one; None when the FLOPs are unknown).
     """
-    gbs = achieved_gbs(num_bytes, seconds)
-    tflops = achieved_tflops(flops, seconds) if flops else None
-    if gemm_tflops is None:
-        ceiling, pct = "copy_bandwidth_gbs", 100 * gbs / copy_bandwidth_gbs
-    else:
-        ceiling, pct = "gemm_tflops", 100 * tflops / gemm_tflops
-    return {"seconds": seconds, "bytes": num_bytes, "flops": flops, "achieved_gbs": gbs, "achieved_tflops": tflops,
-            "copy_bandwidth_gbs": copy_bandwidth_gbs, "gemm_tflops": gemm_tflops, "ceiling": ceiling,
-            "pct_of_ceiling": pct}
+    fields = work.fields(seconds, copy_bandwidth_gbs, gemm_tflops)
+    return {"seconds": seconds, "bytes": work.bytes, "flops": work.flops or None,
+            "achieved_gbs": achieved_gbs(work.bytes, seconds),
+            "achieved_tflops": achieved_tflops(work.flops, seconds) if work.flops else None,
+            "copy_bandwidth_gbs": copy_bandwidth_gbs, "gemm_tflops": gemm_tflops,
+            "ceiling": "roofline of its own work", "pct_of_ceiling": fields["pct_of_roofline"], **fields}
 
 
 def time_pass(benchmark, fn: Callable[[], object], run: SuiteRun, *, name: str, impl: str, pass_name: str,
@@ -142,7 +140,7 @@ def time_pass(benchmark, fn: Callable[[], object], run: SuiteRun, *, name: str, 
     return seconds
 
 
-def record_roofline(benchmark, run: SuiteRun, seconds: Optional[float], num_bytes: int, flops: Optional[int] = None,
+def record_roofline(benchmark, run: SuiteRun, seconds: Optional[float], work: Work,
                     gemm_tflops: Optional[float] = None) -> None:
     """Add :func:`roofline_fields` of a pass timed by :func:`time_pass` to ``benchmark.extra_info``.
 
@@ -150,8 +148,7 @@ def record_roofline(benchmark, run: SuiteRun, seconds: Optional[float], num_byte
     disabled (``seconds`` is None).
     """
     if seconds is not None:
-        benchmark.extra_info.update(roofline_fields(seconds, num_bytes, flops, measured_copy_bandwidth(run.device),
-                                                    gemm_tflops))
+        benchmark.extra_info.update(roofline_fields(seconds, work, measured_copy_bandwidth(run.device), gemm_tflops))
 
 
 def _first_call(impl: str, fn: Callable[[], object], setup: Optional[Callable[[], None]]) -> None:

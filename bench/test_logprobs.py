@@ -1,6 +1,6 @@
 """``token_logprobs`` (log-prob + entropy from logits), forward and forward+backward, against its peers.
 
-Judged by bytes against the copy bandwidth (see :func:`bench.logprobs.roofline_bytes`).
+Each implementation is judged by the bytes it moves against the copy bandwidth (:func:`bench.logprobs.work`).
 """
 
 import pytest
@@ -8,7 +8,7 @@ import pytest
 from bench.common import logits_passes
 # bench/conftest.py parametrizes `shape` with this module's SMOKE_SHAPES (FULL_SHAPES under --full).
 from bench.logprobs import FULL_SHAPES, SMOKE_SHAPES  # noqa: F401
-from bench.logprobs import IMPLEMENTATIONS, implementations, make_inputs, roofline_bytes
+from bench.logprobs import IMPLEMENTATIONS, implementations, make_inputs, work
 from bench.suite import record_roofline, time_pass
 
 
@@ -28,11 +28,10 @@ def test_logprobs(benchmark, run, shape, inputs, impl, pass_name):
         pytest.skip(f"{impl} is not installed, or runs only on a GPU")
     logits, targets, weights = inputs
     n, v = shape
-    num_bytes = dict(zip(("fwd", "fwd_bwd"), roofline_bytes(n, v, logits.element_size())))[pass_name]
     passes = logits_passes(fn, logits, targets, weights, run.device)
     seconds = time_pass(benchmark, passes[pass_name], run, name="logprobs", impl=impl, pass_name=pass_name,
                         shape={"n_tokens": n, "vocab": v}, extra={"dtype": "bfloat16"})
-    record_roofline(benchmark, run, seconds, num_bytes)
+    record_roofline(benchmark, run, seconds, work(impl, pass_name, n, v, logits.element_size(), fn))
     if impl.startswith("rlfuse"):
         # Passes over the (N, V) logits in memory: one read forward; the backward reads them and writes d(logits).
         benchmark.extra_info["logits_passes"] = {"fwd": 1, "fwd_bwd": 3}[pass_name]

@@ -1,6 +1,6 @@
 """The fused policy loss from logits (``policy_loss_from_logits``, DAPO's default config), forward and
-forward+backward, against its peers. Judged by bytes against the copy bandwidth
-(see :func:`bench.policy_loss.roofline_bytes`).
+forward+backward, against its peers. Each implementation is judged by the bytes it moves against the copy
+bandwidth (:func:`bench.policy_loss.work`).
 """
 
 import pytest
@@ -8,7 +8,7 @@ import pytest
 from bench.common import logits_passes
 # bench/conftest.py parametrizes `shape` with this module's SMOKE_SHAPES (FULL_SHAPES under --full).
 from bench.policy_loss import FULL_SHAPES, SMOKE_SHAPES  # noqa: F401
-from bench.policy_loss import IMPLEMENTATIONS, implementations, make_inputs, roofline_bytes
+from bench.policy_loss import IMPLEMENTATIONS, implementations, make_inputs, work
 from bench.suite import record_roofline, time_pass
 from rlfuse.algos import get_config
 from rlfuse.algos.fused import passes_over_logits
@@ -31,12 +31,12 @@ def test_policy_loss(benchmark, run, shape, inputs, impl, pass_name):
     if fn is None:
         pytest.skip(f"{impl} is not installed, or runs only on a GPU")
     b, t, v = shape
-    num_bytes = dict(zip(("fwd", "fwd_bwd"), roofline_bytes(b, t, v, logits.element_size())))[pass_name]
     passes = logits_passes(fn, logits, targets, advantages, run.device)
     seconds = time_pass(benchmark, passes[pass_name], run, name="policy_loss", impl=impl, pass_name=pass_name,
                         shape={"algo": ALGO, "n_tokens": b * t, "vocab": v},
                         extra={"dtype": "bfloat16", "batch": b, "seq_len": t})
-    record_roofline(benchmark, run, seconds, num_bytes)
+    record_roofline(benchmark, run, seconds, work(impl, pass_name, b, t, v, logits.element_size(), fn,
+                                                   get_config(ALGO)))
     if impl.startswith("rlfuse"):
         # Passes over the (N, V) logits in memory: the forward alone reads them once; with the backward, a
         # token-local loss reads them and writes d(logits) in one kernel (2), other losses take 3.

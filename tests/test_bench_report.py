@@ -212,9 +212,10 @@ def test_suite_json_carries_the_roofline(tmp_path):
     assert info["benchmark"] == "logprobs" and info["impl"] == "rlfuse-triton" and info["pass"] == "fwd"
     assert info["smoke"] is True and info["device"].startswith("cpu") and info["vocab"] == 4096
     assert info["shape"] == {"n_tokens": 64, "vocab": 4096}
-    assert info["bytes"] == logprobs.roofline_bytes(64, 4096, 2)[0] and info["flops"] is None
+    assert info["bytes"] == logprobs.roofline_bytes(64, 4096, 2)[0] + 8 * 64 and info["flops"] is None
+    assert info["work_source"] == "formula" and info["roofline_s"] > 0
     assert info["seconds"] == entry["stats"]["median"] > 0
-    assert info["ceiling"] == "copy_bandwidth_gbs" and info["copy_bandwidth_gbs"] > 0
+    assert info["ceiling"] == "roofline of its own work" and info["copy_bandwidth_gbs"] > 0
     assert info["achieved_gbs"] == pytest.approx(info["bytes"] / info["seconds"] / 1e9)
     assert info["pct_of_ceiling"] == pytest.approx(100 * info["achieved_gbs"] / info["copy_bandwidth_gbs"])
     assert info["peak_mem_bytes"] == -1
