@@ -3,12 +3,18 @@
 
 Both sample G = ``num_generations`` completions of ``prompts`` GSM8K training questions per step (the
 question plus :data:`rlfuse.engine.data.INSTRUCTION` through the chat template; both get the same
-questions at a given step), at ``temperature`` with no top-k, top-p or min-p filtering, score them with
-:func:`rlfuse.engine.rewards.gsm8k_rewards`, and take one AdamW step (weight decay 0, constant learning
+questions at a given step), at ``temperature`` with no top-k, top-p or min-p filtering, score them, and
+take one AdamW step (weight decay 0, constant learning
 rate, gradient clipping at 1.0) on the GRPO loss with group-std-scaled advantages and beta = 0: ``--algo
 grpo`` averages each sequence's tokens, then the sequences (TRL ``loss_type="grpo"``); ``--algo dapo``
 averages all tokens, with ε 0.2/0.28 (TRL ``loss_type="dapo"``). rlfuse samples with its shared-prefix
 engine, TRL with transformers ``generate``.
+
+The score is ``--rewards``: ``random`` (the default) draws each completion's reward uniformly from [0, 1)
+with a generator seeded by the step, the same numbers for both trainers, so that no group has equal
+rewards and every step updates on all its samples: on a random-weight model every GSM8K reward is equal,
+and the zero-advantage skip would remove the whole update. ``gsm8k`` scores with
+:func:`rlfuse.engine.rewards.gsm8k_rewards`.
 
 Per implementation, over the timed steps that follow ``warmup`` untimed ones:
 
@@ -19,10 +25,12 @@ Per implementation, over the timed steps that follow ``warmup`` untimed ones:
   the rest of the step (loss forward, backward, clipping, optimizer step); ``time_generate``: median
   seconds of sampling alone;
 - ``peak_mem_gb``: peak allocated CUDA memory in a step, GiB (CUDA only);
+- ``trained_share`` (rlfuse): the share of the step's samples the update trained on (1 with random rewards);
 - rlfuse's row also holds ``speedup_tokens_per_s`` (its tokens/s over TRL's) and ``speedup_step_time``
-  (TRL's step seconds over its own), and ``decode_pct_copy_bw``: an approximation of the bytes its
-  decode reads, over its sampling seconds, as a percentage of the copy bandwidth measured in the same
-  run (see :func:`decode_bytes`).
+  (TRL's step seconds over its own), ``decode_ms_per_step``: sampling seconds over the decode forwards of
+  the rollout, in milliseconds (one forward per generated position, all rows at once), and
+  ``decode_pct_copy_bw``: an approximation of the bytes its decode reads, over its sampling seconds, as a
+  percentage of the copy bandwidth measured in the same run (see :func:`decode_bytes`).
 
 ``python -m bench.e2e [--model smollm2-135m --prompts 2 --num-generations 8 --max-new-tokens 256]``.
 On a GPU, ``--model qwen2.5-0.5b-random`` or ``qwen2.5-1.5b-random`` build a randomly initialized model of
@@ -31,6 +39,7 @@ that shape (with the SmolLM2 tokenizer) in a temporary folder.
 
 from __future__ import annotations
 
+import contextlib
 import dataclasses
 import gc
 import importlib.metadata
@@ -118,6 +127,9 @@ class Args:
     """The tokenizer of the random models: an alias or a local HF folder (where the GGUF is not installed)."""
     impls: Tuple[Impl, ...] = ("rlfuse", "trl")
     """Implementations to run, in this order."""
+    rewards: Literal["random", "gsm8k"] = "random"
+    """random: uniform [0, 1) per completion, seeded by the step, the same for both (every sample trains);
+    gsm8k: the math reward (on a random-weight model all equal, so the update is skipped)."""
     data: str = "gsm8k"
     """GSM8K-format JSONL of training questions, or gsm8k (the shared copy, else the sample shipped with the tests)."""
     gradient_checkpointing: bool = False
@@ -200,6 +212,20 @@ def decode_bytes(model, batch, num_generations: int) -> int:
     return forwards * weight_bytes + kv_bytes_per_position * int(positions.sum())
 
 
+def random_rewards(step: int, count: int, seed: int = 0) -> List[float]:
+    """``count`` rewards uniform in [0, 1), drawn from a generator seeded by (``seed``, ``step``): the same
+    numbers for both trainers at a given step, and never equal within a group."""
+    gen = torch.Generator().manual_seed(seed * 1_000_003 + step)
+    return torch.rand(count, generator=gen, dtype=torch.float64).tolist()
+
+
+def decode_forwards(batch, num_generations: int) -> int:
+    """Decode forwards of one rollout of the shared-prefix sampler: one per generated position after the
+    first (which prefill samples), up to the longest group's length."""
+    group_len = batch.completion_mask.sum(1).view(-1, num_generations).max(1).values
+    return max(0, int(group_len.max()) - 1)
+
+
 def _peak_reset(device: torch.device) -> None:
     if device.type == "cuda":
         torch.cuda.reset_peak_memory_stats(device)
@@ -243,23 +269,49 @@ def run_rlfuse(args: Args, model: str, data: str, device: torch.device, work: Pa
 
     trainer.rollout.generate = timed_generate
     records = []
-    for step in range(1, args.warmup + args.steps + 1):
-        _peak_reset(device)
-        sync(device)
-        start = time.perf_counter()
-        record = trainer.step(step)
-        sync(device)
-        step_s = time.perf_counter() - start
-        batch = last.pop("batch")
-        records.append({
-            "step_s": step_s, "time_rollout": record["time_rollout"], "time_logprobs": record["time_logprobs"],
-            "time_update": step_s - record["time_rollout"] - record["time_logprobs"],
-            "time_generate": last["seconds"], "completion_tokens": batch.num_completion_tokens,
-            "peak_mem_gb": _peak_gb(device), "decode_bytes": decode_bytes(trainer.model, batch, args.num_generations),
-        })
+    with _rlfuse_rewards(args):
+        for step in range(1, args.warmup + args.steps + 1):
+            _peak_reset(device)
+            sync(device)
+            start = time.perf_counter()
+            record = trainer.step(step)
+            sync(device)
+            step_s = time.perf_counter() - start
+            batch = last.pop("batch")
+            records.append({
+                "step_s": step_s, "time_rollout": record["time_rollout"], "time_logprobs": record["time_logprobs"],
+                "time_update": step_s - record["time_rollout"] - record["time_logprobs"],
+                "time_generate": last["seconds"], "completion_tokens": batch.num_completion_tokens,
+                "peak_mem_gb": _peak_gb(device), "trained_share": record["trained_groups_frac"],
+                "decode_bytes": decode_bytes(trainer.model, batch, args.num_generations),
+                "decode_forwards": decode_forwards(batch, args.num_generations),
+            })
     del trainer, batch, generate, timed_generate
     _release(device)
     return records[args.warmup:]
+
+
+@contextlib.contextmanager
+def _rlfuse_rewards(args: Args):
+    """With ``--rewards random``, rlfuse's trainer scores each step with :func:`random_rewards` (the flags of
+    the math reward are kept for its logs)."""
+    if args.rewards != "random":
+        yield
+        return
+    from rlfuse.engine import trainer as trainer_module
+
+    original, calls = trainer_module.gsm8k_rewards, [0]
+
+    def scored(texts, golds, *call_args, **kwargs):
+        calls[0] += 1
+        result = original(texts, golds, *call_args, **kwargs)
+        return dataclasses.replace(result, rewards=random_rewards(calls[0], len(texts), args.seed))
+
+    trainer_module.gsm8k_rewards = scored
+    try:
+        yield
+    finally:
+        trainer_module.gsm8k_rewards = original
 
 
 def trl_prompts(examples: List[Example], tokenizer) -> List[list]:
@@ -275,6 +327,18 @@ def trl_prompts(examples: List[Example], tokenizer) -> List[list]:
         if list(ids) != build_prompt(tokenizer, ex.question):
             raise ValueError("TRL's chat templating of a prompt differs from rlfuse.engine.data.build_prompt")
     return prompts
+
+
+def trl_random_reward(seed: int = 0):
+    """A TRL reward function giving :func:`random_rewards` of its call count: the numbers rlfuse's trainer gets
+    at the same step."""
+    calls = [0]
+
+    def random_reward(completions, **kwargs) -> List[float]:
+        calls[0] += 1
+        return random_rewards(calls[0], len(completions), seed)
+
+    return random_reward
 
 
 def trl_reward(format_reward: float, incorrect_reward: float, stop_ids=()):
@@ -402,7 +466,8 @@ def run_trl(args: Args, model: str, data: str, device: torch.device, work: Path)
     timer = TRLStepTimer(device)
     eos = policy.generation_config.eos_token_id
     stop_ids = {tokenizer.eos_token_id, *(eos if isinstance(eos, (list, tuple)) else [eos])} - {None}
-    reward = trl_reward(train_args.format_reward, config.incorrect_reward, stop_ids)
+    reward = trl_random_reward(args.seed) if args.rewards == "random" else \
+        trl_reward(train_args.format_reward, config.incorrect_reward, stop_ids)
     trainer = GRPOTrainer(model=policy, reward_funcs=[reward],
                           args=grpo_config, train_dataset=dataset, processing_class=tokenizer,
                           callbacks=[timer.callback()])
@@ -426,10 +491,15 @@ def summarize(impl: str, records: List[Dict], args: Args, bandwidth_gbs: float) 
            **{key: median(key) for key in ("time_rollout", "time_logprobs", "time_update", "time_generate")}}
     if records[0]["peak_mem_gb"] is not None:
         row["peak_mem_gb"] = max(r["peak_mem_gb"] for r in records)
+    if "trained_share" in records[0]:
+        row["trained_share"] = statistics.mean(r["trained_share"] for r in records)
     if "decode_bytes" in records[0]:
-        decode_gbs = sum(r["decode_bytes"] for r in records) / sum(r["time_generate"] for r in records) / 1e9
+        generate_s = sum(r["time_generate"] for r in records)
+        decode_gbs = sum(r["decode_bytes"] for r in records) / generate_s / 1e9
+        forwards = sum(r["decode_forwards"] for r in records)
         row.update(decode_bytes=sum(r["decode_bytes"] for r in records) / len(records), decode_gbs=decode_gbs,
-                   decode_pct_copy_bw=100 * decode_gbs / bandwidth_gbs)
+                   decode_pct_copy_bw=100 * decode_gbs / bandwidth_gbs,
+                   decode_ms_per_step=1e3 * generate_s / forwards if forwards else None)
     return row
 
 
@@ -462,7 +532,7 @@ def main(args: Args) -> Path:
         ours, theirs = by_impl["rlfuse"], by_impl["trl"]
         ours["speedup_tokens_per_s"] = ours["tokens_per_s"] / theirs["tokens_per_s"]
         ours["speedup_step_time"] = theirs["step_s"] / ours["step_s"]
-    meta = {"model": args.model, "algo": args.algo, "temperature": args.temperature,
+    meta = {"model": args.model, "algo": args.algo, "rewards": args.rewards, "temperature": args.temperature,
             "learning_rate": args.learning_rate, "warmup": args.warmup,
             "dtype": str(resolve_dtype(args.dtype, device)), "data": data,
             "copy_bandwidth_gbs": bandwidth, "transformers": _version("transformers"), "trl": _version("trl"),
@@ -472,8 +542,8 @@ def main(args: Args) -> Path:
     print(f"e2e GRPO step on {device_name(device)}, {args.model}, {args.prompts} prompts x G={args.num_generations}, "
           f"max_new_tokens {args.max_new_tokens}; copy bandwidth {bandwidth:.1f} GB/s")
     print_table(rows, ["impl", "step_s", "tokens_per_s", "completion_tokens", "time_rollout", "time_logprobs",
-                       "time_update", "time_generate", "peak_mem_gb", "decode_pct_copy_bw", "speedup_tokens_per_s",
-                       "speedup_step_time"])
+                       "time_update", "time_generate", "trained_share", "peak_mem_gb", "decode_ms_per_step",
+                       "decode_pct_copy_bw", "speedup_tokens_per_s", "speedup_step_time"])
     print(f"wrote {path}")
     return path
 

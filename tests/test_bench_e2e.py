@@ -33,7 +33,25 @@ def test_e2e_benchmark_smoke(tmp_path, smollm2_dir):
     assert ours["speedup_tokens_per_s"] == pytest.approx(ours["tokens_per_s"] / theirs["tokens_per_s"])
     assert ours["speedup_step_time"] == pytest.approx(theirs["step_s"] / ours["step_s"])
     assert ours["decode_bytes"] >= 0 and ours["decode_pct_copy_bw"] >= 0
+    assert ours["decode_ms_per_step"] is None or ours["decode_ms_per_step"] > 0
+    assert ours["trained_share"] == 1.0  # random rewards: no group is skipped, the update does its work
+    assert payload["rewards"] == "random"
     assert "speedup_tokens_per_s" not in theirs
+
+
+def test_random_rewards_are_shared_and_never_equal_within_a_group():
+    first, again = e2e.random_rewards(3, 16, seed=0), e2e.random_rewards(3, 16, seed=0)
+    assert first == again and len(set(first)) == 16 and all(0 <= r < 1 for r in first)
+    assert e2e.random_rewards(4, 16, seed=0) != first
+    trl = e2e.trl_random_reward(seed=0)
+    assert [trl(["c"] * 16) for _ in range(3)][-1] == first  # TRL's third call is rlfuse's step 3
+
+
+def test_decode_forwards_counts_positions_after_the_first():
+    mask = torch.arange(4)[None, :] < torch.tensor([4, 1, 2, 2])[:, None]
+    batch = RolloutBatch(torch.zeros(4, 5, dtype=torch.long), torch.ones(4, 5, dtype=torch.long),
+                         torch.zeros(4, 4, dtype=torch.long), mask)
+    assert e2e.decode_forwards(batch, num_generations=2) == 3
 
 
 class TinyLM(torch.nn.Module):
