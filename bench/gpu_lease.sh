@@ -1,21 +1,25 @@
 #!/usr/bin/env bash
 # The GPU checks that fit a short lease (about 10 minutes) on a CUDA machine without network access, where
-# `make gpu-check` (which installs with pip and runs everything) cannot run:
-#   1. the kernel and loss tests with compiled kernels (`pytest --device cuda`);
-#   2. the benchmark suite at a few of its full shapes, rlfuse against the installed peers;
-#   3. whole GRPO steps (`bench.e2e`) on a randomly initialized Qwen2.5-0.5B-shaped model, rlfuse against TRL;
-#   4. the sampler and rollout tests that do not need the SmolLM2 GGUF (CUDA-graph decode);
-#   5. torch.compile's peers at one shape per benchmark, with what time is left;
-#   and, when STEPS names it, sweep: the fused-linear launch configurations (bench/linear_sweep.py).
-# Each step has its own time limit and writes into $OUT as it goes: a step that runs out of time loses
-# only itself. $OUT gets log.txt (everything printed) and parts.tgz (parts/suite-<benchmark>-<shape>.json,
-# one pytest-benchmark file per shape, and parts/e2e-<model>-<device>.json).
+# `make gpu-check` (which installs with pip and runs everything) cannot run. In order of value:
+#   1. bench:       per-kernel timings of the current tree at the full shapes that matter (log-probs and the
+#                   DAPO loss from logits at N = 8192, V = 128256 / 151936; log-probs from hidden states at
+#                   M = 8192, H = 896 / 4096), rlfuse against the installed peers, each charged its own work;
+#   2. linear_sweep: the fused-linear candidates (hybrid row blocks and chunks, fused tiles, materialized);
+#   3. row_sweep:   the logits kernels' configurations (rows per program, tiles, warps, the L2-capped grid);
+#   4. e2e:         whole GRPO steps (`bench.e2e`, random rewards so every step updates) on a randomly
+#                   initialized Qwen2.5-0.5B-shaped model, rlfuse against TRL, in one JSON;
+#   5. tests:       the kernel and loss tests with compiled kernels (`pytest --device cuda`);
+#   6. compile_bench: torch.compile's peers, with what time is left.
+# Each step has its own time limit and writes its JSON into $OUT/parts as it goes, and parts.tgz is repacked
+# after each step: a step that runs out of time loses only itself. $OUT gets log.txt (everything printed)
+# and parts.tgz (parts/suite-<benchmark>-<shape>.json, one pytest-benchmark file per shape;
+# parts/linear-sweep-*.json, parts/row-sweep-*.json, parts/e2e-*.json).
 # Missing pure-Python packages come as wheels (WHEELS, installed with --no-index) and the
 # random model's tokenizer as a saved folder (TOKENIZER): bench/gpu_prepare.sh makes both. See docs/gpu.md.
 #
 #   OUT=/tmp/lease bash bench/gpu_lease.sh            # on the GPU machine, from the repository root
 #   DRY=1 OUT=/tmp/lease PY=.venv/bin/python bash bench/gpu_lease.sh   # plumbing check on a CPU: smoke sizes
-#   STEPS="tests sweep e2e" BUDGET_S=250 OUT=/tmp/lease bash bench/gpu_lease.sh   # a shorter lease
+#   STEPS="bench linear_sweep" BUDGET_S=250 OUT=/tmp/lease bash bench/gpu_lease.sh   # a shorter lease
 set -u
 OUT=${OUT:?set OUT to the folder that receives the results}
 PY=${PY:-python3}
@@ -26,11 +30,12 @@ mkdir -p "$OUT/parts"
 # parts.tgz: every JSON so far, repacked after each step (the machine returns few files, and a run cut short
 # by its own limit still returns what finished).
 pack() { tar czf "$OUT/parts.tgz.new" -C "$OUT" parts && mv "$OUT/parts.tgz.new" "$OUT/parts.tgz"; }
-export PYTHONUNBUFFERED=1 HF_HUB_OFFLINE=1 TOKENIZERS_PARALLELISM=false
+export PYTHONUNBUFFERED=1 HF_HUB_OFFLINE=1 TOKENIZERS_PARALLELISM=false TRITON_DEFAULT_FP_FUSION=1
 stamp() { echo "[$(date -u +%T)] $*" | tee -a "$OUT/log.txt"; }
 
 if [ "$DRY" = 1 ]; then
     DEVICE=cpu; FULL=""; WORKERS=""
+    export TRITON_INTERPRET=1
 else
     unset TRITON_INTERPRET
     DEVICE=cuda; FULL="--full"; WORKERS="-n 12"
@@ -43,10 +48,8 @@ cap() {  # the limit $1 cut to the time left; fails when under 10 s are left
     [ "$left" -ge 10 ] || { stamp "skipped: ${left}s left"; return 1; }
     echo $(( $1 < left ? $1 : left ))
 }
-T_TESTS=130; T_E2E=100; T_ENGINE_TESTS=35; T_SWEEP=${T_SWEEP:-110}
-# The steps, in order (STEPS="tests sweep e2e" runs those alone, for a shorter lease).
-STEPS=${STEPS:-tests bench e2e engine compile_bench}
-if [ "$DRY" = 1 ]; then T_TESTS=30; T_ENGINE_TESTS=20; fi  # the interpreter is slow
+T_LINEAR_SWEEP=${T_LINEAR_SWEEP:-110}; T_ROW_SWEEP=${T_ROW_SWEEP:-75}; T_E2E=${T_E2E:-100}; T_TESTS=${T_TESTS:-120}
+STEPS=${STEPS:-bench linear_sweep row_sweep e2e tests compile_bench}
 
 if ls "$WHEELS"/*.whl >/dev/null 2>&1 && [ "$DRY" != 1 ]; then
     stamp "installing $(ls "$WHEELS"/*.whl | wc -l) wheels into /tmp/site"
@@ -60,10 +63,11 @@ fi
 stamp "environment"
 {
     nvidia-smi --query-gpu=name,memory.total,driver_version,clocks.max.sm --format=csv 2>&1
+    git log -1 --format='commit %H %s' 2>&1
     "$PY" - <<'EOF'
 import importlib, platform
 print("python", platform.python_version())
-for name in ("torch", "triton", "transformers", "liger_kernel", "cut_cross_entropy", "trl", "datasets",
+for name in ("torch", "triton", "transformers", "liger_kernel", "cut_cross_entropy", "quack", "trl", "datasets",
              "tyro", "math_verify", "pytest_benchmark", "xdist"):
     try:
         module = importlib.import_module(name)
@@ -72,27 +76,11 @@ for name in ("torch", "triton", "transformers", "liger_kernel", "cut_cross_entro
         print(name, "MISSING", type(error).__name__, str(error)[:200])
 import torch
 if torch.cuda.is_available():
+    props = torch.cuda.get_device_properties(0)
     print("device", torch.cuda.get_device_name(0), torch.cuda.get_device_capability(0),
-          torch.cuda.get_device_properties(0).multi_processor_count, "SMs")
+          props.multi_processor_count, "SMs", getattr(props, "L2_cache_size", "?"), "B L2")
 EOF
 } 2>&1 | tee -a "$OUT/log.txt"
-
-run_pytest() {  # limit, log name, pytest arguments...
-    local limit name=$2
-    limit=$(cap "$1") || return 0
-    shift 2
-    stamp "pytest $name (limit ${limit}s)"
-    timeout -s INT -k 5 "$limit" "$PY" -m pytest -p no:cacheprovider -q --tb=short -rfE "$@" 2>&1 \
-        | tee -a "$OUT/log.txt" | tail -n 25
-    stamp "pytest $name done"
-}
-
-step_tests() {
-    run_pytest "$T_TESTS" "kernels and losses" --device "$DEVICE" $WORKERS tests/test_kernels_triton.py \
-        tests/test_linear_logprobs.py tests/test_token_loss_kernel.py tests/test_logprobs_reference.py \
-        tests/test_linear_memory.py tests/test_policy_loss.py tests/test_offpolicy_losses.py \
-        tests/test_advantages.py tests/test_packing.py
-}
 
 bench() {  # limit, module, shape id: one pytest run per shape, since an interrupted run saves no JSON
     local limit
@@ -104,59 +92,73 @@ bench() {  # limit, module, shape id: one pytest run per shape, since an interru
         | tail -n 4
     pack
 }
-# The fast implementations at every shape first; torch.compile (tens of seconds of compilation per shape and
-# pass) in the step compile_bench, at the end, with what time is left.
+
+# 1. Timings of the current tree; torch.compile (tens of seconds of compilation per shape and pass) waits
+#    for compile_bench.
 step_bench() {
-if [ "$DRY" = 1 ]; then
-    bench 75 logprobs 64x4096; bench 75 policy_loss 4x16x4096; bench 110 linear 64x64x1000
-else
-    for shape in 32768x151936 8192x128256; do bench 22 logprobs "$shape and not torch-compile"; done
-    for shape in 32x1024x151936 8x1024x128256; do bench 22 policy_loss "$shape and not torch-compile"; done
-    for shape in 8192x4096x128256 8192x896x151936 32768x2048x151936; do
-        bench 40 linear "$shape and not torch-compile"
-    done
-fi
+    if [ "$DRY" = 1 ]; then
+        bench 60 logprobs "64x4096 and rlfuse"; bench 60 policy_loss "4x16x4096 and rlfuse"
+        bench 90 linear "64x64x1000 and hybrid and fwd_bwd"
+        return
+    fi
+    for shape in 8192x128256 8192x151936; do bench 20 logprobs "$shape and not torch-compile"; done
+    for shape in 8x1024x128256 32x1024x151936; do bench 22 policy_loss "$shape and not torch-compile"; done
+    for shape in 8192x896x151936 8192x4096x128256; do bench 45 linear "$shape and not torch-compile"; done
 }
 
-step_sweep() {  # the fused-linear launch configurations (bench/linear_sweep.py)
+sweep() {  # limit, module: bench.linear_sweep or bench.row_sweep, stopping 20 s before its limit
     local limit
-    limit=$(cap "$T_SWEEP") || return 0
-    stamp "linear sweep (limit ${limit}s)"
+    limit=$(cap "$1") || return 0
+    stamp "$2 (limit ${limit}s)"
     if [ "$DRY" = 1 ]; then
-        RLFUSE_BACKEND=triton TRITON_INTERPRET=1 timeout -k 5 "$limit" "$PY" -m bench.linear_sweep --smoke \
-            --out-dir "$OUT/parts" 2>&1 | tee -a "$OUT/log.txt" | tail -n 30
+        timeout -k 5 "$limit" "$PY" -m "$2" --smoke --out-dir "$OUT/parts" 2>&1 | tee -a "$OUT/log.txt" | tail -n 20
     else
-        timeout -k 5 "$limit" "$PY" -m bench.linear_sweep --time-limit-s $((limit - 25)) --out-dir "$OUT/parts" \
-            2>&1 | tee -a "$OUT/log.txt" | tail -n 60
+        timeout -k 5 "$limit" "$PY" -m "$2" --time-limit-s $((limit > 40 ? limit - 20 : limit / 2)) \
+            --out-dir "$OUT/parts" 2>&1 | tee -a "$OUT/log.txt" | tail -n 60
+    fi
+    pack
+}
+step_linear_sweep() { sweep "$T_LINEAR_SWEEP" bench.linear_sweep; }  # 2. the fused-linear candidates
+step_row_sweep() { sweep "$T_ROW_SWEEP" bench.row_sweep; }           # 3. the logits kernels' configurations
+
+step_e2e() {  # 4. rlfuse against TRL, whole steps; rlfuse alone if TRL is missing or fails
+    local limit
+    limit=$(cap "$T_E2E") || return 0
+    stamp "e2e (limit ${limit}s)"
+    if [ "$DRY" = 1 ]; then
+        E2E=(--model smollm2-135m --prompts 1 --num-generations 2 --max-new-tokens 8 --steps 1 --warmup 0
+             --impls rlfuse)
+    else
+        E2E=(--model qwen2.5-0.5b-random --tokenizer "$TOKENIZER" --prompts 4 --num-generations 8
+             --max-new-tokens 256 --steps 3 --warmup 1)
+    fi
+    timeout -k 5 "$limit" "$PY" -m bench.e2e "${E2E[@]}" --out-dir "$OUT/parts" 2>&1 | tee -a "$OUT/log.txt" \
+        | tail -n 12
+    if ! ls "$OUT"/parts/e2e-*.json >/dev/null 2>&1 && [ "$DRY" != 1 ] && limit=$(cap 60); then
+        stamp "e2e, rlfuse alone (TRL missing or failed; limit ${limit}s)"
+        timeout -k 5 "$limit" "$PY" -m bench.e2e "${E2E[@]}" --impls rlfuse --out-dir "$OUT/parts" 2>&1 \
+            | tee -a "$OUT/log.txt" | tail -n 12
     fi
     pack
 }
 
-step_e2e() {
-T_E2E=$(cap "$T_E2E") || T_E2E=0
-stamp "e2e (limit ${T_E2E}s)"
-if [ "$DRY" = 1 ]; then
-    E2E=(--model smollm2-135m --prompts 1 --num-generations 2 --max-new-tokens 8 --steps 1 --warmup 0 --impls rlfuse)
-else
-    E2E=(--model qwen2.5-0.5b-random --tokenizer "$TOKENIZER" --prompts 4 --num-generations 8 --max-new-tokens 256
-         --steps 3 --warmup 1)
-fi
-[ "$T_E2E" -gt 0 ] && timeout -k 5 "$T_E2E" "$PY" -m bench.e2e "${E2E[@]}" --out-dir "$OUT/parts" 2>&1 | tee -a "$OUT/log.txt" | tail -n 12
-if ! ls "$OUT"/parts/e2e-*.json >/dev/null 2>&1 && [ "$DRY" != 1 ] && T_E2E=$(cap 60); then
-    stamp "e2e, rlfuse alone (TRL missing or failed; limit ${T_E2E}s)"
-    timeout -k 5 "$T_E2E" "$PY" -m bench.e2e "${E2E[@]}" --impls rlfuse --out-dir "$OUT/parts" 2>&1 | tee -a "$OUT/log.txt" \
-        | tail -n 12
-fi
-pack
+step_tests() {  # 5. correctness with compiled kernels
+    local limit
+    limit=$(cap "$T_TESTS") || return 0
+    stamp "pytest kernels and losses (limit ${limit}s)"
+    local files=(tests/test_kernels_triton.py tests/test_linear_logprobs.py tests/test_token_loss_kernel.py
+                 tests/test_linear_memory.py tests/test_logprobs_reference.py tests/test_policy_loss.py
+                 tests/test_offpolicy_losses.py tests/test_advantages.py tests/test_packing.py
+                 tests/test_sampler.py tests/test_rollout.py)
+    [ "$DRY" = 1 ] && files=(tests/test_linear_memory.py)
+    timeout -s INT -k 5 "$limit" "$PY" -m pytest -p no:cacheprovider -q --tb=short -rfE --device "$DEVICE" \
+        $WORKERS --junitxml "$OUT/parts/tests.xml" "${files[@]}" 2>&1 | tee -a "$OUT/log.txt" | tail -n 25
+    pack
 }
 
-step_engine() {
-    run_pytest "$T_ENGINE_TESTS" engine --device "$DEVICE" $WORKERS tests/test_sampler.py tests/test_rollout.py
-}
-
-step_compile_bench() {
+step_compile_bench() {  # 6. torch.compile's peers
     [ "$DRY" = 1 ] && return 0
-    bench 40 logprobs "32768x151936 and torch-compile"; bench 40 policy_loss "32x1024x151936 and torch-compile"
+    bench 40 logprobs "8192x151936 and torch-compile"; bench 40 policy_loss "32x1024x151936 and torch-compile"
     bench 50 linear "8192x4096x128256 and torch-compile"
 }
 
