@@ -1,6 +1,6 @@
-"""Log-probs and policy losses from hidden states and the LM head, on both paths (chunked PyTorch and
-Triton: interpreted on the CPU, compiled under ``pytest --device cuda``), against the materialized float64
-reference; plus Liger-Kernel as a peer."""
+"""Log-probs and policy losses from hidden states and the LM head, on every path (chunked PyTorch; the hybrid
+and the fused GPU paths, interpreted on the CPU, compiled under ``pytest --device cuda``), against the
+materialized float64 reference; plus Liger-Kernel as a peer."""
 
 
 import pytest
@@ -15,9 +15,13 @@ F64 = torch.float64
 TOL = {torch.float32: (1e-5, 1e-4), torch.bfloat16: (2e-2, 5e-2)}
 
 
-@pytest.fixture(params=["torch", "triton"])
+@pytest.fixture(params=["torch", "hybrid", "fused"])
 def backend(request, monkeypatch):
-    monkeypatch.setenv("RLFUSE_BACKEND", request.param)
+    """The chunked PyTorch path, or one of the two GPU paths (Triton's interpreter on the CPU): the hybrid
+    one (GEMMs per vocabulary chunk with Triton row kernels) or the fused one (Triton tiles)."""
+    monkeypatch.setenv("RLFUSE_BACKEND", "torch" if request.param == "torch" else "triton")
+    if request.param != "torch":
+        monkeypatch.setenv("RLFUSE_LINEAR_IMPL", request.param)
     return request.param
 
 
@@ -27,7 +31,8 @@ def oracle(hidden, weight, bias, targets, temperature):
     log_probs = torch.log_softmax(z / temperature, dim=-1)
     keep = targets != -100
     logps = log_probs.gather(-1, torch.where(keep, targets, 0).unsqueeze(-1)).squeeze(-1)
-    entropy = -(log_probs.exp() * log_probs).sum(-1)
+    probs = log_probs.exp()
+    entropy = -(probs * torch.where(probs > 0, log_probs, 0.0)).sum(-1)  # p log p = 0 where p = 0
     zero = z.new_zeros(())
     return tuple(torch.where(keep, x, zero) for x in (logps, entropy, log_probs.mean(-1)))
 
@@ -195,3 +200,23 @@ def test_entropy_of_shifted_logits(spread, backend, device):
     out = linear_token_logprobs(hidden.float(), weight.float(), targets, bias.float(), 0.7, True)
     want = oracle(hidden, weight, bias, targets, 0.7)[1]
     torch.testing.assert_close(out.entropy.to(F64), want, rtol=1e-5, atol=2e-6)
+
+
+def test_minus_infinity_bias_entries(backend, device):
+    """Vocabulary entries a bias of -inf rules out: probability 0, finite log-probs elsewhere, no gradient
+    to them, entropy and gradients as the float64 oracle's."""
+    hidden, weight, bias, targets, _ = make(2, 5, 24, 203, torch.float32, seed=9, device=device)
+    bias[::7] = float("-inf")
+    targets = torch.where(targets % 7 == 0, targets + 1, targets)  # no target on a ruled-out entry
+    leaves = [t.float().requires_grad_(True) for t in (hidden[:, :-1], weight)]
+    out = linear_token_logprobs(leaves[0], leaves[1], targets, bias=bias.float(), temperature=0.7,
+                                return_entropy=True)
+    (out.logps.sum() + 0.5 * out.entropy.sum()).backward()
+    ref = [t.detach().double().requires_grad_(True) for t in (hidden[:, :-1], weight)]
+    want = oracle(ref[0], ref[1], bias.double(), targets, 0.7)
+    (want[0].sum() + 0.5 * want[1].sum()).backward()
+    close(out.logps, want[0], torch.float32)
+    close(out.entropy, want[1], torch.float32)
+    for got, leaf in zip(leaves, ref):
+        assert torch.isfinite(got.grad).all()
+        close(got.grad, leaf.grad, torch.float32)
