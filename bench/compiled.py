@@ -318,12 +318,25 @@ def main(argv=None) -> int:
               "wall_s": round(time.perf_counter() - start, 1)}
     out = args.out or RESULTS / f"compiled-triton{triton.__version__}.json"
     out.parent.mkdir(parents=True, exist_ok=True)
-    out.write_text(json.dumps(report, indent=1) + "\n")
+    out.write_text(dump_report(report))
     print(format_table(records))
     print(f"{len(records)} distinct compiles in {report['wall_s']} s -> {out}")
     for failure in failures:
         print("GATE:", failure, file=sys.stderr)
     return 1 if (args.gate and failures) else 0
+
+
+#: Record fields that only feed the compiler (the rest says what was compiled and what came out).
+COMPILE_INPUTS = ("signature", "attrs", "options")
+
+
+def dump_report(report: dict) -> str:
+    """The report as JSON, one record a line, without the compile inputs (:data:`COMPILE_INPUTS`)."""
+    head = {key: value for key, value in report.items() if key != "records"}
+    records = [{k: v for k, v in r.items() if k not in COMPILE_INPUTS} for r in report["records"]]
+    lines = ",\n".join(json.dumps(r, sort_keys=False) for r in records)
+    body = json.dumps(head, indent=1)[:-2]
+    return f'{body},\n "records": [\n{lines}\n ]\n}}\n'
 
 
 def format_table(records: List[dict]) -> str:
@@ -334,8 +347,7 @@ def format_table(records: List[dict]) -> str:
         tiles = ",".join(f"{k}={v}" for k, v in r["constexprs"].items() if k.startswith("BLOCK") or k == "ROWS")
         variant = ",".join(f"{k}={v}" for k, v in r["constexprs"].items() if k in VARIANT_KEYS)
         dtype = r["dtype"] + (f" ({variant})" if variant else "")
-        odd = [name for name in ("V", "N", "H") if name in r["signature"] and
-               name not in r["specialization"]["divisible_by_16"]]
+        odd = [name for name in ("V", "N", "H") if name in r["specialization"].get("not_divisible_by_16", ())]
         spec = "÷16" if not odd else "not ÷16: " + ",".join(odd)
         key = (r["kernel"].rsplit(".", 1)[1], dtype, tiles, r["num_warps"], r["num_stages"], spec)
         rows.setdefault(key, {})[r["arch"]] = r

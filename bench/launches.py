@@ -102,11 +102,14 @@ def specialize(captured: Launch, arch: int) -> dict:
 
 
 def describe(spec: dict, kernel) -> Dict[str, list]:
-    """Which runtime arguments the binder marked divisible by 16, and which integers it made the constant 1."""
+    """Which runtime arguments the binder marked divisible by 16, which integers it left without that
+    mark, and which integers it made the constant 1."""
     names = kernel.arg_names
     declared = {param.name for param in kernel.params if param.is_constexpr}
     divisible = [names[path[0]] for path, attributes in spec["attrs"].items()
                  if any(attribute[0] == "tt.divisibility" for attribute in attributes)]
     ones = [names[path[0]] for path, value in spec["constexprs"].items()
             if names[path[0]] not in declared and value == 1]
-    return {"divisible_by_16": sorted(divisible), "equal_to_1": sorted(ones)}
+    integers = [name for name, kind in spec["signature"].items() if kind in ("i32", "i64", "u32", "u64")]
+    return {"divisible_by_16": sorted(divisible), "not_divisible_by_16": sorted(set(integers) - set(divisible)),
+            "equal_to_1": sorted(ones)}
