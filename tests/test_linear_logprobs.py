@@ -220,3 +220,14 @@ def test_minus_infinity_bias_entries(backend, device):
     for got, leaf in zip(leaves, ref):
         assert torch.isfinite(got.grad).all()
         close(got.grad, leaf.grad, torch.float32)
+
+
+def test_autocast_does_not_round_the_logits(backend, device):
+    """Under bf16 autocast (the trainer's --mixed-precision) fp32 inputs still give fp32 logits on every path."""
+    hidden, weight, bias, targets, _ = make(2, 4, 24, 203, torch.float32, seed=10, device=device)
+    h, w = hidden[:, :-1].float(), weight.float()
+    plain = linear_token_logprobs(h, w, targets, return_entropy=True)
+    with torch.autocast(device.type, dtype=torch.bfloat16):
+        mixed = linear_token_logprobs(h, w, targets, return_entropy=True)
+    torch.testing.assert_close(mixed.logps, plain.logps, rtol=0, atol=0)
+    torch.testing.assert_close(mixed.entropy, plain.entropy, rtol=0, atol=0)

@@ -24,6 +24,7 @@ writes them and the kernel that reads them.
 
 from __future__ import annotations
 
+import contextlib
 from typing import Optional
 
 import torch
@@ -330,7 +331,8 @@ class HybridLinearLogprobsFunction(torch.autograd.Function):
     @staticmethod
     def forward(ctx, hidden, weight, bias, targets, temperature):
         hidden_2d = hidden.reshape(-1, hidden.shape[-1])  # a view when one exists, else one copy
-        logps, entropy, vmean, _, stats = hybrid_forward(hidden_2d, weight, bias, targets, temperature)
+        with _no_autocast(hidden.device):
+            logps, entropy, vmean, _, stats = hybrid_forward(hidden_2d, weight, bias, targets, temperature)
         ctx.save_for_backward(hidden_2d, weight, bias, targets, stats, entropy)
         ctx.temperature, ctx.shape = temperature, hidden.shape
         ctx.set_materialize_grads(False)  # an unused output's gradient stays None: its kernel branch is skipped
@@ -340,8 +342,9 @@ class HybridLinearLogprobsFunction(torch.autograd.Function):
     def backward(ctx, g_logp, g_entropy, g_vmean):
         hidden_2d, weight, bias, targets, stats, entropy = ctx.saved_tensors
         grads = tuple(None if g is None else g.float().contiguous() for g in (g_logp, g_entropy, g_vmean))
-        d_hidden, d_weight, d_bias = hybrid_backward(hidden_2d, weight, bias, targets, stats, entropy, grads,
-                                                     ctx.temperature)
+        with _no_autocast(hidden_2d.device):
+            d_hidden, d_weight, d_bias = hybrid_backward(hidden_2d, weight, bias, targets, stats, entropy, grads,
+                                                         ctx.temperature)
         return d_hidden.view(ctx.shape), d_weight, d_bias, None, None
 
 
@@ -354,9 +357,18 @@ def linear_logprobs_hybrid(hidden, weight, bias, targets, temperature: float):
     needs_grad = torch.is_grad_enabled() and any(t is not None and t.requires_grad for t in (hidden, weight, bias))
     if needs_grad:
         return HybridLinearLogprobsFunction.apply(hidden, weight, bias, targets, float(temperature))
-    logps, entropy, vmean, _, _ = hybrid_forward(hidden.reshape(-1, hidden.shape[-1]), weight, bias, targets,
-                                                 float(temperature))
+    with _no_autocast(hidden.device):
+        logps, entropy, vmean, _, _ = hybrid_forward(hidden.reshape(-1, hidden.shape[-1]), weight, bias, targets,
+                                                     float(temperature))
     return logps, entropy, vmean
+
+
+def _no_autocast(device: torch.device):
+    """Autocast off inside: the GEMMs run in the inputs' dtype into fp32 logits, whatever the caller's state
+    (under bf16 autocast an fp32 GEMM would otherwise round the logits)."""
+    if device.type not in ("cuda", "cpu"):
+        return contextlib.nullcontext()
+    return torch.autocast(device.type, enabled=False)
 
 
 def aot_launches(dtype: torch.dtype, n_rows: int, hidden: int, vocab: int) -> None:
