@@ -192,14 +192,22 @@ def report(name: str, device: torch.device, rows: List[Dict], out_dir: str) -> P
 
 
 @contextlib.contextmanager
-def backend(name: str):
-    """Force ``RLFUSE_BACKEND`` (``triton`` or ``torch``) for the duration of a call."""
-    previous = os.environ.get("RLFUSE_BACKEND")
-    os.environ["RLFUSE_BACKEND"] = name
+def environment(**variables: Optional[str]):
+    """Set environment variables for the duration of a call (None leaves one as it is), then restore them."""
+    previous = {name: os.environ.get(name) for name in variables}
+    for name, value in variables.items():
+        if value is not None:
+            os.environ[name] = value
     try:
         yield
     finally:
-        if previous is None:
-            os.environ.pop("RLFUSE_BACKEND")
-        else:
-            os.environ["RLFUSE_BACKEND"] = previous
+        for name, value in previous.items():
+            if value is None:
+                os.environ.pop(name, None)
+            else:
+                os.environ[name] = value
+
+
+def backend(name: str):
+    """Force ``RLFUSE_BACKEND`` (``triton`` or ``torch``) for the duration of a call."""
+    return environment(RLFUSE_BACKEND=name)

@@ -100,7 +100,8 @@ def enumerate_specs(archs=(80, 90), dtypes=tuple(DTYPES), shapes=tuple(SHAPES), 
                         for captured in launches:
                             spec = specialize(captured, arch)
                             names = captured.kernel.arg_names
-                            constexprs = {names[path[0]]: _json_safe(value) for path, value in spec["constexprs"].items()}
+                            constexprs = {names[path[0]]: _json_safe(value)
+                                          for path, value in spec["constexprs"].items()}
                             attrs = {names[path[0]]: value for path, value in spec["attrs"].items() if value}
                             job = {
                                 "module": module_name, "kernel": captured.name, "arch": arch, "dtype": dtype_name,

@@ -19,7 +19,6 @@ fp32 logits would take.
 
 from __future__ import annotations
 
-import contextlib
 import json
 import os
 import threading
@@ -34,7 +33,7 @@ if not torch.cuda.is_available():
 
 import tyro
 
-from bench.common import (achieved_tflops, backend, device_name, measured_copy_bandwidth, median_time_s,
+from bench.common import (achieved_tflops, backend, device_name, environment, measured_copy_bandwidth, median_time_s,
                           peak_memory_bytes, print_table, sync, write_results)
 from bench.work import Work
 from rlfuse.kernels import linear_token_logprobs, token_logprobs
@@ -104,19 +103,9 @@ def implementations(device: torch.device):
     return impls
 
 
-@contextlib.contextmanager
 def linear_impl(name: Optional[str]):
     """Force ``RLFUSE_LINEAR_IMPL`` (``hybrid`` or ``fused``) for the duration of a call; None leaves it."""
-    previous = os.environ.get("RLFUSE_LINEAR_IMPL")
-    if name is not None:
-        os.environ["RLFUSE_LINEAR_IMPL"] = name
-    try:
-        yield
-    finally:
-        if previous is None:
-            os.environ.pop("RLFUSE_LINEAR_IMPL", None)
-        else:
-            os.environ["RLFUSE_LINEAR_IMPL"] = previous
+    return environment(RLFUSE_LINEAR_IMPL=name)
 
 
 def gemm_tflops(m: int, h: int, v: int, device: torch.device, dtype: torch.dtype) -> float:

@@ -17,7 +17,6 @@ materialized logits at a small shape; one that fails is reported, not timed. Wha
 from __future__ import annotations
 
 import contextlib
-import os
 import time
 from dataclasses import dataclass
 from typing import Dict, Iterator, List, Optional, Tuple
@@ -25,10 +24,10 @@ from typing import Dict, Iterator, List, Optional, Tuple
 import torch
 import tyro
 
-from bench.common import (device_name, measured_copy_bandwidth, median_time_s, peak_memory_bytes, print_table,
-                          write_results)
+from bench.common import (device_name, environment, measured_copy_bandwidth, median_time_s, peak_memory_bytes,
+                          print_table, write_results)
 from bench.linear import gemm_tflops, implementations, linear_impl, make_inputs, work
-from rlfuse.kernels import launch, linear_token_logprobs
+from rlfuse.kernels import launch
 
 SHAPES = [(8192, 896, 151936), (8192, 4096, 128256), (8192, 896, 128256), (8192, 4096, 151936)]
 SMOKE_SHAPES = [(40, 16, 300)]
@@ -46,8 +45,8 @@ CANDIDATES: List[Tuple[str, str, object]] = [
     ("fused 128x128x64 w8 s3", "fused", (128, 128, 64, 8, 3)),
     ("fused 128x256x64 w8 s3", "fused", (128, 256, 64, 8, 3)),
 ]
-SMOKE_CANDIDATES = [("materialized", "materialized", None), ("hybrid rows=16 columns=128", "hybrid", "rows=16,columns=128"),
-                    ("fused", "fused", None)]
+SMOKE_CANDIDATES = [("materialized", "materialized", None),
+                    ("hybrid rows=16 columns=128", "hybrid", "rows=16,columns=128"), ("fused", "fused", None)]
 
 
 @dataclass
@@ -67,23 +66,17 @@ class Args:
 @contextlib.contextmanager
 def candidate(impl: str, setting) -> Iterator[None]:
     """Force one candidate inside the block: its implementation and its blocks or tiles."""
-    previous = os.environ.get("RLFUSE_LINEAR_HYBRID_BLOCKS")
     saved = launch.linear_forward_config
-    if impl == "hybrid" and setting is not None:
-        os.environ["RLFUSE_LINEAR_HYBRID_BLOCKS"] = setting
     if impl == "fused" and setting is not None:
         m, n, k, warps, stages = setting
         config = launch.LaunchConfig({"BLOCK_M": m, "BLOCK_N": n, "BLOCK_K": k}, num_warps=warps, num_stages=stages)
         launch.linear_forward_config = lambda *args, **kwargs: config
+    blocks = setting if impl == "hybrid" else None
     try:
-        with linear_impl(None if impl == "materialized" else impl):
+        with environment(RLFUSE_LINEAR_HYBRID_BLOCKS=blocks), linear_impl(None if impl == "materialized" else impl):
             yield
     finally:
         launch.linear_forward_config = saved
-        if previous is None:
-            os.environ.pop("RLFUSE_LINEAR_HYBRID_BLOCKS", None)
-        else:
-            os.environ["RLFUSE_LINEAR_HYBRID_BLOCKS"] = previous
 
 
 def check(fn, device: torch.device, n: int = 1000, h: int = 896, v: int = 32003) -> Optional[str]:

@@ -16,17 +16,16 @@ fails is reported, not timed):
 
 from __future__ import annotations
 
-import contextlib
 import os
 import time
 from dataclasses import dataclass
-from typing import Dict, Iterator, List, Optional
+from typing import Dict, List, Optional
 
 import torch
 import tyro
 
-from bench.common import (achieved_gbs, backend, device_name, measured_copy_bandwidth, median_time_s, print_table,
-                          write_results)
+from bench.common import (achieved_gbs, backend, device_name, environment, measured_copy_bandwidth, median_time_s,
+                          print_table, write_results)
 
 SHAPES = [(8192, 128256), (8192, 151936)]
 SMOKE_SHAPES = [(8, 300)]
@@ -62,20 +61,10 @@ class Args:
     """A plumbing check on the CPU (Triton's interpreter, tiny shapes): not a speed figure."""
 
 
-@contextlib.contextmanager
-def overridden(name: str, config: Optional[Dict[str, int]]) -> Iterator[None]:
+def overridden(name: str, config: Optional[Dict[str, int]]):
     """Set ``RLFUSE_<NAME>`` to ``config`` (``KEY=VALUE,...``) inside the block; None leaves the default."""
-    variable = f"RLFUSE_{name.upper()}"
-    previous = os.environ.get(variable)
-    if config is not None:
-        os.environ[variable] = ",".join(f"{key}={value}" for key, value in config.items())
-    try:
-        yield
-    finally:
-        if previous is None:
-            os.environ.pop(variable, None)
-        else:
-            os.environ[variable] = previous
+    value = None if config is None else ",".join(f"{key}={item}" for key, item in config.items())
+    return environment(**{f"RLFUSE_{name.upper()}": value})
 
 
 def _inputs(n: int, v: int, device: torch.device, seed: int = 0):

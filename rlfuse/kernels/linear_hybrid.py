@@ -33,6 +33,7 @@ import triton.language as tl
 
 from rlfuse.kernels import launch
 from rlfuse.kernels.linear_logprobs_triton import _linear_combine_kernel
+from rlfuse.kernels.logprobs_triton import _softmax_tile
 
 IGNORE_INDEX = -100
 
@@ -48,7 +49,7 @@ def _chunk_stats_kernel(
     rows = tl.program_id(0).to(tl.int64) * ROWS + tl.arange(0, ROWS)
     row_valid = rows < N
     row_ptrs = z_ptr + rows * stride_z
-    scale = 1.4426950408889634  # sums in base 2, as logprobs_triton._rows_stats
+    scale = 1.4426950408889634  # z is already divided by T; the sums are in base 2, as in _rows_stats
     offs = tl.arange(0, BLOCK_V)
     m = tl.full((ROWS,), float("-inf"), tl.float32)
     s = tl.zeros((ROWS, BLOCK_V), tl.float32)
@@ -65,16 +66,8 @@ def _chunk_stats_kernel(
         if HAS_BIAS:
             z += tl.load(b_ptr + v0 + cols, mask=cols < C, other=0.0).to(tl.float32)[None, :]
         z = z * inv_temp
-        m_new = tl.maximum(m, tl.max(z, 1))
-        m_safe = tl.where(m_new == float("-inf"), 0.0, m_new)
-        shift = tl.where(m == float("-inf"), 0.0, (m - m_safe) * scale)
-        alpha = tl.exp2(shift)[:, None]
-        d = (z - m_safe[:, None]) * scale
-        e = tl.exp2(d)
-        t = (t + shift[:, None] * s) * alpha + e * tl.where(e > 0, d, 0.0)
-        s = s * alpha + e
+        m, s, t = _softmax_tile(m, s, t, z, scale, True)
         zsum += tl.where((cols < C)[None, :], z, 0.0)
-        m = m_new
     s1 = tl.sum(s, 1)
     t1 = tl.sum(t, 1) * 0.6931471805599453
     zsum1 = tl.sum(zsum, 1)

@@ -34,6 +34,26 @@ LN2 = 0.6931471805599453
 
 
 @triton.jit
+def _softmax_tile(m, s, t, x, scale, WANT_ENTROPY: tl.constexpr):
+    """Merge a (ROWS, BLOCK_V) tile of logits x (-inf where masked) into the running max m (ROWS,) of x and
+    the per-lane sums s = sum 2^d and t = sum 2^d d, d = (x - m)·scale; returns the new (m, s, t).
+
+    When the max grows by (m_old - m_new)·scale = shift, every lane's terms shift alike:
+    t <- 2^shift (t + shift s), s <- 2^shift s. While every logit seen is -inf, the max is taken as 0, so
+    that no -inf - -inf = NaN appears (s is 0 then, and stays 0 whatever the shift).
+    """
+    m_new = tl.maximum(m, tl.max(x, 1))
+    m_safe = tl.where(m_new == float("-inf"), 0.0, m_new)
+    shift = tl.where(m == float("-inf"), 0.0, (m - m_safe) * scale)
+    alpha = tl.exp2(shift)[:, None]
+    d = (x - m_safe[:, None]) * scale
+    e = tl.exp2(d)
+    if WANT_ENTROPY:
+        t = (t + shift[:, None] * s) * alpha + e * tl.where(e > 0, d, 0.0)
+    return m_new, s * alpha + e, t
+
+
+@triton.jit
 def _rows_stats(row_ptrs, row_valid, V, inv_temp, WANT_ENTROPY: tl.constexpr, WANT_SUM: tl.constexpr,
                 ROWS: tl.constexpr, BLOCK_V: tl.constexpr):
     """Online softmax over ROWS rows of V logits each: returns (m, log s, entropy, sum_v x_v), each (ROWS,)
@@ -58,19 +78,9 @@ def _rows_stats(row_ptrs, row_valid, V, inv_temp, WANT_ENTROPY: tl.constexpr, WA
         ahead = start + BLOCK_V + offs  # the next tile's load goes out before this tile is used
         x_next = tl.load(row_ptrs[:, None] + ahead[None, :], mask=row_valid[:, None] & (ahead < V)[None, :],
                          other=float("-inf"))
-        m_new = tl.maximum(m, tl.max(x, 1))
-        # While every logit seen is -inf, shift by 0 instead of -inf so that no -inf - -inf = NaN appears.
-        m_safe = tl.where(m_new == float("-inf"), 0.0, m_new)
-        shift = tl.where(m == float("-inf"), 0.0, (m - m_safe) * scale)  # 0 while s = 0
-        alpha = tl.exp2(shift)[:, None]
-        d = (x - m_safe[:, None]) * scale
-        e = tl.exp2(d)
-        if WANT_ENTROPY:
-            t = (t + shift[:, None] * s) * alpha + e * tl.where(e > 0, d, 0.0)
-        s = s * alpha + e
+        m, s, t = _softmax_tile(m, s, t, x, scale, WANT_ENTROPY)
         if WANT_SUM:
             xsum += tl.where((start + offs < V)[None, :], x, 0.0)
-        m = m_new
     m_safe = tl.where(m == float("-inf"), 0.0, m)
     s_row = tl.where(row_valid, tl.sum(s, 1), 1.0)  # rows past N: no log(0)
     log_s = tl.log(s_row)

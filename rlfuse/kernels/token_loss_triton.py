@@ -92,141 +92,121 @@ def _token_loss_kernel(
     BLOCK_V: tl.constexpr,
 ):
     groups = tl.cdiv(N, ROWS)
-    for group in range(tl.program_id(0), groups, tl.num_programs(0)):
+    for group in range(tl.program_id(0), groups, tl.num_programs(0)):  # persistent: a row group at a time
         rows = (group * ROWS + tl.arange(0, ROWS)).to(tl.int64)  # group * ROWS <= N < 2**31
-        _token_loss_rows(
-            rows, logits_ptr, stride_b, stride_t, T, dlogits_ptr, dstride_b, dstride_t, targets_ptr,
-            old_logps_ptr, adv_ptr, ref_logps_ptr, weights_ptr,
-            loss_ptr, logps_ptr, entropy_ptr, ratio_ptr, clipped_ptr, kl_ptr,
-            N, V, inv_temp, epsilon_low, epsilon_high, clip_ratio_c, beta, ignore_index,
-            epsilon_low_prime, epsilon_high_prime, weight_temperature, regularizer_coef,
-            LOSS, DUAL_CLIP, KL, WRITE_GRAD, CLIP_MODE, WEIGHT, REGULARIZER, ROWS, BLOCK_V)
-
-
-@triton.jit
-def _token_loss_rows(
-    rows, logits_ptr, stride_b, stride_t, T, dlogits_ptr, dstride_b, dstride_t, targets_ptr,
-    old_logps_ptr, adv_ptr, ref_logps_ptr, weights_ptr,
-    loss_ptr, logps_ptr, entropy_ptr, ratio_ptr, clipped_ptr, kl_ptr,
-    N, V, inv_temp, epsilon_low, epsilon_high, clip_ratio_c, beta, ignore_index,
-    epsilon_low_prime, epsilon_high_prime, weight_temperature, regularizer_coef,
-    LOSS: tl.constexpr, DUAL_CLIP: tl.constexpr, KL: tl.constexpr, WRITE_GRAD: tl.constexpr,
-    CLIP_MODE: tl.constexpr, WEIGHT: tl.constexpr, REGULARIZER: tl.constexpr, ROWS: tl.constexpr,
-    BLOCK_V: tl.constexpr,
-):
-    """One group of ROWS rows: both sweeps and the per-token outputs."""
-    row_valid = rows < N
-    row_ptrs = logits_ptr + (rows // T) * stride_b + (rows % T) * stride_t
-    target = tl.load(targets_ptr + rows, mask=row_valid, other=ignore_index)
-    # Pass 1 over the rows.
-    m, log_s, row_entropy, _ = _rows_stats(row_ptrs, row_valid, V, inv_temp, True, False, ROWS, BLOCK_V)
-    keep = target != ignore_index
-    in_range = (target >= 0) & (target < V)  # ids outside [0, V) give NaN (checked on the host except in graph capture)
-    x_target = tl.load(row_ptrs + tl.where(keep & in_range, target, 0), mask=row_valid & keep & in_range,
-                       other=0.0).to(tl.float32)
-    # log p = (x - m) / T - log s: no term of the logits' magnitude is rounded (unlike x / T - lse).
-    logp = tl.where(keep, tl.where(in_range, (x_target - m) * inv_temp - log_s, float("nan")), 0.0)
-    entropy = tl.where(keep, row_entropy, 0.0)
-    # The token loss and its derivative; masked tokens (weight 0) are zeroed first, as in policy_loss.
-    weight = tl.load(weights_ptr + rows, mask=row_valid, other=0.0)
-    active = weight != 0.0
-    lp = tl.where(active, logp, 0.0)
-    old = tl.where(active, tl.load(old_logps_ptr + rows, mask=row_valid, other=0.0), 0.0)
-    adv = tl.where(active, tl.load(adv_ptr + rows, mask=row_valid, other=0.0), 0.0)
-    ratio = tl.exp(lp - old)
-    if LOSS == 0:
-        unclipped = -adv * ratio
-        clipped_loss = -adv * tl.minimum(tl.maximum(ratio, 1.0 - epsilon_low), 1.0 + epsilon_high)
-        loss = tl.maximum(unclipped, clipped_loss)
-        clipped = clipped_loss > unclipped
-        grad = tl.where(clipped, 0.0, -adv * ratio)
-        if DUAL_CLIP:
-            cap = -adv * clip_ratio_c
-            dual = (adv < 0) & (loss > cap)
-            loss = tl.where(dual, cap, loss)
-            grad = tl.where(dual, 0.0, grad)
-            clipped = clipped | dual
-    elif LOSS == 1:
-        negative = adv < 0
-        alpha = tl.where(negative, tl.minimum(tl.maximum(ratio, 0.0), 1.0), 1.0)
-        loss = -alpha * adv * lp
-        grad = -alpha * adv
-        clipped = negative & (ratio < 1.0)
-    elif LOSS == 2:
-        low = 1.0 - epsilon_low
-        high = 1.0 + epsilon_high
-        if CLIP_MODE == 1:
-            keep_token = ((adv >= 0) & (ratio <= high)) | ((adv <= 0) & (ratio >= low))
-        elif CLIP_MODE == 2:
-            keep_token = (ratio >= low) & (ratio <= high)
-        elif CLIP_MODE == 3:
-            band = (ratio >= low) & (ratio <= high)
-            keep_token = band | ((adv >= 0) & (ratio <= 1.0 - epsilon_low_prime)) | \
-                ((adv <= 0) & (ratio >= 1.0 + epsilon_high_prime))
+        row_valid = rows < N
+        row_ptrs = logits_ptr + (rows // T) * stride_b + (rows % T) * stride_t
+        target = tl.load(targets_ptr + rows, mask=row_valid, other=ignore_index)
+        # Pass 1 over the rows.
+        m, log_s, row_entropy, _ = _rows_stats(row_ptrs, row_valid, V, inv_temp, True, False, ROWS, BLOCK_V)
+        keep = target != ignore_index
+        # Ids outside [0, V) give NaN (checked on the host, except in CUDA-graph capture).
+        in_range = (target >= 0) & (target < V)
+        x_target = tl.load(row_ptrs + tl.where(keep & in_range, target, 0), mask=row_valid & keep & in_range,
+                           other=0.0).to(tl.float32)
+        # log p = (x - m) / T - log s: no term of the logits' magnitude is rounded (unlike x / T - lse).
+        logp = tl.where(keep, tl.where(in_range, (x_target - m) * inv_temp - log_s, float("nan")), 0.0)
+        entropy = tl.where(keep, row_entropy, 0.0)
+        # The token loss and its derivative; masked tokens (weight 0) are zeroed first, as in policy_loss.
+        weight = tl.load(weights_ptr + rows, mask=row_valid, other=0.0)
+        active = weight != 0.0
+        lp = tl.where(active, logp, 0.0)
+        old = tl.where(active, tl.load(old_logps_ptr + rows, mask=row_valid, other=0.0), 0.0)
+        adv = tl.where(active, tl.load(adv_ptr + rows, mask=row_valid, other=0.0), 0.0)
+        ratio = tl.exp(lp - old)
+        if LOSS == 0:
+            unclipped = -adv * ratio
+            clipped_loss = -adv * tl.minimum(tl.maximum(ratio, 1.0 - epsilon_low), 1.0 + epsilon_high)
+            loss = tl.maximum(unclipped, clipped_loss)
+            clipped = clipped_loss > unclipped
+            grad = tl.where(clipped, 0.0, -adv * ratio)
+            if DUAL_CLIP:
+                cap = -adv * clip_ratio_c
+                dual = (adv < 0) & (loss > cap)
+                loss = tl.where(dual, cap, loss)
+                grad = tl.where(dual, 0.0, grad)
+                clipped = clipped | dual
+        elif LOSS == 1:
+            negative = adv < 0
+            alpha = tl.where(negative, tl.minimum(tl.maximum(ratio, 0.0), 1.0), 1.0)
+            loss = -alpha * adv * lp
+            grad = -alpha * adv
+            clipped = negative & (ratio < 1.0)
+        elif LOSS == 2:
+            low = 1.0 - epsilon_low
+            high = 1.0 + epsilon_high
+            if CLIP_MODE == 1:
+                keep_token = ((adv >= 0) & (ratio <= high)) | ((adv <= 0) & (ratio >= low))
+            elif CLIP_MODE == 2:
+                keep_token = (ratio >= low) & (ratio <= high)
+            elif CLIP_MODE == 3:
+                band = (ratio >= low) & (ratio <= high)
+                keep_token = band | ((adv >= 0) & (ratio <= 1.0 - epsilon_low_prime)) | \
+                    ((adv <= 0) & (ratio >= 1.0 + epsilon_high_prime))
+            else:
+                keep_token = (ratio == ratio) | (ratio != ratio)  # every token, a NaN ratio too
+            weighted = adv
+            if WEIGHT == 1:
+                weighted = adv * ratio
+            elif WEIGHT == 2:
+                weighted = adv * tl.minimum(tl.maximum(ratio, 1.0 - epsilon_low_prime), 1.0 + epsilon_high_prime)
+            elif WEIGHT == 3:
+                weighted = adv * tl.exp(adv / weight_temperature)
+            loss = tl.where(keep_token, -weighted * lp, 0.0)
+            grad = tl.where(keep_token, -weighted, 0.0)
+            if REGULARIZER == 1:
+                loss = loss + regularizer_coef * (lp - old) * (lp - old)
+                grad = grad + 2.0 * regularizer_coef * (lp - old)
+            elif REGULARIZER == 2:
+                loss = loss - regularizer_coef * lp
+                grad = grad - regularizer_coef
+            clipped = ~keep_token
         else:
-            keep_token = (ratio == ratio) | (ratio != ratio)  # every token, a NaN ratio too
-        weighted = adv
-        if WEIGHT == 1:
-            weighted = adv * ratio
-        elif WEIGHT == 2:
-            weighted = adv * tl.minimum(tl.maximum(ratio, 1.0 - epsilon_low_prime), 1.0 + epsilon_high_prime)
-        elif WEIGHT == 3:
-            weighted = adv * tl.exp(adv / weight_temperature)
-        loss = tl.where(keep_token, -weighted * lp, 0.0)
-        grad = tl.where(keep_token, -weighted, 0.0)
-        if REGULARIZER == 1:
-            loss = loss + regularizer_coef * (lp - old) * (lp - old)
-            grad = grad + 2.0 * regularizer_coef * (lp - old)
-        elif REGULARIZER == 2:
-            loss = loss - regularizer_coef * lp
-            grad = grad - regularizer_coef
-        clipped = ~keep_token
-    else:
-        cap = 1.0 + epsilon_high
-        capped = tl.minimum(ratio, cap)
-        loss = -capped * adv * lp
-        grad = -capped * adv
-        clipped = ratio > cap
-    kl = tl.zeros((ROWS,), tl.float32)
-    if KL != 0:
-        diff = lp - tl.where(active, tl.load(ref_logps_ptr + rows, mask=row_valid, other=0.0), 0.0)
-        if KL == 1:
-            kl = diff
-            dkl = tl.full((ROWS,), 1.0, tl.float32)
-        elif KL == 2:
-            kl = 0.5 * diff * diff
-            dkl = diff
-        else:
-            kl = tl.exp(-diff) + diff - 1.0
-            dkl = 1.0 - tl.exp(-diff)
-        loss = loss + beta * kl
-        grad = grad + beta * dkl
-    tl.store(loss_ptr + rows, tl.where(active, loss, 0.0), mask=row_valid)
-    tl.store(logps_ptr + rows, logp, mask=row_valid)
-    tl.store(entropy_ptr + rows, entropy, mask=row_valid)
-    tl.store(ratio_ptr + rows, ratio, mask=row_valid)
-    tl.store(clipped_ptr + rows, tl.where(active & clipped, 1.0, 0.0), mask=row_valid)
-    tl.store(kl_ptr + rows, tl.where(active, kl, 0.0), mask=row_valid)
-    if WRITE_GRAD:
-        # Pass 2 over the same rows (still in L2): d(loss)/d(logits) = w·g·([v = y] - p_v) / T.
-        scale = tl.where(active, weight * grad, 0.0)[:, None]
-        drow_ptrs = dlogits_ptr + (rows // T) * dstride_b + (rows % T) * dstride_t
-        m2 = m[:, None]
-        log_s2 = log_s[:, None]
-        offs = tl.arange(0, BLOCK_V)
-        x_next = tl.load(row_ptrs[:, None] + offs[None, :], mask=row_valid[:, None] & (offs < V)[None, :],
-                         other=float("-inf"))
-        for start in range(0, V, BLOCK_V):
-            cols = start + offs
-            x = x_next.to(tl.float32)
-            ahead = cols + BLOCK_V
-            x_next = tl.load(row_ptrs[:, None] + ahead[None, :], mask=row_valid[:, None] & (ahead < V)[None, :],
+            cap = 1.0 + epsilon_high
+            capped = tl.minimum(ratio, cap)
+            loss = -capped * adv * lp
+            grad = -capped * adv
+            clipped = ratio > cap
+        kl = tl.zeros((ROWS,), tl.float32)
+        if KL != 0:
+            diff = lp - tl.where(active, tl.load(ref_logps_ptr + rows, mask=row_valid, other=0.0), 0.0)
+            if KL == 1:
+                kl = diff
+                dkl = tl.full((ROWS,), 1.0, tl.float32)
+            elif KL == 2:
+                kl = 0.5 * diff * diff
+                dkl = diff
+            else:
+                kl = tl.exp(-diff) + diff - 1.0
+                dkl = 1.0 - tl.exp(-diff)
+            loss = loss + beta * kl
+            grad = grad + beta * dkl
+        tl.store(loss_ptr + rows, tl.where(active, loss, 0.0), mask=row_valid)
+        tl.store(logps_ptr + rows, logp, mask=row_valid)
+        tl.store(entropy_ptr + rows, entropy, mask=row_valid)
+        tl.store(ratio_ptr + rows, ratio, mask=row_valid)
+        tl.store(clipped_ptr + rows, tl.where(active & clipped, 1.0, 0.0), mask=row_valid)
+        tl.store(kl_ptr + rows, tl.where(active, kl, 0.0), mask=row_valid)
+        if WRITE_GRAD:
+            # Pass 2 over the same rows (still in L2): d(loss)/d(logits) = w·g·([v = y] - p_v) / T.
+            scale = tl.where(active, weight * grad, 0.0)[:, None]
+            drow_ptrs = dlogits_ptr + (rows // T) * dstride_b + (rows % T) * dstride_t
+            m2 = m[:, None]
+            log_s2 = log_s[:, None]
+            offs = tl.arange(0, BLOCK_V)
+            x_next = tl.load(row_ptrs[:, None] + offs[None, :], mask=row_valid[:, None] & (offs < V)[None, :],
                              other=float("-inf"))
-            p = tl.exp((x - m2) * inv_temp - log_s2)
-            dz = tl.where(cols[None, :] == target[:, None], scale, 0.0) - scale * p
-            dz = tl.where(scale != 0.0, dz * inv_temp, 0.0)  # a masked row (even all -inf) writes exact zeros
-            tl.store(drow_ptrs[:, None] + cols[None, :], dz.to(dlogits_ptr.dtype.element_ty),
-                     mask=row_valid[:, None] & (cols < V)[None, :])
+            for start in range(0, V, BLOCK_V):
+                cols = start + offs
+                x = x_next.to(tl.float32)
+                ahead = cols + BLOCK_V
+                x_next = tl.load(row_ptrs[:, None] + ahead[None, :], mask=row_valid[:, None] & (ahead < V)[None, :],
+                                 other=float("-inf"))
+                p = tl.exp((x - m2) * inv_temp - log_s2)
+                dz = tl.where(cols[None, :] == target[:, None], scale, 0.0) - scale * p
+                dz = tl.where(scale != 0.0, dz * inv_temp, 0.0)  # a masked row (even all -inf) writes exact zeros
+                tl.store(drow_ptrs[:, None] + cols[None, :], dz.to(dlogits_ptr.dtype.element_ty),
+                         mask=row_valid[:, None] & (cols < V)[None, :])
 
 
 def token_loss_forward(logits, targets, old_logps, advantages, ref_logps, weights, params: TokenLossParams,
