@@ -176,7 +176,7 @@ def token_loss_config(target: Optional[Target], dtype: torch.dtype, vocab: int) 
 
     Each program sweeps a row twice (statistics, then d(logits)); the second sweep reads from L2 only
     while every row in flight fits there, so the grid is capped at ``L2_RESIDENT_FRACTION * L2 / row bytes``
-    rows (e.g. 97 rows of 256 KiB, bf16 V = 128256, on a 50 MiB L2) and each program loops over rows.
+    rows (e.g. 102 rows of 250 KiB, bf16 V = 128256, on a 50 MiB L2) and each program loops over rows.
     One row a program, in 16 warps with 8192-wide tiles: one program per multiprocessor keeps 32 KiB of
     loads in flight. The interpreter caps the grid at 2 programs, so that the tests cover the loop.
     """
