@@ -245,20 +245,22 @@ class HybridBlocks:
 
 
 def linear_hybrid_blocks(target: Optional[Target], dtype: torch.dtype, n_rows: int, hidden: int,
-                         vocab: int) -> HybridBlocks:
-    """Row blocks and vocabulary chunks of the hybrid path, from its memory budget.
+                         vocab: int, backward: bool = True) -> HybridBlocks:
+    """Row blocks and vocabulary chunks of the hybrid path's forward (``backward=False``) or backward, from
+    its memory budget.
 
-    The budget B is :data:`LINEAR_EXTRA_MEMORY_FRACTION` of inputs plus gradients, 2·(N·H + V·H) elements.
-    Kept for the backward: 5 float32 statistics per token. A row block of R tokens holds an fp32 (R, H)
-    d(hidden) accumulator (none for fp32, where it is the output) and, per column, one fp32 logit and one
-    d(logit) in ``dtype`` per token. R is N when a chunk of :data:`LINEAR_CHUNK_TARGET` columns fits beside
-    the accumulator, else the largest multiple of 128 that leaves room for one; then
-    C = (B - 20·N - R·4H) / (R·(4 + element)), rounded down to a multiple of 128 within
+    The budget B is :data:`LINEAR_EXTRA_MEMORY_FRACTION` of inputs plus gradients, 2·(N·H + V·H) elements,
+    less 40 bytes a token: the 5 float32 statistics kept for the backward and the four (N,) float32 results. The forward holds one fp32 logit per
+    token and column; the backward also one d(logit) in ``dtype``, and a row block of R tokens an fp32 (R, H)
+    d(hidden) accumulator (none for fp32, where it is the output). The two passes never hold their buffers at
+    once, so each gets the whole budget. R is N when a chunk of :data:`LINEAR_CHUNK_TARGET` columns fits
+    beside the accumulator, else the largest multiple of 128 that leaves room for one; then C is the rest of
+    the budget over R tokens' bytes per column, rounded down to a multiple of 128 within
     [:data:`LINEAR_CHUNK_MIN`, :data:`LINEAR_CHUNK_MAX`]. Where even that does not fit (a tiny LM head
     against many tokens) the minimum is taken and the budget exceeded, as
-    :func:`rlfuse.kernels.linear_hybrid.extra_bytes` reports. At N = 8192, bf16: H = 896, V = 151936 gives
-    one block of 512 columns; H = 4096, V = 128256 one of 1792. The interpreter takes 64 columns and blocks
-    of 32 rows, so that the tests cover several of each.
+    :func:`rlfuse.kernels.linear_hybrid.extra_bytes` reports. At N = 8192, bf16, H = 896, V = 151936: the
+    forward takes 1664 columns, the backward 512; at H = 4096, V = 128256 the backward takes 1792. The
+    interpreter takes 64 columns and blocks of 32 rows, so that the tests cover several of each.
     """
     forced = _override("linear_hybrid_blocks")  # RLFUSE_LINEAR_HYBRID_BLOCKS=rows=2048,columns=4096 (sweeps)
     if forced:
@@ -267,12 +269,13 @@ def linear_hybrid_blocks(target: Optional[Target], dtype: torch.dtype, n_rows: i
     if target is None:
         return HybridBlocks(rows=max(1, min(32, n_rows)), columns=max(1, min(64, vocab)))
     element = element_size(dtype)
-    budget = LINEAR_EXTRA_MEMORY_FRACTION * 2 * (n_rows * hidden + vocab * hidden) * element - 20 * n_rows
-    accumulator_per_row = 4 * hidden if dtype != torch.float32 else 0
-    per_row = accumulator_per_row + LINEAR_CHUNK_TARGET * (4 + element)
+    budget = LINEAR_EXTRA_MEMORY_FRACTION * 2 * (n_rows * hidden + vocab * hidden) * element - 40 * n_rows
+    accumulator_per_row = 4 * hidden if backward and dtype != torch.float32 else 0
+    per_column = 4 + element if backward else 4
+    per_row = accumulator_per_row + LINEAR_CHUNK_TARGET * per_column
     rows = n_rows if n_rows * per_row <= budget else max(128, int(budget // per_row) // 128 * 128)
     rows = max(1, min(rows, n_rows))
-    columns = int((budget - rows * accumulator_per_row) // (rows * (4 + element))) // 128 * 128
+    columns = int((budget - rows * accumulator_per_row) // (rows * per_column)) // 128 * 128
     columns = max(LINEAR_CHUNK_MIN, min(LINEAR_CHUNK_MAX, columns))
     return HybridBlocks(rows=rows, columns=min(columns, -(-vocab // 128) * 128))
 

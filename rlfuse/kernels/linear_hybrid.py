@@ -196,7 +196,7 @@ def hybrid_forward(hidden: torch.Tensor, weight: torch.Tensor, bias: Optional[to
     vocab = weight.shape[0]
     device = hidden.device
     target = launch.target_of(device)
-    blocks = launch.linear_hybrid_blocks(target, hidden.dtype, n_rows, size_h, vocab)
+    blocks = launch.linear_hybrid_blocks(target, hidden.dtype, n_rows, size_h, vocab, backward=False)
     cfg = launch.chunk_row_config(target, blocks.columns)
     stats = torch.empty(5, n_rows, device=device, dtype=torch.float32)
     outs = [torch.empty(n_rows, device=device, dtype=torch.float32) for _ in range(4)]
@@ -265,22 +265,26 @@ def hybrid_backward(hidden, weight, bias, targets, stats, entropy, grads, temper
 
 def extra_bytes(n_rows: int, hidden: int, vocab: int, dtype: torch.dtype, target: Optional[launch.Target],
                 backward: bool = True, hidden_is_matrix: bool = True) -> int:
-    """Bytes this path allocates beyond its inputs, its (N,) float32 outputs and the gradients it returns.
+    """Bytes this path allocates at its peak beyond its inputs, its (N,) float32 outputs and the gradients it
+    returns.
 
     Kept from the forward for the backward: the (5, N) float32 statistics, and a copy of the hidden states
     when they have no (N, H) view. Forward: the (R, C) fp32 logits chunk. Backward: the logits chunk, the
-    (R, C) d(logits) chunk in ``dtype`` and, below fp32, the fp32 (R, H) d(hidden) accumulator (R and C from
-    ``launch.linear_hybrid_blocks``). A bias adds its float32 (V,) gradient and a (C,) column sum, not
-    counted here.
+    (R, C) d(logits) chunk in ``dtype`` and, below fp32, the fp32 (R, H) d(hidden) accumulator, with the
+    backward's own R and C (``launch.linear_hybrid_blocks``). The forward's chunk is freed before the
+    backward starts, so the peak is the larger of the two. A bias adds its float32 (V,) gradient and a (C,)
+    column sum, not counted here.
     """
     element = launch.element_size(dtype)
-    blocks = launch.linear_hybrid_blocks(target, dtype, n_rows, hidden, vocab)
-    rows, columns = min(blocks.rows, n_rows), min(blocks.columns, vocab)
     kept = 5 * n_rows * 4 + (0 if hidden_is_matrix else n_rows * hidden * element)
+    fwd = launch.linear_hybrid_blocks(target, dtype, n_rows, hidden, vocab, backward=False)
+    forward = min(fwd.rows, n_rows) * min(fwd.columns, vocab) * 4
     if not backward:
-        return kept + rows * columns * 4
+        return kept + forward
+    bwd = launch.linear_hybrid_blocks(target, dtype, n_rows, hidden, vocab, backward=True)
+    rows, columns = min(bwd.rows, n_rows), min(bwd.columns, vocab)
     accumulator = rows * hidden * 4 if dtype != torch.float32 else 0
-    return kept + rows * columns * (4 + element) + accumulator
+    return kept + max(forward, rows * columns * (4 + element) + accumulator)
 
 
 def traffic_bytes(n_rows: int, hidden: int, vocab: int, dtype: torch.dtype, target: Optional[launch.Target],
@@ -296,14 +300,19 @@ def traffic_bytes(n_rows: int, hidden: int, vocab: int, dtype: torch.dtype, targ
     never holding d(logits) for a whole row.
     """
     element = launch.element_size(dtype)
-    blocks = launch.linear_hybrid_blocks(target, dtype, n_rows, hidden, vocab)
-    n_blocks, n_chunks = -(-n_rows // max(1, blocks.rows)), -(-vocab // max(1, blocks.columns))
     weight = vocab * hidden * element
-    hidden_reads = n_chunks * n_rows * hidden * element
     per_token = n_rows * (8 + 5 * 4 + 4 * 4)
-    forward = hidden_reads + n_blocks * weight + 2 * n_rows * vocab * 4 + per_token
+
+    def steps(backward_pass):
+        blocks = launch.linear_hybrid_blocks(target, dtype, n_rows, hidden, vocab, backward=backward_pass)
+        return -(-n_rows // max(1, blocks.rows)), -(-vocab // max(1, blocks.columns))
+
+    n_blocks, n_chunks = steps(False)
+    forward = n_chunks * n_rows * hidden * element + n_blocks * weight + 2 * n_rows * vocab * 4 + per_token
     if not backward:
         return forward
+    n_blocks, n_chunks = steps(True)
+    hidden_reads = n_chunks * n_rows * hidden * element
     logits, grad = n_rows * vocab * 4, n_rows * vocab * element
     backward_bytes = (hidden_reads + n_blocks * weight + logits            # recompute the logits
                       + logits + grad                                      # d(logits)
