@@ -41,7 +41,7 @@ ROW_CONFIGS: List[Optional[Dict[str, int]]] = [
 LOSS_CONFIGS: List[Optional[Dict[str, int]]] = [
     None,
     {"ROWS": 1, "BLOCK_V": 8192, "num_warps": 16, "max_programs": 1 << 30},
-    {"ROWS": 1, "BLOCK_V": 4096, "num_warps": 8},
+    {"ROWS": 1, "BLOCK_V": 8192, "num_warps": 16},
     {"ROWS": 1, "BLOCK_V": 4096, "num_warps": 8, "max_programs": 1 << 30},
 ]
 SMOKE_CONFIGS: List[Optional[Dict[str, int]]] = [None, {"ROWS": 1, "BLOCK_V": 128, "num_warps": 1}]

@@ -76,18 +76,6 @@ def target_of(device: torch.device) -> Optional[Target]:
     return _CUDA_TARGETS[index]
 
 
-def capability_of(device: torch.device) -> Optional[int]:
-    """``10 * major + minor`` of a CUDA device (``90`` for an H100), ``None`` for any other device."""
-    target = target_of(device)
-    return None if target is None else target.capability
-
-
-def multiprocessor_count(device: torch.device) -> Optional[int]:
-    """The number of multiprocessors of a CUDA device (132 on an H100/H200), ``None`` for any other device."""
-    target = target_of(device)
-    return None if target is None else target.num_sms
-
-
 @dataclass(frozen=True)
 class LaunchConfig:
     """One kernel launch's compile-time choices.
@@ -177,8 +165,10 @@ def token_loss_config(target: Optional[Target], dtype: torch.dtype, vocab: int) 
     Each program sweeps a row twice (statistics, then d(logits)); the second sweep reads from L2 only
     while every row in flight fits there, so the grid is capped at ``L2_RESIDENT_FRACTION * L2 / row bytes``
     rows (e.g. 102 rows of 250 KiB, bf16 V = 128256, on a 50 MiB L2) and each program loops over rows.
-    One row a program, in 16 warps with 8192-wide tiles: one program per multiprocessor keeps 32 KiB of
-    loads in flight. The interpreter caps the grid at 2 programs, so that the tests cover the loop.
+    One row a program, in 8 warps with 4096-wide tiles (16 values a thread, two tiles in flight): 16 warps
+    with 8192-wide tiles would keep twice the loads in flight, but sat at the 128-register cap of 512
+    threads and spilled on sm_80 once the second sweep became the log-prob backward's (``bench.row_sweep``
+    times it). The interpreter caps the grid at 2 programs, so that the tests cover the loop.
     """
     if target is None:
         return _with_override("token_loss_config", LaunchConfig({"ROWS": 2, "BLOCK_V": _pow2_at_most(vocab, 256)},
@@ -187,7 +177,7 @@ def token_loss_config(target: Optional[Target], dtype: torch.dtype, vocab: int) 
     row_bytes = max(1, vocab * element_size(dtype))
     rows_in_flight = max(1, int(L2_RESIDENT_FRACTION * target.l2_bytes) // row_bytes)
     return _with_override("token_loss_config",
-                          LaunchConfig({"ROWS": rows, "BLOCK_V": _pow2_at_most(vocab, 8192)}, num_warps=16,
+                          LaunchConfig({"ROWS": rows, "BLOCK_V": _pow2_at_most(vocab, 4096)}, num_warps=8,
                                        max_programs=max(1, rows_in_flight // rows)))
 
 
@@ -250,14 +240,14 @@ def linear_hybrid_blocks(target: Optional[Target], dtype: torch.dtype, n_rows: i
     its memory budget.
 
     The budget B is :data:`LINEAR_EXTRA_MEMORY_FRACTION` of inputs plus gradients, 2·(N·H + V·H) elements,
-    less 40 bytes a token: the 5 float32 statistics kept for the backward and the four (N,) float32 results. The forward holds one fp32 logit per
-    token and column; the backward also one d(logit) in ``dtype``, and a row block of R tokens an fp32 (R, H)
-    d(hidden) accumulator (none for fp32, where it is the output). The two passes never hold their buffers at
-    once, so each gets the whole budget. R is N when a chunk of :data:`LINEAR_CHUNK_TARGET` columns fits
-    beside the accumulator, else the largest multiple of 128 that leaves room for one; then C is the rest of
-    the budget over R tokens' bytes per column, rounded down to a multiple of 128 within
-    [:data:`LINEAR_CHUNK_MIN`, :data:`LINEAR_CHUNK_MAX`]. Where even that does not fit (a tiny LM head
-    against many tokens) the minimum is taken and the budget exceeded, as
+    less 40 bytes a token: the 5 float32 statistics kept for the backward and the four (N,) float32 results.
+    The forward holds one fp32 logit per token and column; the backward also one d(logit) in ``dtype``, and
+    a row block of R tokens an fp32 (R, H) d(hidden) accumulator (none for fp32, where it is the output).
+    The two passes never hold their buffers at once, so each gets the whole budget. R is N when a chunk of
+    :data:`LINEAR_CHUNK_TARGET` columns fits beside the accumulator, else the largest multiple of 128 that
+    leaves room for one; then C is the rest of the budget over R tokens' bytes per column, rounded down to a
+    multiple of 128 within [:data:`LINEAR_CHUNK_MIN`, :data:`LINEAR_CHUNK_MAX`]. Where even that does not
+    fit (a tiny LM head against many tokens) the minimum is taken and the budget exceeded, as
     :func:`rlfuse.kernels.linear_hybrid.extra_bytes` reports. At N = 8192, bf16, H = 896, V = 151936: the
     forward takes 1664 columns, the backward 512; at H = 4096, V = 128256 the backward takes 1792. The
     interpreter takes 64 columns and blocks of 32 rows, so that the tests cover several of each.

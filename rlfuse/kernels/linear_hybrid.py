@@ -33,7 +33,7 @@ import triton.language as tl
 
 from rlfuse.kernels import launch
 from rlfuse.kernels.linear_logprobs_triton import _linear_combine_kernel
-from rlfuse.kernels.logprobs_triton import _softmax_tile
+from rlfuse.kernels.logprobs_triton import _rows_sums
 
 IGNORE_INDEX = -100
 
@@ -49,28 +49,9 @@ def _chunk_stats_kernel(
     rows = tl.program_id(0).to(tl.int64) * ROWS + tl.arange(0, ROWS)
     row_valid = rows < N
     row_ptrs = z_ptr + rows * stride_z
-    scale = 1.4426950408889634  # z is already divided by T; the sums are in base 2, as in _rows_stats
-    offs = tl.arange(0, BLOCK_V)
-    m = tl.full((ROWS,), float("-inf"), tl.float32)
-    s = tl.zeros((ROWS, BLOCK_V), tl.float32)
-    t = tl.zeros((ROWS, BLOCK_V), tl.float32)
-    zsum = tl.zeros((ROWS, BLOCK_V), tl.float32)
-    z_next = tl.load(row_ptrs[:, None] + offs[None, :], mask=row_valid[:, None] & (offs < C)[None, :],
-                     other=float("-inf"))
-    for c0 in range(0, C, BLOCK_V):
-        cols = c0 + offs
-        z = z_next
-        ahead = cols + BLOCK_V
-        z_next = tl.load(row_ptrs[:, None] + ahead[None, :], mask=row_valid[:, None] & (ahead < C)[None, :],
-                         other=float("-inf"))
-        if HAS_BIAS:
-            z += tl.load(b_ptr + v0 + cols, mask=cols < C, other=0.0).to(tl.float32)[None, :]
-        z = z * inv_temp
-        m, s, t = _softmax_tile(m, s, t, z, scale, True)
-        zsum += tl.where((cols < C)[None, :], z, 0.0)
-    s1 = tl.sum(s, 1)
-    t1 = tl.sum(t, 1) * 0.6931471805599453
-    zsum1 = tl.sum(zsum, 1)
+    m, s1, t1, xsum = _rows_sums(row_ptrs, row_valid, C, inv_temp, b_ptr + v0, True, True, HAS_BIAS, ROWS, BLOCK_V)
+    m = m * inv_temp  # the max of the chunk's logits plus bias, divided by T (-inf stays -inf)
+    zsum1 = xsum * inv_temp
     local = tl.load(targets_ptr + rows, mask=row_valid, other=ignore_index) - v0
     here = row_valid & (local >= 0) & (local < C)
     zt1 = tl.load(row_ptrs + tl.where(here, local, 0), mask=here, other=0.0)

@@ -29,8 +29,6 @@ import triton.language as tl
 from rlfuse.kernels import launch
 
 IGNORE_INDEX = -100
-LOG2E = 1.4426950408889634
-LN2 = 0.6931471805599453
 
 
 @triton.jit
@@ -54,16 +52,17 @@ def _softmax_tile(m, s, t, x, scale, WANT_ENTROPY: tl.constexpr):
 
 
 @triton.jit
-def _rows_stats(row_ptrs, row_valid, V, inv_temp, WANT_ENTROPY: tl.constexpr, WANT_SUM: tl.constexpr,
-                ROWS: tl.constexpr, BLOCK_V: tl.constexpr):
-    """Online softmax over ROWS rows of V logits each: returns (m, log s, entropy, sum_v x_v), each (ROWS,)
-    float32, with m the max of the raw logits x (0 when all are -inf) and s = sum_v exp((x_v - m) / T), so
-    lse = m / T + log s. Without WANT_ENTROPY the entropy is 0; without WANT_SUM the sum is 0.
+def _rows_sums(row_ptrs, row_valid, V, inv_temp, b_ptr, WANT_ENTROPY: tl.constexpr, WANT_SUM: tl.constexpr,
+               HAS_BIAS: tl.constexpr, ROWS: tl.constexpr, BLOCK_V: tl.constexpr):
+    """Online softmax over ROWS rows of V logits x each (plus ``b_ptr``'s V biases with HAS_BIAS): returns
+    (m, s, t, sum_v x_v), each (ROWS,) float32, with m the max of x (-inf when all are -inf),
+    s = sum_v exp((x_v - m) / T) and t = sum_v exp((x_v - m) / T) (x_v - m) / T. Without WANT_ENTROPY t is 0;
+    without WANT_SUM the sum is 0.
 
-    The running max is taken over the raw logits x, and every exponent is formed as (x - m)·c with
-    c = log2(e) / T: the subtraction of nearby float32 values is exact, so the temperature scales a small
-    number. s and t = sum_v e_v (z_v - z_max) (in base-2 units) are kept per lane; when the max grows by
-    d = (m_old - m_new)·c, every lane's terms shift alike: t <- alpha (t + d s), s <- alpha s, alpha = 2^d.
+    The running max is taken over x, and every exponent is formed as (x - m)·c with c = log2(e) / T: the
+    subtraction of nearby float32 values is exact, so the temperature scales a small number. s and t stay
+    per lane (``_softmax_tile``) and are reduced once per row; the next tile's load goes out before this one
+    is used.
     """
     scale = inv_temp * 1.4426950408889634
     offs = tl.arange(0, BLOCK_V)
@@ -74,20 +73,81 @@ def _rows_stats(row_ptrs, row_valid, V, inv_temp, WANT_ENTROPY: tl.constexpr, WA
     x_next = tl.load(row_ptrs[:, None] + offs[None, :], mask=row_valid[:, None] & (offs < V)[None, :],
                      other=float("-inf"))
     for start in range(0, V, BLOCK_V):
+        cols = start + offs
         x = x_next.to(tl.float32)
-        ahead = start + BLOCK_V + offs  # the next tile's load goes out before this tile is used
+        ahead = cols + BLOCK_V
         x_next = tl.load(row_ptrs[:, None] + ahead[None, :], mask=row_valid[:, None] & (ahead < V)[None, :],
                          other=float("-inf"))
+        if HAS_BIAS:
+            x += tl.load(b_ptr + cols, mask=cols < V, other=0.0).to(tl.float32)[None, :]
         m, s, t = _softmax_tile(m, s, t, x, scale, WANT_ENTROPY)
         if WANT_SUM:
-            xsum += tl.where((start + offs < V)[None, :], x, 0.0)
-    m_safe = tl.where(m == float("-inf"), 0.0, m)
-    s_row = tl.where(row_valid, tl.sum(s, 1), 1.0)  # rows past N: no log(0)
-    log_s = tl.log(s_row)
+            xsum += tl.where((cols < V)[None, :], x, 0.0)
+    return m, tl.sum(s, 1), tl.sum(t, 1) * 0.6931471805599453, tl.sum(xsum, 1)
+
+
+@triton.jit
+def _rows_stats(row_ptrs, row_valid, V, inv_temp, WANT_ENTROPY: tl.constexpr, WANT_SUM: tl.constexpr,
+                ROWS: tl.constexpr, BLOCK_V: tl.constexpr):
+    """:func:`_rows_sums` of raw logits, finished: (m, log s, entropy, sum_v x_v), each (ROWS,) float32, with
+    m the max of x (0 when all are -inf), so lse = m / T + log s. The entropy is log s - t / s: both terms
+    are >= 0, so nothing cancels (module docstring). Without WANT_ENTROPY it is 0."""
+    m, s, t, xsum = _rows_sums(row_ptrs, row_valid, V, inv_temp, row_ptrs, WANT_ENTROPY, WANT_SUM, False, ROWS,
+                               BLOCK_V)
+    s = tl.where(row_valid, s, 1.0)  # rows past N: no log(0)
+    log_s = tl.log(s)
     entropy = tl.zeros((ROWS,), tl.float32)
     if WANT_ENTROPY:
-        entropy = log_s - tl.sum(t, 1) * 0.6931471805599453 / s_row
-    return m_safe, log_s, entropy, tl.sum(xsum, 1)
+        entropy = log_s - t / s
+    return tl.where(m == float("-inf"), 0.0, m), log_s, entropy, xsum
+
+
+@triton.jit
+def _target_logps(row_ptrs, row_valid, targets, m, log_s, inv_temp, V, ignore_index):
+    """Each row's log-prob of its target, (x_y - m) / T - log s (no term of the logits' magnitude is rounded,
+    unlike x / T - lse), 0 where the target is ``ignore_index``; returns (keep, logp), each (ROWS,). Ids
+    outside [0, V) are rejected on the host, except during CUDA-graph capture: there they give NaN."""
+    keep = targets != ignore_index
+    in_range = (targets >= 0) & (targets < V)
+    x_target = tl.load(row_ptrs + tl.where(keep & in_range, targets, 0), mask=row_valid & keep & in_range,
+                       other=0.0).to(tl.float32)
+    logp = tl.where(in_range, (x_target - m) * inv_temp - log_s, float("nan"))
+    return keep, tl.where(keep, logp, 0.0)
+
+
+@triton.jit
+def _rows_dlogits(row_ptrs, drow_ptrs, row_valid, targets, m, log_s, entropy, g_logp, g_entropy, g_vmean, V,
+                  inv_temp, HAS_G_ENTROPY: tl.constexpr, HAS_G_VMEAN: tl.constexpr, ROWS: tl.constexpr,
+                  BLOCK_V: tl.constexpr):
+    """Sweep ROWS rows once more and write d(logits) for per-row gradients of the log-prob, entropy and vocab
+    mean (each (ROWS,); see the module docstring's math). A row with no gradient writes exact zeros, even
+    when all its logits are -inf."""
+    active = g_logp != 0.0
+    if HAS_G_ENTROPY:
+        active = active | (g_entropy != 0.0)
+    if HAS_G_VMEAN:
+        active = active | (g_vmean != 0.0)
+    m = m[:, None]
+    log_s = log_s[:, None]
+    offs = tl.arange(0, BLOCK_V)
+    x_next = tl.load(row_ptrs[:, None] + offs[None, :], mask=row_valid[:, None] & (offs < V)[None, :],
+                     other=float("-inf"))
+    for start in range(0, V, BLOCK_V):
+        cols = start + offs
+        x = x_next.to(tl.float32)
+        ahead = cols + BLOCK_V
+        x_next = tl.load(row_ptrs[:, None] + ahead[None, :], mask=row_valid[:, None] & (ahead < V)[None, :],
+                         other=float("-inf"))
+        logp = (x - m) * inv_temp - log_s
+        p = tl.exp(logp)
+        d = tl.where(cols[None, :] == targets[:, None], g_logp[:, None], 0.0) - g_logp[:, None] * p
+        if HAS_G_VMEAN:
+            d += g_vmean[:, None] * (1.0 / V - p)
+        if HAS_G_ENTROPY:
+            d -= g_entropy[:, None] * p * (tl.where(p > 0, logp, 0.0) + entropy[:, None])
+        d = tl.where(active[:, None], d * inv_temp, 0.0)
+        tl.store(drow_ptrs[:, None] + cols[None, :], d.to(drow_ptrs.dtype.element_ty),
+                 mask=row_valid[:, None] & (cols < V)[None, :])
 
 
 @triton.jit
@@ -102,14 +162,8 @@ def _logprobs_fwd_kernel(
     row_ptrs = logits_ptr + (rows // T) * stride_b + (rows % T) * stride_t
     targets = tl.load(targets_ptr + rows, mask=row_valid, other=ignore_index)
     m, log_s, entropy, xsum = _rows_stats(row_ptrs, row_valid, V, inv_temp, WANT_ENTROPY, WANT_VMEAN, ROWS, BLOCK_V)
-    keep = targets != ignore_index
-    # Ids outside [0, V) were rejected on the host, except during CUDA-graph capture: there they give NaN.
-    in_range = (targets >= 0) & (targets < V)
-    x_target = tl.load(row_ptrs + tl.where(keep & in_range, targets, 0), mask=row_valid & keep & in_range,
-                       other=0.0).to(tl.float32)
-    # log p = (x - m) / T - log s: no term of the logits' magnitude is rounded (unlike x / T - lse).
-    logp = tl.where(in_range, (x_target - m) * inv_temp - log_s, float("nan"))
-    tl.store(logps_ptr + rows, tl.where(keep, logp, 0.0), mask=row_valid)
+    keep, logp = _target_logps(row_ptrs, row_valid, targets, m, log_s, inv_temp, V, ignore_index)
+    tl.store(logps_ptr + rows, logp, mask=row_valid)
     if WANT_ENTROPY:
         tl.store(entropy_ptr + rows, tl.where(keep, entropy, 0.0), mask=row_valid)
     if WANT_VMEAN:
@@ -132,8 +186,8 @@ def _logprobs_bwd_kernel(
     drow_ptrs = dlogits_ptr + (rows // T) * dstride_b + (rows % T) * dstride_t
     targets = tl.load(targets_ptr + rows, mask=row_valid, other=ignore_index)
     keep = row_valid & (targets != ignore_index)
-    m = tl.load(stats_ptr + rows, mask=row_valid, other=0.0)[:, None]
-    log_s = tl.load(stats_ptr + N + rows, mask=row_valid, other=0.0)[:, None]
+    m = tl.load(stats_ptr + rows, mask=row_valid, other=0.0)
+    log_s = tl.load(stats_ptr + N + rows, mask=row_valid, other=0.0)
     g_logp = tl.zeros((ROWS,), tl.float32)
     g_entropy = tl.zeros((ROWS,), tl.float32)
     g_vmean = tl.zeros((ROWS,), tl.float32)
@@ -145,23 +199,8 @@ def _logprobs_bwd_kernel(
         entropy = tl.load(entropy_ptr + rows, mask=row_valid, other=0.0)
     if HAS_G_VMEAN:
         g_vmean = tl.where(keep, tl.load(g_vmean_ptr + rows, mask=row_valid, other=0.0), 0.0)
-    offs = tl.arange(0, BLOCK_V)
-    x_next = tl.load(row_ptrs[:, None] + offs[None, :], mask=row_valid[:, None] & (offs < V)[None, :],
-                     other=float("-inf"))
-    for start in range(0, V, BLOCK_V):
-        cols = start + offs
-        x = x_next.to(tl.float32)
-        ahead = cols + BLOCK_V
-        x_next = tl.load(row_ptrs[:, None] + ahead[None, :], mask=row_valid[:, None] & (ahead < V)[None, :],
-                         other=float("-inf"))
-        logp = (x - m) * inv_temp - log_s
-        p = tl.exp(logp)
-        d = tl.where(cols[None, :] == targets[:, None], g_logp[:, None], 0.0) - (g_logp + g_vmean)[:, None] * p \
-            + (g_vmean / V)[:, None]
-        if HAS_G_ENTROPY:
-            d -= g_entropy[:, None] * p * (tl.where(p > 0, logp, 0.0) + entropy[:, None])
-        tl.store(drow_ptrs[:, None] + cols[None, :], (d * inv_temp).to(dlogits_ptr.dtype.element_ty),
-                 mask=row_valid[:, None] & (cols < V)[None, :])
+    _rows_dlogits(row_ptrs, drow_ptrs, row_valid, targets, m, log_s, entropy, g_logp, g_entropy, g_vmean, V,
+                  inv_temp, HAS_G_ENTROPY, HAS_G_VMEAN, ROWS, BLOCK_V)
 
 
 def _as_3d(logits: torch.Tensor) -> torch.Tensor:

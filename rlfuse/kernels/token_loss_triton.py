@@ -39,7 +39,7 @@ import triton
 import triton.language as tl
 
 from rlfuse.kernels import launch
-from rlfuse.kernels.logprobs_triton import _as_3d, _rows_stats
+from rlfuse.kernels.logprobs_triton import _as_3d, _rows_dlogits, _rows_stats, _target_logps
 
 IGNORE_INDEX = -100
 TOKEN_LOSSES = {"ppo_clip": 0, "topr": 1, "rec": 2, "cispo": 3}
@@ -99,13 +99,7 @@ def _token_loss_kernel(
         target = tl.load(targets_ptr + rows, mask=row_valid, other=ignore_index)
         # Pass 1 over the rows.
         m, log_s, row_entropy, _ = _rows_stats(row_ptrs, row_valid, V, inv_temp, True, False, ROWS, BLOCK_V)
-        keep = target != ignore_index
-        # Ids outside [0, V) give NaN (checked on the host, except in CUDA-graph capture).
-        in_range = (target >= 0) & (target < V)
-        x_target = tl.load(row_ptrs + tl.where(keep & in_range, target, 0), mask=row_valid & keep & in_range,
-                           other=0.0).to(tl.float32)
-        # log p = (x - m) / T - log s: no term of the logits' magnitude is rounded (unlike x / T - lse).
-        logp = tl.where(keep, tl.where(in_range, (x_target - m) * inv_temp - log_s, float("nan")), 0.0)
+        keep, logp = _target_logps(row_ptrs, row_valid, target, m, log_s, inv_temp, V, ignore_index)
         entropy = tl.where(keep, row_entropy, 0.0)
         # The token loss and its derivative; masked tokens (weight 0) are zeroed first, as in policy_loss.
         weight = tl.load(weights_ptr + rows, mask=row_valid, other=0.0)
@@ -188,25 +182,13 @@ def _token_loss_kernel(
         tl.store(clipped_ptr + rows, tl.where(active & clipped, 1.0, 0.0), mask=row_valid)
         tl.store(kl_ptr + rows, tl.where(active, kl, 0.0), mask=row_valid)
         if WRITE_GRAD:
-            # Pass 2 over the same rows (still in L2): d(loss)/d(logits) = w·g·([v = y] - p_v) / T.
-            scale = tl.where(active, weight * grad, 0.0)[:, None]
+            # Pass 2 over the same rows (still in L2): d(loss)/d(logits) = w·g·([v = y] - p_v) / T, the
+            # log-prob's gradient with upstream w·g; a masked row (even all -inf) writes exact zeros.
             drow_ptrs = dlogits_ptr + (rows // T) * dstride_b + (rows % T) * dstride_t
-            m2 = m[:, None]
-            log_s2 = log_s[:, None]
-            offs = tl.arange(0, BLOCK_V)
-            x_next = tl.load(row_ptrs[:, None] + offs[None, :], mask=row_valid[:, None] & (offs < V)[None, :],
-                             other=float("-inf"))
-            for start in range(0, V, BLOCK_V):
-                cols = start + offs
-                x = x_next.to(tl.float32)
-                ahead = cols + BLOCK_V
-                x_next = tl.load(row_ptrs[:, None] + ahead[None, :], mask=row_valid[:, None] & (ahead < V)[None, :],
-                                 other=float("-inf"))
-                p = tl.exp((x - m2) * inv_temp - log_s2)
-                dz = tl.where(cols[None, :] == target[:, None], scale, 0.0) - scale * p
-                dz = tl.where(scale != 0.0, dz * inv_temp, 0.0)  # a masked row (even all -inf) writes exact zeros
-                tl.store(drow_ptrs[:, None] + cols[None, :], dz.to(dlogits_ptr.dtype.element_ty),
-                         mask=row_valid[:, None] & (cols < V)[None, :])
+            zeros = tl.zeros((ROWS,), tl.float32)
+            _rows_dlogits(row_ptrs, drow_ptrs, row_valid, target, m, log_s, zeros,
+                          tl.where(active, weight * grad, 0.0), zeros, zeros, V, inv_temp, False, False, ROWS,
+                          BLOCK_V)
 
 
 def token_loss_forward(logits, targets, old_logps, advantages, ref_logps, weights, params: TokenLossParams,
