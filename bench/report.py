@@ -168,7 +168,7 @@ def _suite_records(payload: Dict, results: Results) -> None:
             seconds=seconds, achieved=info.get("achieved_tflops" if linear else "achieved_gbs"),
             ceiling=info.get("gemm_tflops" if linear else "copy_bandwidth_gbs"),
             tokens_per_s=info.get("tokens_per_s"), peak_mem_bytes=_memory(peak), date=payload.get("datetime", ""),
-            roofline_pct=info.get("pct_of_roofline")))
+            roofline_pct=info.get("pct_of_ceiling") if info.get("ceiling") == "roofline of its own work" else None))
 
 
 def load_results(results_dir: Path) -> Results:

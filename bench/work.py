@@ -27,7 +27,7 @@ from torch.utils._pytree import tree_leaves
 #: aten ops that move no data (views and metadata).
 _FREE_OPS = ("view", "_unsafe_view", "t", "transpose", "expand", "slice", "select", "as_strided", "unsqueeze",
              "squeeze", "permute", "alias", "detach", "lift_fresh", "empty", "empty_like", "new_empty", "split",
-             "unbind", "_to_copy_meta", "set_", "resolve_conj", "resolve_neg", "sym_size", "sym_stride", "is_same_size",
+             "unbind", "set_", "resolve_conj", "resolve_neg", "sym_size", "sym_stride", "is_same_size",
              "_reshape_alias", "reshape", "contiguous")
 _MATMUL_OPS = ("mm", "addmm", "bmm", "baddbmm")
 
