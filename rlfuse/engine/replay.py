@@ -12,9 +12,10 @@ run replays the batches the uninterrupted run would have.
 from __future__ import annotations
 
 import dataclasses
+import typing
 from collections import deque
 from dataclasses import dataclass
-from typing import Any, Callable, Dict, Iterator, List, Optional, Tuple
+from typing import Any, Callable, Dict, Iterator, List, Optional, Tuple, Union
 
 import torch
 
@@ -69,35 +70,88 @@ class ReplayBuffer:
         return iter(list(self._items))
 
     def state_dict(self) -> Dict[str, Any]:
-        """The stored batches, oldest first, with every tensor on the CPU (for a checkpoint)."""
-        return {"staleness": self.staleness, "items": [_to_device(item, "cpu") for item in self._items]}
+        """The stored batches, oldest first, as plain values and CPU tensors (for a checkpoint's safe files):
+        ``{"staleness": int, "items": [{"step": int, "advantages": T, "behaviour_logps": T,
+        "behaviour_vocab_mean": T | None, "ref_logps": T | None, "batch": {every RolloutBatch field: T | None}}]}``.
+        A tensor held twice (``behaviour_logps`` is ``batch.logps``) stays one tensor."""
+        memo: Dict[int, torch.Tensor] = {}
+        return {"staleness": self.staleness, "items": [_plain(item, memo) for item in self._items]}
 
     def load_state_dict(self, state: Dict[str, Any], device) -> None:
-        """Replace the contents with :meth:`state_dict`'s batches, moved to ``device``. A buffer with a smaller
-        ``staleness`` than the saved one keeps the newest batches; staleness 0 keeps none.
+        """Replace the contents with :meth:`state_dict`'s batches, rebuilt as ``ReplayItem``s with their tensors on
+        ``device``. A buffer with a smaller ``staleness`` than the saved one keeps the newest batches; staleness
+        0 keeps none. A field missing from ``state`` that has a default takes it (a checkpoint older than it).
 
         Raises:
-            ValueError: ``state`` is not what :meth:`state_dict` returns.
+            ValueError: ``state`` is not what :meth:`state_dict` returns; the message names the wrong entry.
         """
-        items = state.get("items") if isinstance(state, dict) else None
-        if not isinstance(items, list) or not all(isinstance(item, ReplayItem) for item in items):
-            raise ValueError("replay state must be ReplayBuffer.state_dict()'s {'staleness', 'items'} dict")
+        if not isinstance(state, dict) or set(state) != {"staleness", "items"}:
+            raise ValueError("replay state must be ReplayBuffer.state_dict()'s {'staleness', 'items'} dict, got "
+                             f"{sorted(state) if isinstance(state, dict) else type(state).__name__}")
+        if type(state["staleness"]) is not int or not isinstance(state["items"], list):
+            raise ValueError("replay state must be ReplayBuffer.state_dict()'s dict: staleness an int, items a list")
+        memo: Dict[int, torch.Tensor] = {}
+        items = [_rebuild(ReplayItem, item, f"replay items[{i}]", device, memo)
+                 for i, item in enumerate(state["items"])]
         self._items.clear()
         for item in items:
-            self.add(_to_device(item, device))
+            self.add(item)
 
 
-def _to_device(item, device):
-    """A copy of a ReplayItem (or RolloutBatch) whose tensors, nested ones included, are on ``device``."""
-    moved = {}
+def _moved(tensor: torch.Tensor, device, memo: Dict[int, torch.Tensor]) -> torch.Tensor:
+    """``tensor`` detached on ``device``, the same result for the same tensor object (``memo``: id to result)."""
+    if id(tensor) not in memo:
+        memo[id(tensor)] = tensor.detach().to(device)
+    return memo[id(tensor)]
+
+
+def _plain(item, memo: Dict[int, torch.Tensor]) -> Dict[str, Any]:
+    """A ReplayItem (or RolloutBatch) as a dict of its fields, nested ones as dicts, tensors on the CPU (each
+    tensor object moved once)."""
+    out = {}
     for field in dataclasses.fields(item):
         value = getattr(item, field.name)
         if isinstance(value, torch.Tensor):
-            value = value.to(device)
+            value = _moved(value, "cpu", memo)
         elif dataclasses.is_dataclass(value):
-            value = _to_device(value, device)
-        moved[field.name] = value
-    return dataclasses.replace(item, **moved)
+            value = _plain(value, memo)
+        out[field.name] = value
+    return out
+
+
+def _rebuild(cls, state, where: str, device, memo: Dict[int, torch.Tensor]):
+    """``cls`` (a dataclass) from :func:`_plain`'s dict, each value checked against its field's type, tensors
+    moved to ``device`` (each tensor object once).
+
+    Raises:
+        ValueError: ``state`` is not a dict of ``cls``'s fields, or a value is not of its field's type.
+    """
+    if not isinstance(state, dict):
+        raise ValueError(f"{where} must be a dict of {cls.__name__} fields, got {type(state).__name__}")
+    fields, hints = dataclasses.fields(cls), typing.get_type_hints(cls)
+    unknown = sorted(set(state) - {field.name for field in fields})
+    if unknown:
+        raise ValueError(f"{where} has keys {unknown} that are not {cls.__name__} fields")
+    values = {}
+    for field in fields:
+        name, hint = field.name, hints[field.name]
+        if name not in state:
+            if field.default is dataclasses.MISSING and field.default_factory is dataclasses.MISSING:
+                raise ValueError(f"{where} lacks {cls.__name__}'s field {name!r}")
+            continue
+        value, args = state[name], typing.get_args(hint)
+        if typing.get_origin(hint) is Union and type(None) in args:  # Optional[X]
+            if value is None:
+                values[name] = None
+                continue
+            hint = next(arg for arg in args if arg is not type(None))
+        if dataclasses.is_dataclass(hint):
+            values[name] = _rebuild(hint, value, f"{where}[{name!r}]", device, memo)
+        elif isinstance(value, hint) and not (hint is int and isinstance(value, bool)):
+            values[name] = _moved(value, device, memo) if hint is torch.Tensor else value
+        else:
+            raise ValueError(f"{where}[{name!r}] must be {getattr(hint, '__name__', hint)}, got {type(value).__name__}")
+    return cls(**values)
 
 
 def replay_backward(items: List[ReplayItem], step: int, loss_fn: LossFn, scale: float) -> Dict[str, Optional[float]]:
