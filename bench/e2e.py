@@ -298,20 +298,20 @@ def _rlfuse_rewards(args: Args):
     if args.rewards != "random":
         yield
         return
-    from rlfuse.engine import trainer as trainer_module
+    from rlfuse.engine import reward_funcs as reward_module
 
-    original, calls = trainer_module.gsm8k_rewards, [0]
+    original, calls = reward_module.gsm8k_rewards, [0]
 
     def scored(texts, golds, *call_args, **kwargs):
         calls[0] += 1
         result = original(texts, golds, *call_args, **kwargs)
         return dataclasses.replace(result, rewards=random_rewards(calls[0], len(texts), args.seed))
 
-    trainer_module.gsm8k_rewards = scored
+    reward_module.gsm8k_rewards = scored
     try:
         yield
     finally:
-        trainer_module.gsm8k_rewards = original
+        reward_module.gsm8k_rewards = original
 
 
 def trl_prompts(examples: List[Example], tokenizer) -> List[list]:

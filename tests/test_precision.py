@@ -151,17 +151,18 @@ def test_trainer_step_under_mixed_precision(mode, want, smollm2_dir, tmp_path, m
     state stay float32, and the update moves them."""
     from pathlib import Path
 
+    from rlfuse.engine import reward_funcs as reward_funcs_mod
     from rlfuse.engine import trainer as trainer_mod
     from rlfuse.engine.args import TrainArgs
     from rlfuse.engine.rewards import RewardResult
 
-    real = trainer_mod.gsm8k_rewards
+    real = reward_funcs_mod.gsm8k_rewards
 
     def alternating(texts, golds, *args, **kwargs):  # rewards with spread, so that the update runs
         scored = real(texts, golds, *args, **kwargs)
         return RewardResult([float(i % 2) for i in range(len(texts))], scored.correct, scored.formatted)
 
-    monkeypatch.setattr(trainer_mod, "gsm8k_rewards", alternating)
+    monkeypatch.setattr(reward_funcs_mod, "gsm8k_rewards", alternating)
     data = Path(__file__).parent / "data" / "gsm8k_train_sample.jsonl"
     args = TrainArgs(model=str(smollm2_dir), data=str(data), prompts_per_step=2, num_generations=2, max_new_tokens=6,
                      steps=1, device="cpu", mixed_precision=mode, output_dir=str(tmp_path / mode))

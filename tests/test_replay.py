@@ -5,15 +5,16 @@ from __future__ import annotations
 import dataclasses
 import json
 import math
+import re
 from pathlib import Path
 
 import pytest
 import torch
 
 from rlfuse.algos import policy_loss
-from rlfuse.engine import trainer as trainer_mod
+from rlfuse.engine import reward_funcs as reward_funcs_mod
 from rlfuse.engine.args import TrainArgs
-from rlfuse.engine.replay import ReplayBuffer, ReplayItem, _to_device, replay_backward
+from rlfuse.engine.replay import ReplayBuffer, ReplayItem, replay_backward
 from rlfuse.engine.rewards import RewardResult
 from rlfuse.engine.rollout import RolloutBatch
 from rlfuse.engine.trainer import Trainer, completion_logprobs
@@ -22,12 +23,14 @@ DATA = Path(__file__).parent / "data"
 REPLAY_KEYS = {"replay_batches", "replay_staleness", "replay_ratio_mean", "replay_ratio_max"}
 
 
-def fake_item(step, B=2, T=3):
-    mask = torch.ones(B, T, dtype=torch.bool)
-    mask[0, -1] = False
-    batch = RolloutBatch(torch.zeros(B, 1, dtype=torch.long), torch.ones(B, 1, dtype=torch.long),
-                         torch.zeros(B, T, dtype=torch.long), mask)
-    return ReplayItem(step, batch, torch.zeros(B), torch.full((B, T), -1.0 * step))
+def fake_item(step, B=2, T=3, device="cpu"):
+    mask = torch.ones(B, T, dtype=torch.bool, device=device)
+    if T:
+        mask[0, -1] = False
+    batch = RolloutBatch(torch.zeros(B, 1, dtype=torch.long, device=device),
+                         torch.ones(B, 1, dtype=torch.long, device=device),
+                         torch.zeros(B, T, dtype=torch.long, device=device), mask)
+    return ReplayItem(step, batch, torch.zeros(B, device=device), torch.full((B, T), -1.0 * step, device=device))
 
 
 def test_buffer_keeps_the_last_k_batches_oldest_first():
@@ -70,34 +73,110 @@ def test_negative_staleness_option_fails_clearly():
         TrainArgs(replay_staleness=-1).validate()
 
 
+def full_item(step, device):
+    """An item with every optional field set, as a sampling step with ROVER and a reference stores it."""
+    item = fake_item(step, device=device)
+    logps = torch.randn(2, 3, device=device)
+    batch = dataclasses.replace(item.batch, logps=logps, vocab_mean=torch.randn(2, 3, device=device),
+                                truncated=torch.tensor([True, False], device=device))
+    return dataclasses.replace(item, batch=batch, behaviour_logps=logps,  # the sampler's own tensor, as the trainer
+                               behaviour_vocab_mean=batch.vocab_mean, ref_logps=torch.randn(2, 3, device=device))
+
+
+def assert_same_items(old_items, new_items, device):
+    for old, new in zip(old_items, new_items, strict=True):
+        assert new.step == old.step
+        for name, value in [(f.name, getattr(old, f.name)) for f in dataclasses.fields(ReplayItem)] + [
+                ("batch." + f.name, getattr(old.batch, f.name)) for f in dataclasses.fields(RolloutBatch)]:
+            got = getattr(new.batch, name[6:]) if name.startswith("batch.") else getattr(new, name)
+            if isinstance(value, torch.Tensor):
+                assert got.device.type == device.type and got.dtype == value.dtype, name
+                assert torch.equal(got.cpu(), value.cpu()), name
+            elif name not in ("step", "batch"):
+                assert got is None and value is None, name
+
+
+def test_state_dict_is_plain_values_and_names_every_field(device):
+    buffer = ReplayBuffer(2)
+    buffer.add(full_item(1, device))
+    state = buffer.state_dict()
+    assert set(state) == {"staleness", "items"} and state["staleness"] == 2
+    item = state["items"][0]
+    assert set(item) == {f.name for f in dataclasses.fields(ReplayItem)}  # a new field is not forgotten
+    assert set(item["batch"]) == {f.name for f in dataclasses.fields(RolloutBatch)}
+    assert type(item["batch"]) is dict and item["step"] == 1 and item["behaviour_logps"].device.type == "cpu"
+    assert item["behaviour_logps"] is item["batch"]["logps"]  # one tensor in memory, saved once
+    assert ReplayBuffer(3).state_dict() == {"staleness": 3, "items": []}
+
+
 def test_buffer_state_round_trips_through_a_checkpoint(tmp_path, device):
+    from safetensors.torch import save_model
+
     from rlfuse.engine import checkpoint as ckpt
 
     buffer = ReplayBuffer(3)
-    for step in (1, 2, 3, 4):  # the first is evicted
-        buffer.add(_to_device(fake_item(step), device))
-    state = buffer.state_dict()
-    assert all(item.behaviour_logps.device.type == "cpu" for item in state["items"])
+    for item in (fake_item(1, device=device), full_item(2, device), fake_item(3, T=0, device=device),
+                 full_item(4, device)):  # the first is evicted; an empty completion; None and set optional fields
+        buffer.add(item)
     model = torch.nn.Linear(2, 2)
-    model.save_pretrained = lambda folder: torch.save(model.state_dict(), Path(folder) / "w.pt")
+    model.save_pretrained = lambda folder: save_model(model, str(Path(folder) / "model.safetensors"))
     tokenizer = type("Tok", (), {"save_pretrained": lambda self, folder: None})()
     optimizer = torch.optim.AdamW(model.parameters())
-    path = ckpt.save_checkpoint(tmp_path, model, tokenizer, optimizer, {"step": 4}, {"replay": state})
+    path = ckpt.save_checkpoint(tmp_path, model, tokenizer, optimizer, {"step": 4}, {"replay": buffer.state_dict()})
+    assert "ReplayItem" not in (path / "extra_state.json").read_text()
 
     restored = ReplayBuffer(3)
     restored.load_state_dict(ckpt.load_extra_state(path)["replay"], device)
     assert [item.step for item in restored] == [2, 3, 4]
-    for old, new in zip(buffer, restored):
-        assert new.behaviour_logps.device.type == device.type and new.batch.completion_ids.device.type == device.type
-        assert torch.equal(old.behaviour_logps, new.behaviour_logps)
-        assert torch.equal(old.batch.completion_mask, new.batch.completion_mask)
+    assert_same_items(list(buffer), list(restored), device)
+    assert all(item.behaviour_logps is item.batch.logps for item in list(restored)[::2])  # still one tensor
     smaller = ReplayBuffer(1)  # a resume with a smaller --replay-staleness keeps the newest
-    smaller.load_state_dict(state, device)
+    smaller.load_state_dict(buffer.state_dict(), device)
     assert [item.step for item in smaller] == [4]
+    (tmp_path / "empty").mkdir()
+    empty = ckpt.save_checkpoint(tmp_path / "empty", model, tokenizer, optimizer, {}, {"replay": {"staleness": 2,
+                                                                                                "items": []}})
+    restored.load_state_dict(ckpt.load_extra_state(empty)["replay"], device)
+    assert len(restored) == 0
     (tmp_path / "plain").mkdir()  # a checkpoint saved without extra state (as before replay was saved)
     assert ckpt.load_extra_state(ckpt.save_checkpoint(tmp_path / "plain", model, tokenizer, optimizer, {})) == {}
-    with pytest.raises(ValueError, match="state_dict"):
-        restored.load_state_dict({"items": [1, 2]}, device)
+
+
+def good_state():
+    buffer = ReplayBuffer(2)
+    buffer.add(full_item(1, torch.device("cpu")))
+    return buffer.state_dict()
+
+
+@pytest.mark.parametrize("change, message", [
+    (lambda s: s.pop("staleness"), "{'staleness', 'items'}"),
+    (lambda s: s.update(items=(1, 2)), "items a list"),
+    (lambda s: s["items"].append(fake_item(2)), "replay items[1] must be a dict of ReplayItem fields, got ReplayItem"),
+    (lambda s: s["items"][0].pop("advantages"), "replay items[0] lacks ReplayItem's field 'advantages'"),
+    (lambda s: s["items"][0].update(extra=1), "replay items[0] has keys ['extra'] that are not ReplayItem fields"),
+    (lambda s: s["items"][0].update(step=True), "replay items[0]['step'] must be int, got bool"),
+    (lambda s: s["items"][0].update(advantages=[0.0, 1.0]), "replay items[0]['advantages'] must be Tensor, got list"),
+    (lambda s: s["items"][0].update(behaviour_logps=None), "replay items[0]['behaviour_logps'] must be Tensor"),
+    (lambda s: s["items"][0]["batch"].update(truncated="no"), "replay items[0]['batch']['truncated'] must be Tensor"),
+    (lambda s: s["items"][0].update(batch=[]), "replay items[0]['batch'] must be a dict of RolloutBatch fields"),
+])
+def test_bad_replay_state_names_what_is_wrong(change, message):
+    state = good_state()
+    change(state)
+    buffer = ReplayBuffer(2)
+    buffer.add(fake_item(7))
+    with pytest.raises(ValueError, match=re.escape(message)):
+        buffer.load_state_dict(state, "cpu")
+    assert [item.step for item in buffer] == [7]  # a refused state leaves the buffer as it was
+
+
+def test_missing_optional_fields_take_their_defaults():
+    """A state from before a field with a default was added loads, the field at its default."""
+    buffer = ReplayBuffer(2)
+    optional = good_state()
+    del optional["items"][0]["ref_logps"], optional["items"][0]["batch"]["truncated"]  # fields with defaults
+    buffer.load_state_dict(optional, "cpu")
+    assert next(iter(buffer)).ref_logps is None and next(iter(buffer)).batch.truncated is None
 
 
 # --------------------------------------------------------------------------------------------------
@@ -125,7 +204,7 @@ def weights(trainer):
 def runs(smollm2_dir, tmp_path_factory):
     """Two steps of ``rec`` without replay and with --replay-staleness 2 (records, weights after each step)."""
     patch = pytest.MonkeyPatch()
-    patch.setattr(trainer_mod, "gsm8k_rewards", length_rewards)
+    patch.setattr(reward_funcs_mod, "gsm8k_rewards", length_rewards)
     out = {}
     try:
         for staleness in (0, 2):
@@ -184,7 +263,7 @@ def test_replayed_loss_uses_the_stored_behaviour_log_probs(runs):
 def test_resumed_run_replays_what_the_uninterrupted_run_replays(smollm2_dir, tmp_path, monkeypatch):
     """Stop after step 2 (a checkpoint), resume to step 3: step 3 replays the same two stored batches, so its
     record equals the uninterrupted run's. An empty buffer after the resume would replay none."""
-    monkeypatch.setattr(trainer_mod, "gsm8k_rewards", length_rewards)
+    monkeypatch.setattr(reward_funcs_mod, "gsm8k_rewards", length_rewards)
 
     def run(out, steps, resume=False):
         args = TrainArgs(algo="rec", model=smollm2_dir, data=str(DATA / "gsm8k_train_sample.jsonl"),

@@ -73,3 +73,12 @@ def test_release_leaves_a_lock_another_process_took(tmp_path, live_pid):
     write_lock(tmp_path, live_pid)  # someone deleted ours by hand and started a run
     lock.release()
     assert json.loads((tmp_path / LOCK_FILE).read_text())["pid"] == live_pid
+
+
+def test_rlfuse_train_refuses_a_folder_in_use(tmp_path, live_pid, capsys):
+    from rlfuse.engine.cli import main
+
+    write_lock(tmp_path, live_pid)
+    assert main(["train", "--output-dir", str(tmp_path), "--resume"]) == 2
+    assert f"in use by another rlfuse run (pid {live_pid}" in capsys.readouterr().err
+    assert json.loads((tmp_path / LOCK_FILE).read_text())["pid"] == live_pid

@@ -14,7 +14,7 @@ import pytest
 import torch
 from safetensors.torch import load_file
 
-from rlfuse.engine import trainer as trainer_mod
+from rlfuse.engine import reward_funcs as reward_funcs_mod
 from rlfuse.engine.checkpoint import find_checkpoint
 from rlfuse.engine.cli import main
 from rlfuse.engine.args import TrainArgs
@@ -42,7 +42,7 @@ def checkpoint_step(folder):
 def noisy_rewards(monkeypatch):
     """Real GSM8K rewards plus seeded noise: 8-token completions never solve a problem, and the
     update path needs non-zero advantages to be exercised."""
-    real = trainer_mod.gsm8k_rewards
+    real = reward_funcs_mod.gsm8k_rewards
     generator = torch.Generator().manual_seed(7)
 
     def rewards(texts, golds, *args, **kwargs):
@@ -52,7 +52,7 @@ def noisy_rewards(monkeypatch):
         noise = torch.rand(len(texts), generator=generator).tolist()
         return RewardResult([r + n for r, n in zip(scored.rewards, noise)], scored.correct, scored.formatted)
 
-    monkeypatch.setattr(trainer_mod, "gsm8k_rewards", rewards)
+    monkeypatch.setattr(reward_funcs_mod, "gsm8k_rewards", rewards)
 
 
 @pytest.mark.parametrize("algo", ALGOS)
@@ -113,7 +113,7 @@ def test_training_accuracy_counts_truncated_completions_as_wrong(smollm2_dir, tm
     """The logged ``accuracy`` follows the reward and ``rlfuse eval``: a completion cut at --max-new-tokens never
     gave its answer, so it is wrong even when its text parses as correct. Every text is marked correct here; at 8
     new tokens the one-shot completions are mostly cut, so accuracy must be 1 - truncated_rate, not 1."""
-    real = trainer_mod.gsm8k_rewards
+    real = reward_funcs_mod.gsm8k_rewards
     generator = torch.Generator().manual_seed(11)
 
     def all_correct(texts, golds, *args, **kwargs):
@@ -121,7 +121,7 @@ def test_training_accuracy_counts_truncated_completions_as_wrong(smollm2_dir, tm
         noise = torch.rand(len(texts), generator=generator).tolist()
         return RewardResult(noise, [True] * len(texts), scored.formatted)
 
-    monkeypatch.setattr(trainer_mod, "gsm8k_rewards", all_correct)
+    monkeypatch.setattr(reward_funcs_mod, "gsm8k_rewards", all_correct)
     out = tmp_path / "run"
     assert main(["train", "--model", smollm2_dir, *TINY, "--num-generations", "4", "--output-dir", str(out),
                  "--device", device.type, "--steps", "1", "--prompt-style", "one_shot"]) == 0
@@ -130,33 +130,78 @@ def test_training_accuracy_counts_truncated_completions_as_wrong(smollm2_dir, tm
     assert record["accuracy"] == pytest.approx(1.0 - record["truncated_rate"])
 
 
-def test_killed_run_resumes_to_the_same_result(smollm2_dir, tmp_path, device):
-    """Kill a run after its first checkpoint; the resumed run matches an uninterrupted one that never saved, step
-    for step."""
-    killed, whole = tmp_path / "killed", tmp_path / "whole"
-    args = ["--algo", "topr", "--model", smollm2_dir, *TINY, "--steps", "3", "--save-every", "1",
-            "--device", device.type]
-    env = dict(os.environ, PYTHONUNBUFFERED="1")
-    proc = subprocess.Popen([sys.executable, "-m", "rlfuse", "train", *args, "--output-dir", str(killed)],
+# Run in the killed subprocess: pause (and say so in a marker file) on the second call of what the phase names,
+# that is during step 2, so that the test can kill -9 the run there.
+PAUSE_IN_PHASE = """
+import os, pathlib, sys, time
+import torch
+from rlfuse.engine import checkpoint, cli, sampler
+
+phase, marker, calls = os.environ["KILL_PHASE"], pathlib.Path(os.environ["KILL_MARKER"]), [0]
+
+def pausing(real):
+    def wrapped(*args, **kwargs):
+        calls[0] += 1
+        if calls[0] == 2:
+            marker.write_text(phase)
+            time.sleep(600)
+        return real(*args, **kwargs)
+    return wrapped
+
+if phase == "sampling":  # inside the sampler, its KV cache built, before the batch is returned
+    sampler.SharedPrefixSampler.generate = pausing(sampler.SharedPrefixSampler.generate)
+elif phase == "update":  # after the backward, before AdamW's step
+    torch.optim.AdamW.step = pausing(torch.optim.AdamW.step)
+else:  # "save": the weights written to the staging folder, the optimizer state not yet
+    checkpoint.torch.save = pausing(checkpoint.torch.save)
+sys.exit(cli.main(sys.argv[1:]))
+"""
+KILL_ARGS = ["--algo", "topr", *TINY, "--steps", "3", "--save-every", "1", "--dtype", "float32",
+             "--mixed-precision", "no"]
+
+
+@pytest.fixture(scope="module")
+def uninterrupted(smollm2_dir, tmp_path_factory):
+    """The metrics and final weights of the run that the killed ones must reproduce (it never saves: saving must
+    not change the trajectory either)."""
+    whole = tmp_path_factory.mktemp("whole")
+    args = ["train", "--model", smollm2_dir, *KILL_ARGS, "--device", "cpu", "--output-dir", str(whole / "run"),
+            "--save-every", "0"]
+    assert main(args) == 0
+    assert find_checkpoint(whole / "run") is None
+    return read_metrics(whole / "run")
+
+
+@pytest.mark.parametrize("phase", ["sampling", "update", "save"])
+def test_killed_run_resumes_to_the_same_result(phase, smollm2_dir, tmp_path, uninterrupted, device):
+    """kill -9 during step 2's sampling, update or checkpoint save; --resume continues from step 1's checkpoint
+    (taking over the dead run's lock) and matches the uninterrupted run step for step, in float32."""
+    if device.type != "cpu":
+        pytest.skip("the uninterrupted reference runs on the CPU")
+    killed, marker = tmp_path / "killed", tmp_path / "marker"
+    args = ["--model", smollm2_dir, *KILL_ARGS, "--device", device.type, "--output-dir", str(killed)]
+    env = dict(os.environ, PYTHONUNBUFFERED="1", KILL_PHASE=phase, KILL_MARKER=str(marker))
+    proc = subprocess.Popen([sys.executable, "-c", PAUSE_IN_PHASE, "train", *args],
                             stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, env=env)
     deadline = time.time() + 600
-    while find_checkpoint(killed) is None and proc.poll() is None and time.time() < deadline:
+    while not marker.exists() and proc.poll() is None and time.time() < deadline:
         time.sleep(0.2)
     proc.send_signal(signal.SIGKILL)
     stderr = proc.communicate()[1].decode(errors="replace")
-    assert find_checkpoint(killed) is not None, stderr[-2000:]
-    saved = checkpoint_step(killed)
-    assert saved < 3, "the run finished before it could be killed; nothing was tested"
+    assert marker.exists(), stderr[-2000:]
+    assert checkpoint_step(killed) == 1  # step 2 never completed, in any phase
+    assert (killed / ".rlfuse.lock").exists()  # left by the killed run: stale, taken over below
+    if phase == "save":
+        assert list(killed.glob(".checkpoint-*"))  # the torn staging folder, never read
 
-    assert main(["train", *args, "--output-dir", str(killed), "--resume"]) == 0
-    # The uninterrupted run writes no checkpoint: saving must not change the trajectory either.
-    assert main(["train", *args, "--output-dir", str(whole), "--save-every", "0"]) == 0
-    assert find_checkpoint(whole) is None
-    resumed, reference = read_metrics(killed), read_metrics(whole)
+    assert main(["train", *args, "--resume"]) == 0
+    resumed = read_metrics(killed)
     assert [r["step"] for r in resumed] == [1, 2, 3]
-    for a, b in zip(resumed, reference):
+    for a, b in zip(resumed, uninterrupted):
         assert a["reward_mean"] == b["reward_mean"] and a["completion_len_mean"] == b["completion_len_mean"]
-        assert a["loss"] == pytest.approx(b["loss"], rel=1e-4, abs=1e-6)
+        assert a["loss"] == pytest.approx(b["loss"], rel=1e-5, abs=1e-7)
+        assert a["grad_norm"] == pytest.approx(b["grad_norm"], rel=1e-5)
+    assert not (killed / ".rlfuse.lock").exists()
 
 
 def test_full_disk_is_reported_before_training(smollm2_dir, tmp_path, monkeypatch, capsys, device):
@@ -194,7 +239,7 @@ def test_gguf_alias_runs_one_step(tmp_path, device):
     "extra, message",
     [
         (["--num-generations", "1"], "num-generations 1"),
-        (["--data", "/no/such/file.jsonl"], "does not exist"),
+        (["--data", "/no/such/file.jsonl"], "no such file or folder"),
         (["--eval-every", "1", "--eval-data", "/no/such/test.jsonl"], "does not exist"),
         (["--resume"], "resume"),
         (["--steps", "0"], "--steps"),
@@ -230,7 +275,7 @@ def length_rewards(texts, golds, *args, **kwargs):
 
 @pytest.mark.parametrize("loss_impl", ["fused_linear", "logits"])
 def test_shared_prefix_training_forward_matches_the_padded_one(loss_impl, smollm2_dir, tmp_path, monkeypatch, device):
-    monkeypatch.setattr(trainer_mod, "gsm8k_rewards", length_rewards)
+    monkeypatch.setattr(reward_funcs_mod, "gsm8k_rewards", length_rewards)
     records, weights = [], []
     for forward in ("shared_prefix", "padded"):
         args = TrainArgs(algo="grpo", model=smollm2_dir, data=str(DATA / "gsm8k_train_sample.jsonl"),
@@ -254,7 +299,7 @@ def test_shared_prefix_training_forward_matches_the_padded_one(loss_impl, smollm
 
 
 def test_lora_reference_is_the_base_with_adapters_disabled(smollm2_dir, tmp_path, monkeypatch, device):
-    monkeypatch.setattr(trainer_mod, "gsm8k_rewards", length_rewards)
+    monkeypatch.setattr(reward_funcs_mod, "gsm8k_rewards", length_rewards)
     out = tmp_path / "lora"
     common = ["train", "--model", smollm2_dir, *TINY, "--output-dir", str(out), "--lora-rank", "4", "--beta", "0.1",
               "--learning-rate", "1e-3", "--device", device.type]

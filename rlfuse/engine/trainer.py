@@ -1,4 +1,5 @@
-"""The RL training loop: sample, score, compute advantages and log-probs, update, log, checkpoint."""
+"""The RL training loop: sample, score with the reward functions, compute advantages and log-probs, update (skipping
+non-finite updates), log, checkpoint; one run per output folder."""
 
 from __future__ import annotations
 
@@ -9,31 +10,38 @@ import random
 import time
 from datetime import datetime
 from pathlib import Path
-from typing import Dict, List, Optional
+import math
+from typing import Dict, Optional, Sequence, Union
 
 import numpy as np
 import torch
 from tqdm.auto import tqdm
 
 from rlfuse.algos import FusedLinearPolicyLoss, compute_advantages, policy_loss
-from rlfuse.algos.fused_linear import masked_targets
 from rlfuse.engine.args import TrainArgs
 from rlfuse.engine.checkpoint import (check_free_space, checkpoint_bytes, find_checkpoint, load_extra_state,
-                                     load_training_state, save_checkpoint)
-from rlfuse.engine.data import Example, build_prompt, load_examples
+                                     load_training_state, save_checkpoint, verify_checkpoint)
+from rlfuse.engine.data import DATASETS, load_examples
+from rlfuse.engine.decoder import DecoderLM
 from rlfuse.engine.evaluate import evaluate_examples, flat_metrics
+from rlfuse.engine.forward import completion_hidden_states, completion_logprobs
 from rlfuse.engine.memory import peak_memory_gb, reset_peak_memory
 from rlfuse.engine.metrics import METRICS_FILE, MetricsLog
-from rlfuse.engine.decoder import DecoderLM
 from rlfuse.engine.model import add_lora, load_model_and_tokenizer, resolve_dtype
-from rlfuse.engine.packing import shared_prefix_completion_hidden_states
 from rlfuse.engine.precision import autocast, resolve_autocast_dtype
+from rlfuse.engine.prompt_data import is_conversational, load_prompt_rows, prompt_token_ids
 from rlfuse.engine.replay import ReplayBuffer, ReplayItem, replay_backward
-from rlfuse.engine.rewards import ANSWER_LINE_STOP, gsm8k_rewards, solved
+from rlfuse.engine.reward_funcs import MathReward, RewardFunc, RewardSet, load_reward_function
+from rlfuse.engine.rewards import ANSWER_LINE_STOP, solved
 from rlfuse.engine.rollout import HFRollout, RolloutBatch, batch_truncated
+from rlfuse.engine.run_lock import RunLock
 from rlfuse.engine.sampler import SharedPrefixSampler
+from rlfuse.engine.scoring import evaluate_rewards, score
 from rlfuse.engine.zero_advantage import informative_rows, kept_share, select_rows, zero_advantage_has_zero_gradient
-from rlfuse.kernels import TokenLogprobs, linear_token_logprobs, token_logprobs
+from rlfuse.kernels import TokenLogprobs
+
+__all__ = ["NonFiniteStepsError", "Trainer", "completion_hidden_states", "completion_logprobs", "step_examples",
+           "train"]
 
 EVAL_DIR = "eval"  # <output_dir>/eval/step_<step>.json: each evaluation's whole result, per problem
 
@@ -42,69 +50,9 @@ def _item(value: Optional[torch.Tensor]) -> Optional[float]:
     return None if value is None else value.item()
 
 
-def _forward_inputs(batch: RolloutBatch):
-    input_ids = torch.cat([batch.prompt_ids, batch.completion_ids], dim=1)
-    attention_mask = torch.cat([batch.prompt_mask, batch.completion_mask.long()], dim=1)
-    position_ids = (attention_mask.cumsum(-1) - 1).clamp(min=0)
-    return {"input_ids": input_ids, "attention_mask": attention_mask, "position_ids": position_ids}
-
-
-def completion_hidden_states(model, batch: RolloutBatch, decoder: Optional[DecoderLM] = None,
-                             num_generations: int = 1, checkpoint: bool = False):
-    """(hidden (B, T, H), lm_head weight (V, H), bias or None): the last hidden states that predict the T
-    completion tokens, and the LM head, for the fused-linear loss.
-
-    With ``decoder`` (a :class:`DecoderLM` over ``model``) they come from the shared-prefix packed forward
-    (:mod:`rlfuse.engine.packing`; rows in groups of ``num_generations`` sharing a prompt, ``checkpoint``
-    recomputes layers in the backward); without it, from transformers' padded forward of every row (a
-    strided view, never copied).
-
-    Raises:
-        ValueError: a model whose logits are not a plain linear map of the hidden states (logit soft-capping
-            or scaling); use ``--loss-impl logits`` for it. Rows of a group with different prompts.
-    """
-    config = model.config
-    for name in ("final_logit_softcapping", "logit_scale", "logits_scaling"):
-        if getattr(config, name, None) not in (None, 1, 1.0):
-            raise ValueError(f"the model applies {name} to its logits, which the fused-linear loss does not; "
-                             "pass --loss-impl logits")
-    head = model.get_output_embeddings()
-    if decoder is not None:
-        hidden = shared_prefix_completion_hidden_states(decoder, batch, num_generations, checkpoint)
-    else:
-        num_completion = batch.completion_ids.shape[1]
-        hidden = model.get_decoder()(**_forward_inputs(batch)).last_hidden_state[:, -num_completion - 1:-1]
-    return hidden, head.weight, head.bias
-
-
-def completion_logprobs(model, batch: RolloutBatch, temperature: float, return_entropy: bool = False,
-                        return_vocab_mean: bool = False, loss_impl: str = "logits",
-                        decoder: Optional[DecoderLM] = None, num_generations: int = 1,
-                        checkpoint: bool = False) -> TokenLogprobs:
-    """:class:`TokenLogprobs` (B, T) float32 of ``batch.completion_ids`` under ``model`` at ``temperature``.
-
-    ``loss_impl="logits"`` forms the logits of the T positions that predict completion tokens and runs
-    :func:`rlfuse.kernels.token_logprobs`; ``"fused_linear"`` stops at the hidden states and uses
-    :func:`rlfuse.kernels.linear_token_logprobs`, never materializing the logits. ``decoder``,
-    ``num_generations`` and ``checkpoint`` choose the forward, as in :func:`completion_hidden_states`.
-    """
-    if loss_impl == "fused_linear":
-        hidden, weight, bias = completion_hidden_states(model, batch, decoder, num_generations, checkpoint)
-        out = linear_token_logprobs(hidden, weight, masked_targets(batch.completion_ids, batch.completion_mask),
-                                    bias, temperature, return_entropy, return_vocab_mean)
-    else:
-        if decoder is not None:
-            hidden = shared_prefix_completion_hidden_states(decoder, batch, num_generations, checkpoint)
-            logits = decoder.logits(hidden)
-        else:
-            num_completion = batch.completion_ids.shape[1]
-            logits = model(**_forward_inputs(batch), logits_to_keep=num_completion + 1).logits[:, :-1]
-        out = token_logprobs(logits, batch.completion_ids, temperature, return_entropy, return_vocab_mean)
-    return out if isinstance(out, TokenLogprobs) else TokenLogprobs(out, None, None)
-
-
-def step_examples(examples: List[Example], step: int, per_step: int, seed: int) -> List[Example]:
-    """The prompts of 1-based ``step``: consecutive slices of a seeded shuffle, reshuffled every epoch.
+def step_examples(examples: Sequence, step: int, per_step: int, seed: int) -> list:
+    """The prompts (rows of any kind) of 1-based ``step``: consecutive slices of a seeded shuffle, reshuffled
+    every epoch.
 
     Depends only on (step, seed), so a resumed run sees the same prompts as an uninterrupted one.
     """
@@ -116,29 +64,63 @@ def step_examples(examples: List[Example], step: int, per_step: int, seed: int) 
     return chosen
 
 
-class Trainer:
-    """Runs :class:`TrainArgs` end to end; ``train()`` returns the output folder."""
+class NonFiniteStepsError(ValueError):
+    """``--max-nonfinite-steps`` steps in a row had a non-finite loss or gradient norm; the run stopped."""
 
-    def __init__(self, args: TrainArgs):
+
+class Trainer:
+    """Runs :class:`TrainArgs` end to end; ``train()`` returns the output folder.
+
+    Args:
+        args: the run's options.
+        reward_funcs: the reward functions, overriding ``args.reward``: callables with TRL's signature
+            (:mod:`rlfuse.engine.reward_funcs`) or ``--reward`` specs; weighted by ``args.reward_weights``.
+
+    Raises:
+        ValueError: a bad option or input (the message names it), a checkpoint that fails verification on
+            ``--resume``, or an output folder that another run holds (:class:`rlfuse.engine.run_lock.RunLockedError`).
+    """
+
+    def __init__(self, args: TrainArgs, reward_funcs: Optional[Sequence[Union[str, RewardFunc]]] = None):
         args.validate()
         self.args = args
         self.config = args.loss_config()
         self.device = args.torch_device()
         self.output_dir = Path(args.output_dir or f"runs/{args.algo}-{datetime.now():%Y%m%d-%H%M%S}")
+        self.lock = RunLock(self.output_dir)
+        if self.output_dir.is_dir():  # a new folder is locked once created, below
+            self.lock.acquire()
+        try:
+            self._setup(reward_funcs)
+        except BaseException:
+            self.lock.release()
+            raise
+
+    def _setup(self, reward_funcs) -> None:
+        args = self.args
         checkpoint = self._find_resume_checkpoint()
-        self.train_examples = load_examples(args.data, "train")
-        eval_data = args.eval_data or args.data
-        self.eval_examples = load_examples(eval_data, "test")[: args.eval_prompts] if args.eval_every else []
+        self.rewards = self._reward_set(reward_funcs)
+        self.math_reward = next((f for f in self.rewards.functions if isinstance(f, MathReward)), None)
+        self.train_rows = load_prompt_rows(args.data, args.data_split, args.prompt_style)
+        self._check_columns(self.train_rows, args.data)
+        self.eval_examples, self.eval_rows = self._eval_data()
         self._seed(args.seed)
         dtype = resolve_dtype(args.dtype, self.device)
         # A LoRA checkpoint holds only the adapters: the base comes from --model.
         source = str(checkpoint) if checkpoint and not args.lora_rank else args.model
         self.model, self.tokenizer = load_model_and_tokenizer(source, dtype, str(self.device))
+        self.rollout_kind, self.forward_kind = self._engine_paths(self.model)
+        rows = self.train_rows + (self.eval_rows or [])
+        if getattr(self.tokenizer, "chat_template", None) is None and any(is_conversational(r.prompt) for r in rows):
+            raise ValueError(f"--model {args.model}: its tokenizer has no chat template, which conversational "
+                             "prompts (lists of messages) need; pass plain string prompts, or a model with one")
         self.autocast_dtype = resolve_autocast_dtype(args.mixed_precision, self.device, dtype)
         self.ref_model = None
         if self.config.beta > 0 and not args.lora_rank:  # the reference is the initial model, also when resuming
-            ref = copy.deepcopy(self.model) if checkpoint is None else load_model_and_tokenizer(args.model, dtype, str(self.device))[0]
-            ref_dtype = dtype if args.ref_dtype == "auto" and self.device.type == "cpu" else resolve_dtype(args.ref_dtype, self.device)
+            ref = (copy.deepcopy(self.model) if checkpoint is None
+                   else load_model_and_tokenizer(args.model, dtype, str(self.device))[0])
+            ref_dtype = (dtype if args.ref_dtype == "auto" and self.device.type == "cpu"
+                         else resolve_dtype(args.ref_dtype, self.device))
             self.ref_model = ref.to(ref_dtype).eval().requires_grad_(False)
         if args.lora_rank:
             self.model = add_lora(self.model, args.lora_rank, args.lora_alpha, str(checkpoint) if checkpoint else None)
@@ -149,35 +131,95 @@ class Trainer:
             else:
                 self.model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
         self.decoder = self.ref_decoder = None
-        if args.training_forward == "shared_prefix":
-            self.decoder = self._decoder(self.model)
-            self.ref_decoder = None if self.ref_model is None else self._decoder(self.ref_model)
+        if self.forward_kind == "shared_prefix":
+            self.decoder = DecoderLM(self.model)
+            self.ref_decoder = None if self.ref_model is None else DecoderLM(self.ref_model)
         # Created only once every input has loaded, so a bad option leaves nothing behind.
         self.output_dir.mkdir(parents=True, exist_ok=True)
+        if not self.lock.held:
+            self.lock.acquire()
         self.trainable = [p for p in self.model.parameters() if p.requires_grad]
         self.optimizer = torch.optim.AdamW(self.trainable, lr=args.learning_rate, weight_decay=0.0)
         self.rollout = self._make_rollout()
         self.fused_linear_loss = FusedLinearPolicyLoss(self.config, temperature=args.temperature)
         self.replay = ReplayBuffer(args.replay_staleness)
         self.log = MetricsLog(self.output_dir)
-        self.start_step = 0
+        self.start_step, self.nonfinite_streak = 0, 0
         if checkpoint is not None:
-            state = load_training_state(checkpoint, self.optimizer)
+            state = load_training_state(checkpoint, self.optimizer, verify=False)  # verified before the model loaded
             self.start_step = int(state["step"])
             self.log.truncate(self.start_step)
-            extra = load_extra_state(checkpoint)
+            extra = load_extra_state(checkpoint, verify=False)
             if "replay" in extra:  # the batches an uninterrupted run would replay next
                 self.replay.load_state_dict(extra["replay"], self.device)
         if args.save_every:  # fail now rather than at the first save, minutes in; AdamW's moments come later
             moments = 0 if self.optimizer.state else 2 * sum(p.numel() * p.element_size() for p in self.trainable)
             check_free_space(self.output_dir, checkpoint_bytes(self.model, self.optimizer) + moments)
 
-    @staticmethod
-    def _decoder(model) -> DecoderLM:
+    def _reward_set(self, reward_funcs) -> RewardSet:
+        """The run's rewards: ``reward_funcs`` if given, else ``--reward`` (default ``math``)."""
+        args = self.args
+        math_options = {"format_reward": args.format_reward, "incorrect_reward": self.config.incorrect_reward,
+                        "require_derivation": args.require_derivation}
+        specs = list(reward_funcs) if reward_funcs is not None else list(args.reward or ("math",))
+        functions = [load_reward_function(f, math_options) if isinstance(f, str) else f for f in specs]
+        for function in functions:
+            if not callable(function):
+                raise TypeError(f"reward_funcs holds {function!r}, which is neither callable nor a --reward spec")
+        return RewardSet(functions, args.reward_weights)
+
+    def _check_columns(self, rows, data: str) -> None:
+        """Refuse, before the model loads, a data set without the columns the math reward reads."""
+        if self.math_reward is None:
+            return
+        needed = ["answer"] + (["question"] if self.math_reward.require_derivation else [])
+        for name in needed:
+            row = next((r for r in rows if r.columns.get(name) is None), None)
+            if row is not None:
+                why = (" (--require-derivation checks the answer against the question's numbers)"
+                       if name == "question" else "")
+                raise ValueError(f"--data {data}: {row.source} has no {name!r} column, which the math reward reads"
+                                 f"{why}; pass --reward with a function for this data, or add the column")
+
+    def _eval_data(self):
+        """(math evaluation examples, or None; reward evaluation rows, or None) of ``--eval-data``."""
+        args = self.args
+        if not args.eval_every:
+            return [], None
+        source = args.eval_data or args.data
+        gsm8k_like = source in DATASETS or source.endswith(".jsonl")
+        if self.math_reward is not None and gsm8k_like:
+            try:
+                return load_examples(source, args.eval_data_split)[: args.eval_prompts], None
+            except ValueError:  # not GSM8K-format: evaluate by the reward functions instead
+                pass
+        rows = load_prompt_rows(source, args.eval_data_split, args.prompt_style)[: args.eval_prompts]
+        return None, rows
+
+    def _engine_paths(self, model):
+        """(rollout, training forward) with ``auto`` resolved: the engine's when its decoder covers ``model``,
+        else transformers', said in one log line.
+
+        Raises:
+            ValueError: the engine's sampler or forward chosen explicitly for a model its decoder does not cover.
+        """
+        args = self.args
         try:
-            return DecoderLM(model)
+            DecoderLM(model)
+            problem = None
         except ValueError as error:
-            raise ValueError(f"--training-forward shared_prefix: {error}; pass --training-forward padded") from None
+            problem = str(error)
+        rollout, forward = args.rollout, args.training_forward
+        if problem is None:
+            return ("engine" if rollout == "auto" else rollout), ("shared_prefix" if forward == "auto" else forward)
+        chosen = [f for f, on in (("--rollout engine", rollout == "engine"),
+                                  ("--training-forward shared_prefix", forward == "shared_prefix")) if on]
+        if chosen:
+            raise ValueError(f"{' and '.join(chosen)}: {problem}; pass --rollout hf --training-forward padded (or "
+                             "leave both at auto) for this model")
+        print(f"rlfuse: {problem}: sampling with transformers generate (--rollout hf) and training with its padded "
+              "forward (--training-forward padded)")
+        return "hf", "padded"
 
     def _logprobs(self, model, batch: RolloutBatch, decoder, **kwargs) -> TokenLogprobs:
         """Log-probs of ``batch`` under ``model`` through this run's forward and --loss-impl, without grad."""
@@ -194,19 +236,18 @@ class Trainer:
         return self._logprobs(self.ref_model, batch, self.ref_decoder).logps
 
     def _make_rollout(self):
-        if self.args.rollout == "hf":
+        if self.rollout_kind == "hf":
             return HFRollout(self.model, self.tokenizer)
-        try:
-            return SharedPrefixSampler(self.model, self.tokenizer,
-                                       stop_pattern=ANSWER_LINE_STOP if self.args.stop_after_answer else None)
-        except ValueError as error:
-            raise ValueError(f"--rollout engine: {error}; pass --rollout hf for this model") from None
+        stop = self.args.stop_after_answer and self.math_reward is not None
+        return SharedPrefixSampler(self.model, self.tokenizer, stop_pattern=ANSWER_LINE_STOP if stop else None)
 
     def _find_resume_checkpoint(self) -> Optional[Path]:
+        """The checkpoint ``--resume`` continues from, verified against its manifest before anything is read."""
         if self.args.resume:
             checkpoint = find_checkpoint(self.output_dir)
             if checkpoint is None:
                 raise ValueError(f"--resume: {self.output_dir} holds no checkpoint; start a new run without --resume")
+            verify_checkpoint(checkpoint)
             return checkpoint
         if find_checkpoint(self.output_dir) or (self.output_dir / METRICS_FILE).exists():
             raise ValueError(
@@ -222,7 +263,19 @@ class Trainer:
 
     def train(self) -> Path:
         """Run steps ``start_step + 1 .. args.steps``; checkpoint every ``save_every`` steps and at the end
-        (never when ``save_every`` is 0)."""
+        (never when ``save_every`` is 0). The output folder's lock is dropped when it returns or raises.
+
+        Raises:
+            NonFiniteStepsError: ``--max-nonfinite-steps`` steps in a row skipped their update (the step's record
+                is logged; no checkpoint is written after it, so the last one holds the last good weights).
+            rlfuse.engine.reward_funcs.RewardFunctionError: a reward function raised or returned a bad value.
+        """
+        try:
+            return self._train()
+        finally:
+            self.lock.release()
+
+    def _train(self) -> Path:
         args = self.args
         bar = tqdm(total=args.steps, initial=self.start_step, desc=f"{args.algo}", unit="step")
         for step in range(self.start_step + 1, args.steps + 1):
@@ -230,20 +283,43 @@ class Trainer:
             if args.eval_every and (step % args.eval_every == 0 or step == args.steps):
                 record.update(self.evaluate(step))
             self.log.append(record)
+            self._stop_if_nonfinite(step, record)
             if args.save_every and (step % args.save_every == 0 or step == args.steps):
                 state = {"step": step, "args": dataclasses.asdict(args), "config": dataclasses.asdict(self.config),
                          "autocast_dtype": None if self.autocast_dtype is None else str(self.autocast_dtype)}
                 extra = {"replay": self.replay.state_dict()} if args.replay_staleness else None
                 save_checkpoint(self.output_dir, self.model, self.tokenizer, self.optimizer, state, extra)
-            bar.set_postfix(reward=f"{record['reward_mean']:.3f}", acc=f"{record['accuracy']:.2f}",
-                            tok_s=f"{record['tokens_per_s']:.0f}")
+            postfix = {"reward": f"{record['reward_mean']:.3f}", "tok_s": f"{record['tokens_per_s']:.0f}"}
+            if record.get("accuracy") is not None:
+                postfix["acc"] = f"{record['accuracy']:.2f}"
+            bar.set_postfix(postfix)
             bar.update(1)
         bar.close()
         return self.output_dir
 
+    def _stop_if_nonfinite(self, step: int, record: Dict[str, object]) -> None:
+        """Count steps in a row whose update was skipped as non-finite; stop at ``--max-nonfinite-steps``."""
+        self.nonfinite_streak = self.nonfinite_streak + 1 if record["nonfinite_skipped"] else 0
+        if self.nonfinite_streak >= self.args.max_nonfinite_steps:
+            last = find_checkpoint(self.output_dir)
+            kept = "no checkpoint was written"
+            if last is not None:
+                saved = json.loads((last / "trainer_state.json").read_text())["step"]
+                kept = f"the last checkpoint, {last}, is intact (step {saved})"
+            raise NonFiniteStepsError(
+                f"step {step}: the loss or the gradient norm was not finite for {self.nonfinite_streak} steps in a "
+                f"row (loss {record['loss']}, grad_norm {record['grad_norm']}); each update was skipped, so the "
+                f"weights are those before step {step - self.nonfinite_streak + 1}, and {kept}. Lower "
+                "--learning-rate or --max-grad-norm, check the rewards, then --resume; --max-nonfinite-steps sets "
+                "how many such steps in a row stop the run")
+
     def step(self, step: int) -> Dict[str, object]:
         """One RL step on ``prompts_per_step`` prompts × G samples, under ``--mixed-precision``; returns its
-        metrics record."""
+        metrics record.
+
+        An update whose loss or gradient norm is not finite is skipped: weights and optimizer state stay as they
+        were, and ``nonfinite_skipped`` counts such updates.
+        """
         with autocast(self.device, self.autocast_dtype):
             return self._step(step)
 
@@ -251,16 +327,13 @@ class Trainer:
         args, config = self.args, self.config
         reset_peak_memory(self.device)
         start = time.perf_counter()
-        examples = step_examples(self.train_examples, step, args.prompts_per_step, args.seed)
-        prompts = [build_prompt(self.tokenizer, ex.question, self.args.prompt_style) for ex in examples]
+        rows = step_examples(self.train_rows, step, args.prompts_per_step, args.seed)
+        prompts = [prompt_token_ids(self.tokenizer, row.prompt) for row in rows]
         batch = self.rollout.generate(prompts, args.num_generations, args.max_new_tokens, args.temperature)
         texts = self.tokenizer.batch_decode(batch.completion_ids, skip_special_tokens=True)
-        golds = [ex.gold for ex in examples for _ in range(args.num_generations)]
         truncated = batch_truncated(batch, self.rollout.stop_ids)
-        questions = [ex.question for ex in examples for _ in range(args.num_generations)]
-        scored = gsm8k_rewards(texts, golds, args.format_reward, incorrect_reward=config.incorrect_reward,
-                               truncated=truncated.tolist(), questions=questions if args.require_derivation else None)
-        rewards = torch.tensor(scored.rewards, dtype=torch.float32)
+        scores = score(self.rewards, rows, args.num_generations, texts, batch, truncated, step, args.steps)
+        rewards = torch.tensor(scores.total, dtype=torch.float32)
         advantages = compute_advantages(rewards, args.num_generations, config).to(self.device)
         time_rollout = time.perf_counter() - start
 
@@ -285,6 +358,7 @@ class Trainer:
         share = kept_share(batch.completion_mask, keep, config.loss_agg_mode)
         trained = batch if bool(keep.all()) else select_rows(batch, keep)
         metrics = dict.fromkeys(("kl", "clip_frac", "ratio_mean", "entropy"))
+        skipped = 0
         for _ in range(args.num_iterations):
             # None means on-policy: one update per batch, so the sampling policy is the current one.
             old_logps = None if old is None or args.num_iterations == 1 else old.logps[keep]
@@ -301,9 +375,14 @@ class Trainer:
                     param.grad = torch.zeros_like(param)
             replay_record = replay_backward(replayed, step, self._replay_loss, scale)
             grad_norm = torch.nn.utils.clip_grad_norm_(self.trainable, args.max_grad_norm)
+            if not (math.isfinite(loss.item()) and math.isfinite(grad_norm.item())):
+                # Skipped, as Megatron and DeepSpeed skip such steps: AdamW would spread the NaN to every weight.
+                self.optimizer.zero_grad(set_to_none=True)
+                skipped += 1
+                continue
             self.optimizer.step()
         time_update = time.perf_counter() - start
-        if args.replay_staleness:
+        if args.replay_staleness and not skipped:
             self.replay.add(ReplayItem(step, batch, advantages, old.logps, old.vocab_mean, ref_logps))
 
         mask = batch.completion_mask
@@ -313,8 +392,8 @@ class Trainer:
             "loss": loss.item(),
             "reward_mean": rewards.mean().item(),
             "reward_std": rewards.std().item() if rewards.numel() > 1 else 0.0,
-            "accuracy": float(np.mean(solved(scored.correct, truncated.tolist()))),
-            "format_rate": float(np.mean(scored.formatted)),
+            **{f"reward/{name}": mean for name, mean in scores.means.items()},
+            **scores.logged,
             "completion_len_mean": mask.sum(1).float().mean().item(),
             "truncated_rate": truncated.float().mean().item(),
             "kl": metrics["kl"].item() if metrics["kl"] is not None and config.beta > 0 else None,
@@ -323,14 +402,19 @@ class Trainer:
             "entropy": _item(metrics["entropy"]),
             "trained_groups_frac": keep.float().mean().item(),
             "grad_norm": grad_norm.item(),
+            "nonfinite_skipped": skipped,
             "tokens_per_s": batch.num_completion_tokens / elapsed,
             "time_rollout": time_rollout,
             "time_logprobs": time_logprobs,
             "time_update": time_update,
             "peak_mem_gb": peak_memory_gb(self.device),
         }
-        if scored.derived is not None:
-            record["derived_rate"] = float(np.mean(solved(scored.derived, truncated.tolist())))
+        if self.math_reward is not None and self.math_reward.last is not None:
+            scored = self.math_reward.last
+            record["accuracy"] = float(np.mean(solved(scored.correct, truncated.tolist())))
+            record["format_rate"] = float(np.mean(scored.formatted))
+            if scored.derived is not None:
+                record["derived_rate"] = float(np.mean(solved(scored.derived, truncated.tolist())))
         if args.replay_staleness:
             record.update(replay_record)
         return record
@@ -365,27 +449,38 @@ class Trainer:
                           item.behaviour_vocab_mean)
 
     @torch.no_grad()
-    def evaluate(self, step: Optional[int] = None) -> Dict[str, float]:
-        """Metrics of the first ``eval_prompts`` test questions (:func:`rlfuse.engine.evaluate.flat_metrics`):
-        greedy ``eval_accuracy``, and ``eval_pass@k`` and ``eval_diversity`` with ``--eval-samples``.
+    def evaluate(self, step: Optional[int] = None) -> Dict[str, object]:
+        """Metrics of the first ``eval_prompts`` evaluation prompts.
+
+        With the math reward and GSM8K-format data: :func:`rlfuse.engine.evaluate.flat_metrics` (greedy
+        ``eval_accuracy``; ``eval_pass@k`` and ``eval_diversity`` with ``--eval-samples``). Otherwise greedy
+        completions scored by the run's reward functions (:func:`rlfuse.engine.scoring.evaluate_rewards`:
+        ``eval_reward_mean``, ``eval_reward/<name>``).
 
         With a ``step``, the whole result, per-problem records included, is also written to
         ``<output_dir>/eval/step_<step>.json`` (written to a temporary file, then renamed)."""
         args = self.args
         with autocast(self.device, self.autocast_dtype):
-            result = evaluate_examples(self.rollout, self.tokenizer, self.eval_examples, args.eval_samples,
-                                       max_new_tokens=args.max_new_tokens, temperature=args.temperature,
-                                       batch_size=max(1, 32 // max(1, args.eval_samples)), seed=args.seed,
-                                       prompt_style=args.prompt_style)
+            if self.eval_examples is not None:
+                result = evaluate_examples(self.rollout, self.tokenizer, self.eval_examples, args.eval_samples,
+                                           max_new_tokens=args.max_new_tokens, temperature=args.temperature,
+                                           batch_size=max(1, 32 // max(1, args.eval_samples)), seed=args.seed,
+                                           prompt_style=args.prompt_style)
+            else:
+                result = evaluate_rewards(self.rollout, self.tokenizer, self.rewards, self.eval_rows,
+                                          args.max_new_tokens, step, args.steps)
         if step is not None:
             folder = self.output_dir / EVAL_DIR
             folder.mkdir(parents=True, exist_ok=True)
             partial = folder / f".step_{step:06d}.json.tmp"
             partial.write_text(json.dumps({"step": step, **result}, indent=1) + "\n")
             partial.replace(folder / f"step_{step:06d}.json")
-        return flat_metrics(result)
+        if self.eval_examples is not None:
+            return flat_metrics(result)
+        return {key: value for key, value in result.items() if key != "problems"}
 
 
-def train(args: TrainArgs) -> Path:
-    """Build a :class:`Trainer` for ``args`` and run it; returns the output folder."""
-    return Trainer(args).train()
+def train(args: TrainArgs, reward_funcs: Optional[Sequence[Union[str, RewardFunc]]] = None) -> Path:
+    """Build a :class:`Trainer` for ``args`` (and ``reward_funcs``, see :class:`Trainer`) and run it; returns the
+    output folder."""
+    return Trainer(args, reward_funcs).train()
