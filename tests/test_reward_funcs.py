@@ -133,7 +133,7 @@ def test_user_function_from_a_file_and_from_a_module(tmp_path, monkeypatch):
     ("nosuch", ValueError, "expected one of ('math', 'format')"),
     ("/no/such/file.py:f", FileNotFoundError, "no such file"),
     ("json:no_such_function", ValueError, "json has no attribute 'no_such_function'"),
-    ("json:__doc__", ValueError, "is not callable"),
+    ("json:__doc__", ValueError, "__doc__ in json is not callable"),
     ("no_such_package_xyz.mod:f", ValueError, "importing no_such_package_xyz.mod failed: ModuleNotFoundError"),
 ])
 def test_bad_specs_fail_clearly(spec, error, message):

@@ -263,3 +263,27 @@ def test_conversational_prompts_without_a_chat_template_fail_before_training(gpt
                  "--reward", "format", "--output-dir", str(tmp_path / "x")]) == 2
     assert "has no chat template, which conversational prompts" in capsys.readouterr().err
     assert not (tmp_path / "x").exists()
+
+
+def test_the_example_runs_from_the_command_line_and_from_python(smollm2_dir, tmp_path, monkeypatch, capsys):
+    """The README's two forms of examples/custom_reward.py, one short step each."""
+    import importlib.util
+    import sys
+
+    short = ["--model", smollm2_dir, "--steps", "1", "--max-new-tokens", "6", "--prompts-per-step", "2",
+             "--num-generations", "2", "--save-every", "0"]
+    example = EXAMPLES / "custom_reward.py"
+    assert main(["train", "--data", str(EXAMPLES / "data" / "keywords.jsonl"), "--reward", f"{example}:keyword_reward",
+                 "--reward", f"{example}:brevity_reward", "--reward-weights", "1.0", "0.5", *short,
+                 "--output-dir", str(tmp_path / "cli")]) == 0
+    spec = importlib.util.spec_from_file_location("custom_reward_example", example)
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    monkeypatch.chdir(EXAMPLES.parent)  # its default --data is relative to the repository
+    monkeypatch.setattr(sys, "argv", ["custom_reward.py", *short, "--output-dir", str(tmp_path / "py")])
+    module.main()
+    for run in ("cli", "py"):
+        (record,) = read_metrics(tmp_path / run)
+        assert record["reward_mean"] == pytest.approx(record["reward/keyword_reward"]
+                                                      + 0.5 * record["reward/brevity_reward"])
+        assert record["reward/brevity_reward"] == 1.0  # 6 tokens are short

@@ -137,7 +137,7 @@ def load_reward_function(spec: str, math_options: Optional[Dict[str, Any]] = Non
     if function is None:
         raise ValueError(f"--reward {spec}: {location} has no attribute {name!r}")
     if not callable(function):
-        raise ValueError(f"--reward {spec}: {location}.{name} is not callable")
+        raise ValueError(f"--reward {spec}: {name} in {location} is not callable")
     return function
 
 

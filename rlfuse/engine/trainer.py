@@ -277,25 +277,29 @@ class Trainer:
 
     def _train(self) -> Path:
         args = self.args
-        bar = tqdm(total=args.steps, initial=self.start_step, desc=f"{args.algo}", unit="step")
-        for step in range(self.start_step + 1, args.steps + 1):
-            record = self.step(step)
-            if args.eval_every and (step % args.eval_every == 0 or step == args.steps):
-                record.update(self.evaluate(step))
-            self.log.append(record)
-            self._stop_if_nonfinite(step, record)
-            if args.save_every and (step % args.save_every == 0 or step == args.steps):
-                state = {"step": step, "args": dataclasses.asdict(args), "config": dataclasses.asdict(self.config),
-                         "autocast_dtype": None if self.autocast_dtype is None else str(self.autocast_dtype)}
-                extra = {"replay": self.replay.state_dict()} if args.replay_staleness else None
-                save_checkpoint(self.output_dir, self.model, self.tokenizer, self.optimizer, state, extra)
-            postfix = {"reward": f"{record['reward_mean']:.3f}", "tok_s": f"{record['tokens_per_s']:.0f}"}
-            if record.get("accuracy") is not None:
-                postfix["acc"] = f"{record['accuracy']:.2f}"
-            bar.set_postfix(postfix)
-            bar.update(1)
-        bar.close()
+        with tqdm(total=args.steps, initial=self.start_step, desc=f"{args.algo}", unit="step") as bar:
+            for step in range(self.start_step + 1, args.steps + 1):
+                self._train_step(step, bar)
         return self.output_dir
+
+    def _train_step(self, step: int, bar) -> None:
+        """One step of :meth:`train`: step, evaluate, log, stop if non-finite, checkpoint, report."""
+        args = self.args
+        record = self.step(step)
+        if args.eval_every and (step % args.eval_every == 0 or step == args.steps):
+            record.update(self.evaluate(step))
+        self.log.append(record)
+        self._stop_if_nonfinite(step, record)
+        if args.save_every and (step % args.save_every == 0 or step == args.steps):
+            state = {"step": step, "args": dataclasses.asdict(args), "config": dataclasses.asdict(self.config),
+                     "autocast_dtype": None if self.autocast_dtype is None else str(self.autocast_dtype)}
+            extra = {"replay": self.replay.state_dict()} if args.replay_staleness else None
+            save_checkpoint(self.output_dir, self.model, self.tokenizer, self.optimizer, state, extra)
+        postfix = {"reward": f"{record['reward_mean']:.3f}", "tok_s": f"{record['tokens_per_s']:.0f}"}
+        if record.get("accuracy") is not None:
+            postfix["acc"] = f"{record['accuracy']:.2f}"
+        bar.set_postfix(postfix)
+        bar.update(1)
 
     def _stop_if_nonfinite(self, step: int, record: Dict[str, object]) -> None:
         """Count steps in a row whose update was skipped as non-finite; stop at ``--max-nonfinite-steps``."""
