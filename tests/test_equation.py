@@ -130,3 +130,28 @@ def test_every_svamp_sample_gold_equation_derives_its_answer():
             continue  # a flat line would change the precedence; the multi-step tests cover these
         step = f"{' '.join(flat.split())} = {gold}\n#### {gold}"
         assert derived_by_equation(step, row["question"], equation, gold), (row["question"], step)
+
+
+def test_score_pays_svamp_by_its_equation_and_gsm8k_by_grounded_steps():
+    from rlfuse.engine.data import Example
+    from rlfuse.engine.rewards import score
+
+    svamp = Example(ARCADE, "2", ARCADE_EQUATION)
+    gsm8k_like = Example(ARCADE, "2")  # no equation: the grounded-steps rule
+    template = "14 / 14 = 1\n1 + 1 = 2\n#### 2"
+    genuine = "14 - 10 = 4\n4 - 2 = 2\n#### 2"
+    result = score([template, genuine, template, genuine], [svamp, svamp, gsm8k_like, gsm8k_like],
+                   truncated=[False, False, False, True])
+    assert result.correct == [True] * 4
+    assert result.derived == [False, True, True, True]
+    assert result.rewards == pytest.approx([0.0, 1.1, 1.1, 0.0])  # the last one was cut: never paid
+
+
+def test_the_math_reward_checks_svamp_answers_by_their_equation():
+    from rlfuse.engine.reward_funcs import MathReward
+
+    reward = MathReward()
+    template = "14 / 14 = 1\n1 + 1 = 2\n#### 2"
+    paid = reward([ARCADE] * 2, [template, "14 - 2 = 12\n12 - 10 = 2\n#### 2"], [[1], [1]],
+                  answer=[f"{ARCADE_EQUATION}\n#### 2"] * 2, question=[ARCADE] * 2)
+    assert paid == pytest.approx([0.0, 1.1])

@@ -101,6 +101,9 @@ def test_metrics_of_scripted_completions():
     assert problems[0]["sampled_answers"] == ["2", "2", "3", "2"] and problems[1]["sampled_answers"][3] is None
     record = flat_metrics(result)
     assert record["eval_accuracy"] == 0.5 and record["eval_pass@4"] == result["pass@k"]["4"]
+    # no sample derives its answer (derived_accuracy 0 above): nothing is paid at any k
+    assert [p["sampled_paid"] for p in problems] == [0, 0] and set(result["pass@k_paid"].values()) == {0.0}
+    assert record["eval_pass@4_paid"] == 0.0 and [p["greedy_paid"] for p in problems] == [False, False]
     assert record["eval_diversity"] == 1.5 and record["eval_truncated_rate"] == 0.0
     table = format_table(result, 4, 0.7)
     assert "| pass@1 (greedy)" in table and "| 0.5000 |" in table and "pass@4 (n=4, T=0.7)" in table
@@ -119,6 +122,12 @@ def test_a_constant_guess_is_seen_against_the_majority_baseline():
     result = evaluate_examples(FakeRollout(script), tokenizer, examples, batch_size=4)
     assert result["pass@1"] == result["majority_baseline"] == 0.5
     assert result["greedy"]["derived_accuracy"] == pytest.approx(1 / 6)  # only the derived 2 counts
+    # With a gold equation (SVAMP), the step must be the equation's: 8 / 4 is, 8 - 6 would not be.
+    for equation, paid in (("( 8.0 / 4.0 )", 1 / 6), ("( 8.0 - 6.0 )", 0.0)):
+        examples[0] = Example("8 cakes for 4 boys", "2", equation)
+        result = evaluate_examples(FakeRollout(script), tokenizer, examples, batch_size=4)
+        assert result["greedy"]["derived_accuracy"] == pytest.approx(paid)
+        assert result["problems"][0]["greedy_paid"] == (paid > 0)
     assert result["top_answer"] == "2" and result["greedy"]["top_answer_share"] == 1.0
     assert answer_concentration([None, "3", "4", "3"]) == ("3", 0.5)
     assert answer_concentration([None, None]) == (None, 0.0)

@@ -12,6 +12,8 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import List, Optional, Sequence
 
+from rlfuse.engine.equation import equation_of
+
 INSTRUCTION = "Solve the problem step by step. End with a last line '#### <number>' holding only the final number."
 # --prompt-style one_shot: one worked example, written for this purpose (in no data set), before the question.
 ONE_SHOT_INSTRUCTION = "Solve the math problem step by step and end with a line '#### <number>'."
@@ -23,10 +25,13 @@ DATASETS = ("gsm8k", "svamp")  # names --data and --eval-data accept besides a J
 
 @dataclass(frozen=True)
 class Example:
-    """One problem: its ``question`` and the ``gold`` final answer (the text after ``####``)."""
+    """One problem: its ``question``, the ``gold`` final answer (the text after ``####``) and, for data that
+    gives one (SVAMP), the gold ``equation`` over the question's numbers (:func:`rlfuse.engine.equation.equation_of`;
+    None for GSM8K's worked solutions)."""
 
     question: str
     gold: str
+    equation: Optional[str] = None
 
 
 def gold_answer(answer: str) -> str:
@@ -63,7 +68,7 @@ def read_jsonl(path: str | os.PathLike) -> List[Example]:
                 question, answer = record.get("question"), record.get("answer")
                 if not isinstance(question, str) or not isinstance(answer, str):
                     raise ValueError("needs string fields 'question' and 'answer'")
-                examples.append(Example(question.strip(), gold_answer(answer)))
+                examples.append(Example(question.strip(), gold_answer(answer), equation_of(answer)))
             except ValueError as error:  # json.JSONDecodeError is a ValueError
                 raise ValueError(f"{path}, line {number}: malformed GSM8K record: {error}") from None
     if not examples:
@@ -115,7 +120,7 @@ def load_examples(data: str, split: str = "train") -> List[Example]:
     from datasets import load_dataset  # only when no local copy exists
 
     rows = load_dataset("openai/gsm8k", "main", split=split)
-    return [Example(row["question"].strip(), gold_answer(row["answer"])) for row in rows]
+    return [Example(row["question"].strip(), gold_answer(row["answer"]), equation_of(row["answer"])) for row in rows]
 
 
 def load_gsm8k(data: str, split: str = "train") -> List[Example]:

@@ -22,7 +22,7 @@ from tqdm.auto import tqdm
 from rlfuse.engine.data import Example, build_prompt, load_examples
 from rlfuse.engine.passk import default_ks, mean_pass_at_k
 from rlfuse.engine.precision import MixedPrecision, autocast, resolve_autocast_dtype
-from rlfuse.engine.rewards import answer_key, gsm8k_rewards, solved
+from rlfuse.engine.rewards import answer_key, score, solved
 from rlfuse.engine.rollout import batch_truncated
 
 
@@ -103,12 +103,15 @@ def _mean(values: Sequence[float]) -> float:
     return float(sum(values)) / len(values)
 
 
-def _rates(texts, lengths, truncated, golds, questions) -> Tuple[List[bool], Dict[str, float]]:
-    scored = gsm8k_rewards(texts, golds, truncated=truncated, questions=questions)
+def _rates(texts, lengths, truncated, examples) -> Tuple[List[bool], List[bool], Dict[str, float]]:
+    """(answer-only correct, paid, rates) of completions of ``examples`` (one per completion), under
+    :func:`rlfuse.engine.rewards.score`: the rule training pays by."""
+    scored = score(texts, examples, truncated=truncated)
     correct = solved(scored.correct, truncated)  # a truncated completion counts as wrong, as in training
-    return correct, {"accuracy": _mean(correct), "derived_accuracy": _mean(solved(scored.derived, truncated)),
-                     "format_rate": _mean(scored.formatted), "truncated_rate": _mean(truncated),
-                     "completion_len_mean": _mean(lengths)}
+    paid = solved(scored.derived, truncated)
+    return correct, paid, {"accuracy": _mean(correct), "derived_accuracy": _mean(paid),
+                           "format_rate": _mean(scored.formatted), "truncated_rate": _mean(truncated),
+                           "completion_len_mean": _mean(lengths)}
 
 
 def majority_baseline(golds: Sequence[str]) -> float:
@@ -134,24 +137,26 @@ def evaluate_examples(rollout, tokenizer, examples: Sequence[Example], num_sampl
     on ``examples``.
 
     Returns a dict:
-        - ``pass@1``: greedy accuracy.
-        - ``greedy``: its ``derived_accuracy`` (correct with the answer derived from the question,
-          :func:`rlfuse.engine.derivation.derivation_shown`), ``format_rate``, ``truncated_rate``,
+        - ``pass@1``: greedy accuracy, answer only.
+        - ``greedy``: its ``derived_accuracy`` (the paid rule of :func:`rlfuse.engine.rewards.score`: correct
+          and derived, by the gold equation where the data gives one), ``format_rate``, ``truncated_rate``,
           ``completion_len_mean`` (tokens) and ``top_answer_share`` (:func:`answer_concentration`).
         - ``top_answer``: the most frequent greedy answer.
         - ``majority_baseline``: :func:`majority_baseline`; compare pass@1 with it, since a policy can beat a
           weak base model by guessing one number.
         - with ``num_samples`` n > 0 also ``pass@k`` (``{str(k): value}`` from the n samples, ``ks`` defaulting
-          to 1, 2, 4, ... n), ``diversity`` (mean number of distinct final answers per problem; a problem whose
-          samples give no answer counts 0) and ``sampled`` (the rates of the samples).
+          to 1, 2, 4, ... n, answer only), ``pass@k_paid`` (the same under the paid rule), ``diversity`` (mean
+          number of distinct final answers per problem; a problem whose samples give no answer counts 0) and
+          ``sampled`` (the rates of the samples).
 
     The sampling draws from its own generator seeded by ``seed``: the caller's random state is left as it was.
     ``prompt_style`` is :func:`rlfuse.engine.data.build_prompt`'s.
 
     ``problems`` lists one record per problem, in order, for paired comparisons of two models on the same
-    problems: ``gold``, ``greedy_correct`` (bool), ``greedy_answer`` (:func:`rlfuse.engine.rewards.answer_key`,
+    problems: ``gold``, ``greedy_correct`` (bool), ``greedy_paid`` (bool), ``greedy_answer`` (:func:`rlfuse.engine.rewards.answer_key`,
     None without one), ``greedy_truncated`` and ``greedy_completion``; with samples also ``sampled_correct``
-    (how many of the n were correct) and ``sampled_answers`` (their answer keys).
+    (how many of the n were correct), ``sampled_paid`` (how many were paid) and ``sampled_answers`` (their
+    answer keys).
 
     Raises:
         ValueError: no examples, or a k outside [1, n].
@@ -160,11 +165,10 @@ def evaluate_examples(rollout, tokenizer, examples: Sequence[Example], num_sampl
         raise ValueError("no problems to evaluate; pass at least one")
     golds = [ex.gold for ex in examples]
     greedy = _decode(rollout, tokenizer, examples, 1, max_new_tokens, 1.0, True, batch_size, prompt_style)
-    questions = [ex.question for ex in examples]
-    greedy_correct, greedy_rates = _rates(*greedy, golds, questions)
-    problems = [{"gold": gold, "greedy_correct": ok, "greedy_answer": answer_key(text), "greedy_truncated": cut,
-                 "greedy_completion": text}
-                for gold, ok, text, cut in zip(golds, greedy_correct, greedy[0], greedy[2])]
+    greedy_correct, greedy_paid, greedy_rates = _rates(*greedy, examples)
+    problems = [{"gold": gold, "greedy_correct": ok, "greedy_paid": paid, "greedy_answer": answer_key(text),
+                 "greedy_truncated": cut, "greedy_completion": text}
+                for gold, ok, paid, text, cut in zip(golds, greedy_correct, greedy_paid, greedy[0], greedy[2])]
     top_answer, greedy_rates["top_answer_share"] = answer_concentration([p["greedy_answer"] for p in problems])
     result: Dict[str, object] = {"num_problems": len(examples), "pass@1": _mean(greedy_correct),
                                  "majority_baseline": majority_baseline(golds), "top_answer": top_answer,
@@ -177,16 +181,16 @@ def evaluate_examples(rollout, tokenizer, examples: Sequence[Example], num_sampl
         torch.manual_seed(seed)
         texts, lengths, truncated = _decode(rollout, tokenizer, examples, num_samples, max_new_tokens, temperature,
                                             False, batch_size, prompt_style)
-    sample_golds = [gold for gold in golds for _ in range(num_samples)]
-    correct, rates = _rates(texts, lengths, truncated, sample_golds,
-                            [question for question in questions for _ in range(num_samples)])
-    counts, distinct = [], []
+    correct, paid, rates = _rates(texts, lengths, truncated, [ex for ex in examples for _ in range(num_samples)])
+    counts, paid_counts, distinct = [], [], []
     for problem, start in zip(problems, range(0, len(texts), num_samples)):
         counts.append(sum(correct[start: start + num_samples]))
+        paid_counts.append(sum(paid[start: start + num_samples]))
         answers = [answer_key(text) for text in texts[start: start + num_samples]]
         distinct.append(len(set(answers) - {None}))
-        problem.update(sampled_correct=counts[-1], sampled_answers=answers)
+        problem.update(sampled_correct=counts[-1], sampled_paid=paid_counts[-1], sampled_answers=answers)
     result["pass@k"] = {str(k): v for k, v in mean_pass_at_k(num_samples, counts, ks).items()}
+    result["pass@k_paid"] = {str(k): v for k, v in mean_pass_at_k(num_samples, paid_counts, ks).items()}
     result["diversity"] = _mean(distinct)
     result["sampled"] = rates
     return result
@@ -196,10 +200,11 @@ def flat_metrics(result: Dict[str, object], prefix: str = "eval_") -> Dict[str, 
     """One flat record of :func:`evaluate_examples`'s result, for ``metrics.jsonl``: ``eval_accuracy`` (greedy
     pass@1), the greedy ``eval_derived_accuracy``, ``eval_format_rate``, ``eval_truncated_rate``,
     ``eval_completion_len_mean`` and ``eval_top_answer_share``, and
-    with samples ``eval_pass@k`` for each k (sampled) and ``eval_diversity``."""
+    with samples ``eval_pass@k`` and ``eval_pass@k_paid`` for each k (sampled) and ``eval_diversity``."""
     record = {f"{prefix}accuracy": result["pass@1"]}
     record.update({f"{prefix}{key}": value for key, value in result["greedy"].items() if key != "accuracy"})
     record.update({f"{prefix}pass@{k}": value for k, value in result.get("pass@k", {}).items()})
+    record.update({f"{prefix}pass@{k}_paid": value for k, value in result.get("pass@k_paid", {}).items()})
     if "diversity" in result:
         record[f"{prefix}diversity"] = result["diversity"]
     return record
@@ -214,6 +219,8 @@ def format_table(result: Dict[str, object], num_samples: int = 0, temperature: f
                                                           f"({result['top_answer']})")]
     for k, value in result.get("pass@k", {}).items():
         rows.append((f"pass@{k} (n={num_samples}, T={temperature:g})", f"{value:.4f}"))
+    for k, value in result.get("pass@k_paid", {}).items():
+        rows.append((f"pass@{k} (n={num_samples}, T={temperature:g}), answer derived", f"{value:.4f}"))
     if "diversity" in result:
         rows.append(("distinct answers per problem", f"{result['diversity']:.2f}"))
     for part in ("greedy", "sampled"):

@@ -28,6 +28,7 @@ from types import SimpleNamespace
 from typing import Any, Callable, Dict, List, Optional, Sequence
 
 from rlfuse.engine.data import gold_answer
+from rlfuse.engine.equation import equation_of
 from rlfuse.engine.rewards import gsm8k_rewards, is_formatted
 
 RewardFunc = Callable[..., Sequence[Optional[float]]]
@@ -54,7 +55,9 @@ class MathReward:
     """The built-in ``math`` reward (:func:`rlfuse.engine.rewards.gsm8k_rewards`): correctness of the final
     answer against the ``answer`` column (a GSM8K solution ending in ``#### N``, or the bare answer), a
     ``format_reward`` bonus on a correct answer with one ``#### N`` line, ``incorrect_reward`` otherwise; with
-    ``require_derivation``, a correct answer is paid only when derived from the ``question`` column's numbers.
+    ``require_derivation``, a correct answer is paid only when derived from the ``question`` column's numbers:
+    by the gold equation when the ``answer`` holds one before its ``#### N`` line (SVAMP), else by grounded
+    arithmetic steps (:func:`rlfuse.engine.rewards.score`'s rule).
 
     After a call, ``last`` holds the :class:`rlfuse.engine.rewards.RewardResult` (its correct/formatted/derived
     flags feed the trainer's ``accuracy``, ``format_rate`` and ``derived_rate``).
@@ -75,10 +78,11 @@ class MathReward:
         if self.require_derivation and question is None:
             raise ValueError("the math reward with --require-derivation needs a 'question' column; pass "
                              "--no-require-derivation for a dataset without one")
+        derive = self.require_derivation
         self.last = gsm8k_rewards([completion_text(c) for c in completions], [_gold(str(a)) for a in answer],
                                   self.format_reward, incorrect_reward=self.incorrect_reward,
-                                  truncated=completion_truncated,
-                                  questions=list(question) if self.require_derivation else None)
+                                  truncated=completion_truncated, questions=list(question) if derive else None,
+                                  equations=[equation_of(str(a)) for a in answer] if derive else None)
         return self.last.rewards
 
 

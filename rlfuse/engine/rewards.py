@@ -5,8 +5,12 @@ Correctness plus format rewards are the recipe of "DeepSeek-R1: Incentivizing Re
 via Reinforcement Learning". Here the format part is gated on correctness, so no part of the reward can be
 earned by a completion that does no work (a bare ``#### 5`` guess earns nothing unless 5 is the answer), and a
 completion cut at the length limit earns the incorrect reward: it never gave its final answer. Given the
-questions, a correct answer is paid only when the completion derives it (``rlfuse.engine.derivation``), since
-a guessed frequent answer is also "correct" often enough to be learned.
+questions, a correct answer is paid only when the completion derives it, since a guessed frequent answer is
+also "correct" often enough to be learned: by the problem's gold equation where the data gives one (SVAMP,
+"Are NLP Models really able to Solve Simple Math Word Problems?"; :mod:`rlfuse.engine.equation`: right steps
+that compose to the gold equation up to commutativity and associativity), else by grounded arithmetic steps
+(:mod:`rlfuse.engine.derivation`, GSM8K, whose worked solutions have no single equation). :func:`score` is the
+one entry point that training (the ``math`` reward), ``rlfuse eval`` and the tests share.
 """
 
 from __future__ import annotations
@@ -19,6 +23,7 @@ from typing import List, Optional, Sequence
 from math_verify import ExprExtractionConfig, parse, verify
 
 from rlfuse.engine.derivation import derivation_shown
+from rlfuse.engine.equation import derived_by_equation
 
 FINAL_LINE = re.compile(r"^####\s*-?\$?\d[\d,]*(?:\.\d+)?\s*$")
 HASH_ANSWER = re.compile(r"####\s*([^\n]*)")
@@ -105,6 +110,7 @@ def gsm8k_rewards(
     incorrect_reward: float = 0.0,
     truncated: Optional[Sequence[bool]] = None,
     questions: Optional[Sequence[str]] = None,
+    equations: Optional[Sequence[Optional[str]]] = None,
 ) -> RewardResult:
     """Score completions against their gold answers.
 
@@ -121,16 +127,19 @@ def gsm8k_rewards(
     needs the answer derived from the question by a grounded arithmetic step
     (:func:`rlfuse.engine.derivation.derivation_shown`): a correct answer line without one earns
     ``incorrect_reward``, so guessing a frequent answer (on SVAMP, ``2`` is right for 9% of the test problems)
-    is not paid.
+    is not paid. With ``equations`` too, a completion whose problem has a gold equation (not None) must derive
+    the answer by it instead (:func:`rlfuse.engine.equation.derived_by_equation`): a template that ignores the
+    question, identity steps and a wrong operation that hits the gold value are not paid.
 
     Args:
         completions: the decoded completions.
         golds: their gold final answers (the text after ``####``).
         truncated: per completion, True when it was cut at ``--max-new-tokens`` without a stop token.
         questions: per completion, the problem's text; None pays a correct answer without a derivation.
+        equations: per completion, the problem's gold equation or None (used only with ``questions``).
 
     Raises:
-        ValueError: ``completions``, ``golds``, ``truncated`` and ``questions`` differ in length.
+        ValueError: ``completions``, ``golds``, ``truncated``, ``questions`` and ``equations`` differ in length.
     """
     if len(completions) != len(golds):
         raise ValueError(f"{len(completions)} completions but {len(golds)} gold answers; they must pair up")
@@ -144,9 +153,30 @@ def gsm8k_rewards(
     if questions is not None:
         if len(questions) != len(completions):
             raise ValueError(f"{len(completions)} completions but {len(questions)} questions; they must pair up")
-        derived = [ok and derivation_shown(text, question, gold)
-                   for ok, text, question, gold in zip(correct, completions, questions, golds)]
+        equations = [None] * len(completions) if equations is None else list(equations)
+        if len(equations) != len(completions):
+            raise ValueError(f"{len(completions)} completions but {len(equations)} equations; they must pair up")
+        derived = [ok and (derived_by_equation(text, question, equation, gold) if equation
+                           else derivation_shown(text, question, gold))
+                   for ok, text, question, gold, equation in zip(correct, completions, questions, golds, equations)]
         paid = [p and d for p, d in zip(paid, derived)]
     rewards = [(correct_reward + (format_reward if f else 0.0)) if p else incorrect_reward
                for p, f in zip(paid, formatted)]
     return RewardResult(rewards, correct, formatted, derived)
+
+
+def score(completions: Sequence[str], examples: Sequence, truncated: Optional[Sequence[bool]] = None,
+          format_reward: float = 0.1, correct_reward: float = 1.0, incorrect_reward: float = 0.0) -> RewardResult:
+    """Score completions of ``examples`` (:class:`rlfuse.engine.data.Example`: question, gold answer and, for
+    SVAMP, gold equation; one per completion) under the paid rule: :func:`gsm8k_rewards` with every
+    problem's question and equation, so a correct answer is paid only when derived (by the gold equation where
+    there is one). ``result.correct`` is the answer-only rule, ``result.derived`` the paid one.
+
+    Raises:
+        ValueError: the lengths differ.
+    """
+    if len(completions) != len(examples):
+        raise ValueError(f"{len(completions)} completions but {len(examples)} examples; they must pair up")
+    return gsm8k_rewards(completions, [ex.gold for ex in examples], format_reward, correct_reward, incorrect_reward,
+                         truncated=truncated, questions=[ex.question for ex in examples],
+                         equations=[ex.equation for ex in examples])
