@@ -41,11 +41,12 @@ def test_compare_runs_resumes_and_summarizes(smollm2_dir, tmp_path, capsys):
         for key in ("eval_accuracy", "eval_pass@1", "eval_pass@2", "eval_diversity", "reward_mean"):
             assert row[key] == last[key], key
         assert 0 <= row["eval_pass@1"] <= row["eval_pass@2"] <= 1 and 0 <= row["eval_diversity"] <= 2
+        assert row["eval_pass@2_paid"] <= row["eval_pass@2"]  # paid answers are correct answers
     table = (out / "summary.md").read_text()
     assert table in printed
     header = table.splitlines()[0]
     assert ("| pass@1 (greedy) | pass@1 (greedy, derived) | pass@1 (sampled) | pass@2 (sampled) "
-            "| distinct answers |") in header
+            "| pass@1 (sampled, derived) | pass@2 (sampled, derived) | distinct answers |") in header
     assert header.endswith("| most frequent answer's share |")  # a policy printing one number shows here
     assert table.splitlines()[3].startswith("| grpo | 2 | ")
     assert (out / "compare.png").stat().st_size > 5000

@@ -138,7 +138,8 @@ def summary_markdown(rows: List[Dict[str, object]]) -> str:
     truncation, and the share of problems given the most frequent greedy answer (near 1: one number for every
     question)."""
     keys = [k for k in ("eval_accuracy",) if any(k in r for r in rows)]
-    passk = sorted({k for r in rows for k in r if k.startswith("eval_pass@")}, key=lambda k: int(k.split("@")[1]))
+    passk = sorted({k for r in rows for k in r if k.startswith("eval_pass@")},  # answer-only, then paid, by k
+                   key=lambda k: (k.endswith("_paid"), int(k.split("@")[1].removesuffix("_paid"))))
     keys += [k for k in ("eval_derived_accuracy",) if any(k in r for r in rows)]
     keys += passk + [k for k in ("eval_diversity", "eval_format_rate", "eval_truncated_rate",
                                  "eval_completion_len_mean", "eval_top_answer_share") if any(k in r for r in rows)]
@@ -146,6 +147,8 @@ def summary_markdown(rows: List[Dict[str, object]]) -> str:
              "eval_diversity": "distinct answers",
              "eval_format_rate": "format rate", "eval_truncated_rate": "truncated rate",
              "eval_completion_len_mean": "length (tokens)", "eval_top_answer_share": "most frequent answer's share"}
+    names.update({k: f"{k[len('eval_'):].removesuffix('_paid')} (sampled, derived)" for k in passk
+                  if k.endswith("_paid")})
     header = ["algorithm", "step"] + [names.get(k, k[len("eval_"):] + " (sampled)") for k in keys]
     lines = ["| " + " | ".join(header) + " |", "|" + "---|" * len(header)]
     for row in rows:
