@@ -53,17 +53,18 @@ def parse_equation(text: str) -> Node:
 
 
 def _sum(tokens):
-    node, tokens = _product(tokens)
-    while tokens and tokens[0] in "+-":
-        right, rest = _product(tokens[1:])
-        node, tokens = (tokens[0], node, right), rest
-    return node, tokens
+    return _chain(tokens, ("+", "-"), _product)
 
 
 def _product(tokens):
-    node, tokens = _atom(tokens)
-    while tokens and tokens[0] in "*/":
-        right, rest = _atom(tokens[1:])
+    return _chain(tokens, ("*", "/"), _atom)
+
+
+def _chain(tokens, operators, operand):
+    """Left-associative ``operand (op operand)*`` over ``operators``; returns (tree, the tokens left)."""
+    node, tokens = operand(tokens)
+    while tokens and isinstance(tokens[0], str) and tokens[0] in operators:
+        right, rest = operand(tokens[1:])
         node, tokens = (tokens[0], node, right), rest
     return node, tokens
 
@@ -71,6 +72,8 @@ def _product(tokens):
 def _atom(tokens):
     if not tokens:
         raise ValueError("the equation ends early")
+    if isinstance(tokens[0], tuple):  # an expression tree already (a step's operand standing for an earlier step)
+        return tokens[0], tokens[1:]
     if tokens[0] == "(":
         node, rest = _sum(tokens[1:])
         if not rest or rest[0] != ")":
@@ -109,26 +112,11 @@ def _collect(node: Node, sign: int, out: list, same: str, inverse: str) -> None:
 
 
 def _step_tree(operands: Sequence[Node], operators: Sequence[str]) -> Node:
+    """The tree of ``operands[0] operators[0] operands[1] ...`` (operands are trees), with the usual precedence."""
     tokens: list = [operands[0]]
     for op, operand in zip(operators, operands[1:]):
         tokens += ["*" if op in "*×x" else "/" if op in "/÷" else op, operand]
-    node, _ = _tree_sum(tokens)
-    return node
-
-
-def _tree_sum(tokens):
-    node, tokens = _tree_product(tokens)
-    while tokens and tokens[0] in ("+", "-"):
-        right, rest = _tree_product(tokens[1:])
-        node, tokens = (tokens[0], node, right), rest
-    return node, tokens
-
-
-def _tree_product(tokens):
-    node, tokens = tokens[0], tokens[1:]
-    while tokens and tokens[0] in ("*", "/"):
-        node, tokens = (tokens[0], node, tokens[1]), tokens[2:]
-    return node, tokens
+    return _sum(tokens)[0]
 
 
 def derived_by_equation(completion: str, question: str, equation: str, answer: str) -> bool:

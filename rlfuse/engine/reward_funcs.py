@@ -95,11 +95,11 @@ def format_reward(prompts, completions, completion_ids, **kwargs) -> List[float]
 BUILTINS = ("math", "format")  # names --reward accepts besides a path
 
 
-def _load_file_function(path: Path, name: str) -> Any:
+def _load_file(path: Path) -> Any:
     module_name = f"rlfuse_user_reward_{abs(hash(str(path.resolve())))}"
     spec = importlib.util.spec_from_file_location(module_name, path)
     if spec is None or spec.loader is None:
-        raise ValueError(f"--reward {path}:{name}: {path} cannot be imported as a Python file")
+        raise ValueError(f"--reward: {path} cannot be imported as a Python file")
     module = importlib.util.module_from_spec(spec)
     sys.modules[module_name] = module
     spec.loader.exec_module(module)
@@ -130,7 +130,7 @@ def load_reward_function(spec: str, math_options: Optional[Dict[str, Any]] = Non
             path = Path(location).expanduser()
             if not path.is_file():
                 raise FileNotFoundError(f"--reward {spec}: no such file {path}")
-            module = _load_file_function(path, name)
+            module = _load_file(path)
         else:
             module = importlib.import_module(location)
     except (FileNotFoundError, ValueError):
