@@ -145,19 +145,26 @@ def test_eval_data_defaults_to_the_named_data_set_and_a_file_needs_it():
         TrainArgs(data=str(DATA / "svamp_train_sample.jsonl"), eval_every=1).validate()
 
 
-def test_learnable_subset_keeps_problems_solved_sometimes():
-    rows = [{"question": f"q{i}", "answer": f"x\n#### {i}", "id": f"p{i}"} for i in range(5)]
+def test_learnable_subset_keeps_problems_paid_sometimes():
+    rows = [{"question": f"q{i}", "answer": f"x\n#### {i}", "id": f"p{i}"} for i in range(6)]
 
-    def record(i, greedy, correct):
-        return {"gold": str(i), "greedy_correct": greedy, "sampled_correct": correct,
-                "sampled_answers": [str(i)] * correct + ["-1"] * (4 - correct)}
+    def record(i, greedy, paid, correct=None):
+        correct = paid if correct is None else correct
+        return {"gold": str(i), "greedy_correct": greedy, "greedy_paid": greedy, "sampled_correct": correct,
+                "sampled_paid": paid, "sampled_answers": [str(i)] * correct + ["-1"] * (4 - correct)}
 
+    # p5: every sample has the right answer but none is paid (no derivation): learnable under the paid rule.
     problems = [record(0, False, 0), record(1, False, 1), record(2, True, 4), record(3, True, 0),
-                record(4, False, 3)]
+                record(4, False, 3), record(5, False, 0, correct=4)]
     assert [row["id"] for row in learnable_subset(rows, problems)] == ["p1", "p3", "p4"]
+    problems[5]["greedy_paid"] = True
+    assert [row["id"] for row in learnable_subset(rows, problems)] == ["p1", "p3", "p4", "p5"]
     with pytest.raises(ValueError, match="row 1: gold"):
         learnable_subset(rows, [problems[0], problems[2]] + problems[2:])
     with pytest.raises(ValueError, match="--num-samples"):
-        learnable_subset(rows[:1], [{"gold": "0", "greedy_correct": False}])
-    with pytest.raises(ValueError, match="5 rows but 4"):
-        learnable_subset(rows, problems[:4])
+        learnable_subset(rows[:1], [{"gold": "0", "greedy_correct": False, "greedy_paid": False}])
+    with pytest.raises(ValueError, match="predates the paid rule"):
+        learnable_subset(rows[:1], [{"gold": "0", "greedy_correct": False, "sampled_correct": 1,
+                                     "sampled_answers": ["0", "1", "2", "3"]}])
+    with pytest.raises(ValueError, match="6 rows but 5"):
+        learnable_subset(rows, problems[:5])

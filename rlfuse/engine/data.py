@@ -157,34 +157,41 @@ def build_prompt(tokenizer, question: str, style: str = "zero_shot") -> List[int
 
 
 def learnable_subset(rows: Sequence[dict], problems: Sequence[dict]) -> List[dict]:
-    """The records of ``rows`` whose problem the evaluated model solved sometimes but not always.
+    """The records of ``rows`` whose problem the evaluated model earned the reward on sometimes but not always.
 
     Difficulty filtering by the base model's pass rate, as RL recipes for reasoning do before training: a
-    group whose G samples are all wrong, or all right, has zero group-relative advantages and teaches nothing.
+    group whose G samples are all unpaid, or all paid, has zero group-relative advantages and teaches nothing.
+    A problem counts as solved only under the paid rule of :func:`rlfuse.engine.rewards.score` (right answer,
+    derived, by the gold equation where the data gives one, not cut), the rule training pays by; a right answer
+    without its derivation does not count.
 
     Args:
         rows: the source JSONL records (dicts with ``question`` and ``answer``), in the order evaluated.
         problems: ``rlfuse eval``'s per-problem records of the same problems, with samples
-            (``gold``, ``greedy_correct``, ``sampled_correct``, ``sampled_answers``).
+            (``gold``, ``greedy_paid``, ``sampled_paid``, ``sampled_answers``).
 
     Returns:
-        The records solved greedily or by at least one sample, and not by every sample, in order.
+        The records paid greedily or in at least one sample, and not in every sample, in order.
 
     Raises:
-        ValueError: different lengths, records without samples (evaluate with ``--num-samples`` above 0),
-            or a record whose gold answer differs from its row's (the two are not the same problems in order).
+        ValueError: different lengths, records without samples (evaluate with ``--num-samples`` above 0) or
+            without the paid counts (an evaluation written before the paid rule: evaluate again), or a record
+            whose gold answer differs from its row's (the two are not the same problems in order).
     """
     if len(rows) != len(problems):
         raise ValueError(f"{len(rows)} rows but {len(problems)} evaluated problems; evaluate every row, in order")
     kept = []
     for number, (row, problem) in enumerate(zip(rows, problems)):
-        if "sampled_correct" not in problem:
+        if "sampled_answers" not in problem:
             raise ValueError("the evaluation has no samples; run rlfuse eval with --num-samples above 0")
+        if "sampled_paid" not in problem or "greedy_paid" not in problem:
+            raise ValueError(f"problem {number} has no greedy_paid / sampled_paid: the evaluation predates the "
+                             "paid rule; run rlfuse eval again")
         if gold_answer(row["answer"]) != problem["gold"]:
             raise ValueError(f"row {number}: gold {gold_answer(row['answer'])!r} but the evaluation's is "
                              f"{problem['gold']!r}; evaluate the same file, every row, in order")
         samples = len(problem["sampled_answers"])
-        solved = problem["greedy_correct"] or problem["sampled_correct"] > 0
-        if solved and problem["sampled_correct"] < samples:
+        solved = problem["greedy_paid"] or problem["sampled_paid"] > 0
+        if solved and problem["sampled_paid"] < samples:
             kept.append(row)
     return kept
