@@ -244,6 +244,7 @@ def test_gguf_alias_runs_one_step(tmp_path, device):
         (["--resume"], "resume"),
         (["--steps", "0"], "--steps"),
         (["--save-every", "-1"], "--save-every"),
+        (["--eval-on-start"], "--eval-on-start needs --eval-every"),
     ],
 )
 def test_bad_options_fail_clearly(extra, message, tmp_path, capsys):
@@ -312,3 +313,23 @@ def test_lora_reference_is_the_base_with_adapters_disabled(smollm2_dir, tmp_path
     assert not (out / "checkpoint" / "model.safetensors").exists()  # adapters only, the base stays shared
     assert main([*common, "--steps", "3", "--resume"]) == 0
     assert [r["step"] for r in read_metrics(out)] == [1, 2, 3]
+
+
+def test_eval_on_start_reports_initial_beside_final(smollm2_dir, tmp_path, noisy_rewards, device, capsys):
+    """--eval-on-start evaluates the initial weights as step 0; the run ends with both side by side, and a resumed
+    run does not evaluate step 0 again."""
+    out = tmp_path / "run"
+    common = ["train", "--algo", "grpo", "--model", smollm2_dir, *TINY, "--output-dir", str(out),
+              "--device", device.type, "--eval-every", "2", "--eval-prompts", "2", "--eval-on-start"]
+    assert main([*common, "--steps", "1"]) == 0
+    printed = capsys.readouterr().out
+    initial = json.loads((out / "eval" / "step_000000.json").read_text())
+    assert initial["step"] == 0 and len(initial["problems"]) == 2
+    assert "| metric | step 0 (initial) | step 1 (final) |" in printed
+    paid = sum(p["greedy_paid"] for p in initial["problems"])
+    assert f"| pass@1 greedy, paid (right and derived) | {paid / 2:.3f} ({paid}/2) |" in printed
+    written = (out / "eval" / "step_000000.json").stat().st_mtime_ns
+    assert main([*common, "--steps", "2", "--resume"]) == 0
+    assert (out / "eval" / "step_000000.json").stat().st_mtime_ns == written
+    assert "step 2 (final)" in capsys.readouterr().out
+    assert [r["step"] for r in read_metrics(out)] == [1, 2]

@@ -140,6 +140,9 @@ class TrainArgs:
     truncation and length rates."""
     eval_prompts: int = 16
     """Number of test questions (the first M) for evaluation."""
+    eval_on_start: bool = False
+    """With --eval-every: evaluate the initial model too, before the first step (as step 0), so that the end of
+    the run can report the base model beside the final one on the same problems."""
     eval_samples: int = 0
     """n samples per test question at --temperature for eval_pass@k (k = 1, 2, 4, ... n) and eval_diversity
     (distinct final answers per question); 0: greedy pass@1 only."""
@@ -188,6 +191,8 @@ class TrainArgs:
             raise ValueError(f"--eval-samples must be >= 0 (0: greedy pass@1 only), got {self.eval_samples}")
         if self.eval_every < 0:
             raise ValueError(f"--eval-every must be >= 0 (0 disables evaluation), got {self.eval_every}")
+        if self.eval_on_start and not self.eval_every:
+            raise ValueError("--eval-on-start needs --eval-every above 0 (the evaluation to run before step 1)")
         if not self.temperature > 0:
             raise ValueError(f"--temperature must be > 0, got {self.temperature}")
         if not self.learning_rate > 0:

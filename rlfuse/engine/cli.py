@@ -30,7 +30,12 @@ def _run(args) -> str:
         return f"rlfuse: done. Metrics in {path}"
     from rlfuse.engine.trainer import train  # heavy imports only once the options parsed
 
+    from rlfuse.engine.eval_summary import before_after_table
+
     output_dir = train(args)
+    table = before_after_table(output_dir / "eval")
+    if table:
+        print(table)
     outputs = "metrics.jsonl, reward.png" + (", checkpoint/" if args.save_every else "")
     return f"rlfuse: done. Outputs in {output_dir}/: {outputs}"
 

@@ -277,6 +277,8 @@ class Trainer:
 
     def _train(self) -> Path:
         args = self.args
+        if args.eval_on_start and self.start_step == 0:
+            self.evaluate(0)
         with tqdm(total=args.steps, initial=self.start_step, desc=f"{args.algo}", unit="step") as bar:
             for step in range(self.start_step + 1, args.steps + 1):
                 self._train_step(step, bar)
