@@ -25,7 +25,7 @@ $(STAMP): pyproject.toml setup.py Makefile
 
 train: setup
 	$(VENV)/bin/rlfuse train --algo grpo --model smollm2-135m --data data/svamp-train-learnable.jsonl --eval-data svamp \
-		--num-generations 8 --learning-rate 2e-5 --steps 30 --eval-every 30
+		--num-generations 8 --learning-rate 2e-5 --steps 30 --eval-every 30 --eval-prompts 50 --eval-on-start
 
 test: setup
 	$(PY) -m pytest -q
