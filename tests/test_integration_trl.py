@@ -181,7 +181,8 @@ def trainers(tmp_path_factory):
 
 DEFAULTS = dict(loss_type="dapo", importance_sampling_level="token", epsilon_low=0.2, epsilon_high=0.28, beta=0.0,
                 delta=None, use_bias_correction_kl=False, top_entropy_quantile=1.0, off_policy_mask_threshold=None,
-                vllm_is=False, tool_mask=False, on_policy=False, eval=False)
+                vllm_is=False, tool_mask=False, on_policy=False, eval=False, entropy_coef=0.0, adaptive=False,
+                last_entropy=float("inf"))
 ARGS_FIELDS = ("delta", "use_bias_correction_kl")
 
 
@@ -197,6 +198,11 @@ def run_loss(trainer, compute, batch, monkeypatch, option):
     monkeypatch.setattr(trainer, "use_vllm", option["vllm_is"])
     monkeypatch.setattr(trainer, "vllm_importance_sampling_correction", option["vllm_is"])
     monkeypatch.setattr(trainer, "current_gradient_accumulation_steps", 4, raising=False)
+    monkeypatch.setattr(trainer, "entropy_coef", option["entropy_coef"])
+    monkeypatch.setattr(trainer, "use_adaptive_entropy", option["adaptive"])
+    monkeypatch.setattr(trainer, "_entropy_bonus_enabled", option["entropy_coef"] != 0.0 or option["adaptive"])
+    monkeypatch.setattr(trainer, "_last_world_entropy", option["last_entropy"])
+    monkeypatch.setattr(trainer, "_entropy_window_stats", None)
     inputs = dict(batch)
     if not option["tool_mask"]:
         del inputs["tool_mask"]
@@ -244,7 +250,8 @@ def compare_losses(trainers, monkeypatch, case):
 
 LOSS_CASES = [  # cispo's epsilon_high is the ratio's upper bound, 1.2 clips some of this batch's tokens
     dict(loss_type=loss_type, importance_sampling_level=level, epsilon_high=1.2 if loss_type == "cispo" else 0.28)
-    for loss_type in ("grpo", "bnpo", "dr_grpo", "dapo", "cispo") for level in ("token", "sequence")
+    for loss_type in ("grpo", "bnpo", "dr_grpo", "dapo", "cispo", "sapo", "luspo", "vespo")
+    for level in ("token", "sequence")
 ]
 OPTION_CASES = [
     dict(loss_type="dapo", delta=1.1),
@@ -258,6 +265,12 @@ OPTION_CASES = [
     dict(loss_type="grpo", tool_mask=True),
     dict(loss_type="bnpo", on_policy=True),
     dict(loss_type="dapo", eval=True),
+    dict(loss_type="sapo", beta=0.05, top_entropy_quantile=0.5),
+    dict(loss_type="luspo", importance_sampling_level="sequence", delta=1.05, tool_mask=True),
+    # the entropy bonus: static; adaptive below its target (applied, coefficient raised) and above it (not applied)
+    dict(loss_type="grpo", entropy_coef=0.3),
+    dict(loss_type="dapo", entropy_coef=0.3, top_entropy_quantile=0.5, eval=True),
+    dict(loss_type="dr_grpo", entropy_coef=0.2, adaptive=True, last_entropy=0.1),
 ]
 
 
@@ -331,25 +344,87 @@ def test_lora_policy_with_reference_matches_trl(model_dir, tmp_path, monkeypatch
         assert_grads_close(step_grads, step_grads_ref)
 
 
-@pytest.mark.parametrize("option, value", [
-    ("loss_type", "sapo"), ("loss_type", "vespo"), ("loss_type", "luspo"), ("entropy_coef", 0.01),
-    ("use_adaptive_entropy", True), ("use_liger_kernel", True),
-])
+@pytest.mark.parametrize("option, value", [("use_liger_kernel", True)])
 def test_unsupported_option_raises_at_construction(model_dir, tmp_path, option, value):
     args = grpo_args(tmp_path, **{option: value})
     with pytest.raises(ValueError, match=option):
         GRPOTrainer(model_dir, reward_funcs=reward_len, args=args, train_dataset=dataset())
 
 
-def test_moe_router_aux_loss_raises_at_construction(tmp_path):
-    from transformers import MixtralConfig, MixtralForCausalLM
+@pytest.mark.parametrize("family", ["mixtral", "qwen3_moe"])
+def test_moe_router_aux_loss_matches_trl(tmp_path_factory, monkeypatch, family):
+    """A Mixture-of-Experts model with its router's load-balancing loss on (TRL's default when the config has a
+    coefficient): the fused path adds the same aux loss, and logs it."""
+    import transformers
 
-    config = MixtralConfig(vocab_size=len(CHARS) + 3, hidden_size=32, intermediate_size=64, num_hidden_layers=1,
-                           num_attention_heads=2, num_key_value_heads=1, num_local_experts=2, num_experts_per_tok=1,
-                           router_aux_loss_coef=0.01, pad_token_id=0, eos_token_id=1, bos_token_id=None)
-    with pytest.raises(ValueError, match="router_aux_loss_coef"):
-        GRPOTrainer(MixtralForCausalLM(config), reward_funcs=reward_len, args=grpo_args(tmp_path, beta=0.0),
-                    train_dataset=dataset(), processing_class=make_tokenizer())
+    torch.manual_seed(3)
+    common = dict(vocab_size=len(CHARS) + 3, hidden_size=32, num_hidden_layers=2, num_attention_heads=2,
+                  num_key_value_heads=1, num_experts_per_tok=2, router_aux_loss_coef=0.5, pad_token_id=0,
+                  eos_token_id=1, bos_token_id=None)
+    if family == "mixtral":
+        model = transformers.MixtralForCausalLM(transformers.MixtralConfig(intermediate_size=64, num_local_experts=4,
+                                                                           **common))
+    else:
+        model = transformers.Qwen3MoeForCausalLM(transformers.Qwen3MoeConfig(
+            moe_intermediate_size=32, intermediate_size=64, num_experts=4, head_dim=16, **common))
+    pair = make_pair(model.float(), tmp_path_factory)
+    assert pair[0].aux_loss_enabled and pair[1].aux_loss_enabled
+    fused = CallCounter(monkeypatch, trl_head, "linear_token_logprobs")
+    _, _, metrics = compare_losses(pair, monkeypatch, dict(loss_type="grpo"))
+    assert fused.calls > 0 and metrics["aux_loss"] > 0
+    with torch.no_grad():  # the generation step's passes ask for no aux loss, and get None
+        assert pair[1]._get_per_token_logps_and_entropies(
+            pair[1].model, torch.cat([pair[2]["prompt_ids"], pair[2]["completion_ids"]], 1),
+            torch.cat([pair[2]["prompt_mask"], pair[2]["completion_mask"]], 1), T)[2] is None
+
+
+def test_adaptive_entropy_above_target_applies_no_bonus_and_lowers_the_coefficient(trainers, monkeypatch):
+    """The previous step's entropy is above entropy_target: no bonus this step; this step's entropy (the tiny
+    random model's, far above 0.2 nats) moves the coefficient down, as in TRL."""
+    trl_trainer, ours, batch = trainers
+    case = dict(loss_type="bnpo", entropy_coef=0.2, adaptive=True, last_entropy=0.5)
+    _, _, metrics = compare_losses(trainers, monkeypatch, case)
+    assert math.isclose(metrics["entropy_coef"], 0.2 - trl_trainer.args.entropy_coef_delta)
+    assert ours.entropy_coef == trl_trainer.entropy_coef < 0.2
+    plain = run_loss(ours, GRPOTrainer._compute_loss, batch, monkeypatch, dict(loss_type="bnpo"))
+    bonus = run_loss(ours, GRPOTrainer._compute_loss, batch, monkeypatch, case)
+    torch.testing.assert_close(bonus[0], plain[0])
+
+
+def test_adaptive_entropy_window_spans_the_accumulation_steps(trainers, monkeypatch):
+    """The adaptive controller measures the whole accumulation window, then moves the coefficient once."""
+    trl_trainer, ours, batch = trainers
+    states = []
+    for trainer, compute in ((trl_trainer, trl.GRPOTrainer._compute_loss), (ours, GRPOTrainer._compute_loss)):
+        option = dict(loss_type="grpo", entropy_coef=0.2, adaptive=True, last_entropy=0.1)
+        monkeypatch.setattr(trainer.args, "entropy_target", 10.0)  # above the tiny model's entropy: raise c
+        gradient_state = trainer.accelerator.gradient_state
+        gradient_state._set_sync_gradients(False)
+        try:
+            first = run_loss(trainer, compute, batch, monkeypatch, option)
+            mid = (trainer.entropy_coef, trainer._entropy_window_stats.clone())
+            monkeypatch.setattr(trainer, "_last_world_entropy", 0.1)
+        finally:
+            gradient_state._set_sync_gradients(True)
+        window = trainer._entropy_window_stats
+        loss = compute(trainer, trainer.model, {k: v for k, v in batch.items() if k != "tool_mask"})
+        states.append((first[0], mid, loss.detach(), trainer.entropy_coef, trainer._last_world_entropy, window))
+    (loss1_ref, mid_ref, loss2_ref, coef_ref, last_ref, _), (loss1, mid, loss2, coef, last, _) = states
+    torch.testing.assert_close(loss1, loss1_ref, atol=1e-6, rtol=1e-5)
+    torch.testing.assert_close(loss2, loss2_ref, atol=1e-6, rtol=1e-5)
+    assert mid[0] == mid_ref[0] == 0.2  # no optimizer step yet: unchanged
+    torch.testing.assert_close(mid[1], mid_ref[1])
+    assert coef == coef_ref and coef > 0.2 and math.isclose(last, last_ref, rel_tol=1e-6)
+    assert ours._entropy_window_stats is None
+
+
+def test_fallback_computes_trl_s_own_way(trainers, monkeypatch):
+    """Where rlfuse's path does not serve a run (a vision-language model), TRL's own computation runs instead."""
+    trl_trainer, ours, batch = trainers
+    monkeypatch.setattr(ours, "_trl_fallback", "a test")
+    fused = CallCounter(monkeypatch, trl_head, "linear_token_logprobs")
+    compare_losses(trainers, monkeypatch, dict(loss_type="sapo", entropy_coef=0.1))
+    assert fused.calls == 0
 
 
 def test_import_rlfuse_never_needs_trl():

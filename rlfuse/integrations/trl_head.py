@@ -8,8 +8,9 @@ or from the model's own logits where those are more than ``hidden @ W.T + bias``
 from __future__ import annotations
 
 import functools
+import sys
 import types
-from typing import Optional
+from typing import Optional, Tuple, Union
 
 import torch
 
@@ -84,6 +85,18 @@ def _fused_head_logprobs(model, hidden, targets, temperature, cast_lm_head_to_fp
                          _scatter(out.vocab_mean, keep) if vocab_mean else None)
 
 
+def router_aux_loss(model, router_logits, attention_mask) -> Optional[torch.Tensor]:
+    """A Mixture-of-Experts model's load-balancing loss of ``router_logits`` (its backbone's, one per layer), by the
+    model's own ``load_balancing_loss_func`` with its ``num_experts`` and ``num_experts_per_tok``, as its
+    ``forward`` computes ``aux_loss`` ("Switch Transformers", eqs. 4-6). None when the model's module has no such
+    function: the caller then runs the model's own forward."""
+    loss_func = getattr(sys.modules.get(type(model).__module__), "load_balancing_loss_func", None)
+    experts, top_k = getattr(model, "num_experts", None), getattr(model, "num_experts_per_tok", None)
+    if loss_func is None or experts is None or top_k is None:
+        return None
+    return loss_func(router_logits, experts, top_k, attention_mask)
+
+
 def add_rlfuse_head(model, cast_lm_head_to_fp32: bool = False, fused: Optional[bool] = None) -> None:
     """Patch ``model.forward`` so that ``model(..., rlfuse_targets=targets)`` returns per-token log-probs.
 
@@ -94,27 +107,39 @@ def add_rlfuse_head(model, cast_lm_head_to_fp32: bool = False, fused: Optional[b
     :func:`rlfuse.kernels.token_logprobs`. Running inside ``forward`` keeps DDP and FSDP hooks armed. It returns a
     :class:`rlfuse.kernels.TokenLogprobs` with ``logps`` and ``entropy`` (B, T) float32 (0 where skipped),
     and ``vocab_mean``, mean_v log_softmax(logits / T)_v (B, T) float32, when called with
-    ``rlfuse_vocab_mean=True`` (else None). Without ``rlfuse_targets`` the forward is the original one.
+    ``rlfuse_vocab_mean=True`` (else None). With ``rlfuse_router_aux=True`` (a Mixture-of-Experts model) it
+    returns ``(token_logprobs, aux_loss)``, the router's load-balancing loss (scalar) of the same forward:
+    :func:`router_aux_loss` of the backbone's router logits, or the model's own ``aux_loss`` on the unfused path.
+    Without ``rlfuse_targets`` the forward is the original one.
     """
     if fused is None:
         fused = plain_lm_head(model) and head_reproduces_logits(model)
     original_forward = model.forward
 
     @functools.wraps(type(model).forward)
-    def forward(self, *args, rlfuse_targets=None, rlfuse_temperature=1.0, rlfuse_vocab_mean=False, labels=None,
-                **kwargs):
+    def forward(self, *args, rlfuse_targets=None, rlfuse_temperature=1.0, rlfuse_vocab_mean=False,
+                rlfuse_router_aux=False, labels=None,
+                **kwargs) -> Union[TokenLogprobs, Tuple[TokenLogprobs, torch.Tensor]]:
         if rlfuse_targets is None:
             if labels is not None:
                 kwargs["labels"] = labels
             return original_forward(*args, **kwargs)
         kwargs["use_cache"] = False
+        if rlfuse_router_aux:
+            kwargs["output_router_logits"] = True
         num = rlfuse_targets.size(1)
         if fused and plain_lm_head(self):
-            hidden = self.base_model(*args, **kwargs).last_hidden_state[:, -num - 1 : -1]
-            return _fused_head_logprobs(self, hidden, rlfuse_targets, rlfuse_temperature, cast_lm_head_to_fp32,
-                                        rlfuse_vocab_mean)
-        logits = original_forward(*args, logits_to_keep=num + 1, **kwargs).logits[:, :-1]
-        return token_logprobs(logits, rlfuse_targets.to(logits.device), rlfuse_temperature, return_entropy=True,
-                              return_vocab_mean=rlfuse_vocab_mean)
+            outputs = self.base_model(*args, **kwargs)
+            out = _fused_head_logprobs(self, outputs.last_hidden_state[:, -num - 1 : -1], rlfuse_targets,
+                                       rlfuse_temperature, cast_lm_head_to_fp32, rlfuse_vocab_mean)
+            if not rlfuse_router_aux:
+                return out
+            aux = router_aux_loss(self, outputs.router_logits, kwargs.get("attention_mask"))
+            if aux is not None:
+                return out, aux
+        outputs = original_forward(*args, logits_to_keep=num + 1, **kwargs)
+        out = token_logprobs(outputs.logits[:, :-1], rlfuse_targets.to(outputs.logits.device), rlfuse_temperature,
+                             return_entropy=True, return_vocab_mean=rlfuse_vocab_mean)
+        return (out, outputs.aux_loss) if rlfuse_router_aux else out
 
     model.forward = types.MethodType(forward, model)

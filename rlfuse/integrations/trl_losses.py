@@ -1,6 +1,7 @@
 """The ``loss_type`` values of rlfuse's TRL ``GRPOTrainer``: option checks, token losses and aggregation.
 
-TRL's own loss types (grpo, bnpo, dr_grpo, dapo, cispo) are reproduced by :func:`grpo_token_loss`. rlfuse's
+TRL's own loss types (grpo, bnpo, dr_grpo, dapo, cispo, sapo, luspo, vespo) are reproduced by
+:func:`grpo_token_loss`. rlfuse's
 presets (:data:`RLFUSE_LOSS_TYPES`: topr, rover, and the off-policy family of "Group-Relative REINFORCE Is
 Secretly an Off-Policy Algorithm" plus GMPO) run :func:`rlfuse_token_loss`, the token losses of
 :data:`rlfuse.algos.losses.TOKEN_LOSSES` that :func:`rlfuse.algos.policy_loss` calls, with the preset's config
@@ -11,6 +12,7 @@ objects are read by attribute only.
 from __future__ import annotations
 
 import dataclasses
+import math
 from typing import Dict, Optional, Tuple
 
 import torch
@@ -18,7 +20,7 @@ import torch
 from rlfuse.algos.configs import PolicyLossConfig, get_config
 from rlfuse.algos.losses import TOKEN_LOSSES, sequence_log_ratio
 
-TRL_LOSS_TYPES = ("grpo", "bnpo", "dr_grpo", "dapo", "cispo")
+TRL_LOSS_TYPES = ("grpo", "bnpo", "dr_grpo", "dapo", "cispo", "sapo", "luspo", "vespo")
 # rlfuse's presets that TRL's inputs suffice for (rlfuse.algos.ALGO_CONFIGS names).
 RLFUSE_LOSS_TYPES = ("topr", "rover", "reinforce", "rec", "rec_is", "rec_ring", "opmd", "asymre", "red_weight", "gmpo")
 LOSS_TYPES = TRL_LOSS_TYPES + RLFUSE_LOSS_TYPES
@@ -29,6 +31,8 @@ CLIPPING_LOSS_TYPES = ("rec", "rec_is", "rec_ring", "gmpo")
 PRESET_ADVANTAGE_LOSS_TYPES = ("reinforce", "rec", "rec_is", "rec_ring", "opmd", "asymre", "red_weight", "gmpo")
 # TRL's loss_type whose normalizer reproduces each rlfuse loss_agg_mode.
 TRL_AGGREGATION = {"token-mean": "dapo", "seq-mean-token-mean": "grpo"}
+# TRL's loss types that share another's normalizer.
+TRL_SHARED_AGGREGATION = {"sapo": "grpo", "vespo": "dapo"}
 
 RED_DROP_ERROR = (
     "loss_type='red_drop' is not supported by rlfuse's GRPOTrainer: RED-Drop shapes the data, zeroing the advantages "
@@ -61,7 +65,7 @@ def trl_aggregation(loss_type: str) -> str:
     """The TRL ``loss_type`` whose reduction :class:`GRPOTrainer` applies: itself for TRL's own, else the one that
     matches the preset's ``loss_agg_mode`` (token-mean: dapo; seq-mean-token-mean: grpo)."""
     if loss_type in TRL_LOSS_TYPES:
-        return loss_type
+        return TRL_SHARED_AGGREGATION.get(loss_type, loss_type)
     mode = rlfuse_loss_config(loss_type).loss_agg_mode
     if mode not in TRL_AGGREGATION:
         raise ValueError(f"loss_type={loss_type!r} aggregates by {mode!r}, which rlfuse's GRPOTrainer does not map to "
@@ -72,9 +76,9 @@ def trl_aggregation(loss_type: str) -> str:
 def check_grpo_config(args) -> None:
     """Raise ``ValueError`` naming the first ``trl.GRPOConfig`` option that :class:`GRPOTrainer` cannot honour.
 
-    Unsupported: ``loss_type`` other than :data:`LOSS_TYPES` (``red_drop``: see :data:`RED_DROP_ERROR`); the entropy
-    bonus (``entropy_coef != 0``, ``use_adaptive_entropy``); ``use_liger_kernel`` (a second kernel provider). For
-    rlfuse's presets, the options :func:`check_rlfuse_loss_options` refuses.
+    Unsupported: ``loss_type`` other than :data:`LOSS_TYPES` (``red_drop``: see :data:`RED_DROP_ERROR`);
+    ``use_liger_kernel`` (a second kernel provider). For rlfuse's presets, the options
+    :func:`check_rlfuse_loss_options` refuses.
     """
     if args.loss_type == "red_drop":
         raise ValueError(RED_DROP_ERROR)
@@ -89,11 +93,6 @@ def check_grpo_config(args) -> None:
         )
     if args.loss_type in RLFUSE_LOSS_TYPES:
         check_rlfuse_loss_options(args)
-    if args.entropy_coef != 0.0 or args.use_adaptive_entropy:
-        raise ValueError(
-            "the entropy bonus (entropy_coef != 0 or use_adaptive_entropy=True) is not supported by rlfuse's "
-            "GRPOTrainer; set entropy_coef=0.0 and use_adaptive_entropy=False, or train with trl.GRPOTrainer"
-        )
     if args.use_liger_kernel:
         raise ValueError(
             "use_liger_kernel=True is not supported together with rlfuse's GRPOTrainer, which computes the "
@@ -249,6 +248,35 @@ def trl_importance_ratio(per_token_logps: torch.Tensor, old_per_token_logps: tor
     return torch.exp(log_ratio)
 
 
+@torch.no_grad()
+def vespo_gamma_weights(advantages: torch.Tensor, log_ratio: torch.Tensor, mask: torch.Tensor,
+                        importance_sampling_ratio: Optional[torch.Tensor] = None, k_pos: float = 2.0,
+                        lambda_pos: float = 3.0, k_neg: float = 3.0, lambda_neg: float = 2.0) -> torch.Tensor:
+    """VESPO's sequence weight phi(w) = exp(lambda + k·log w - lambda·w), detached: a gamma-shaped weight with
+    phi(1) = 1 on the sequence ratio w = exp(sum_t (logp_t - old_logp_t)), times the sampler correction's
+    product when ``importance_sampling_ratio`` is given ("VESPO: Variational Sequence-Level Soft Policy
+    Optimization"; TRL 1.16's ``get_gamma_weights``, whose clamps it keeps: each token's log-ratio to
+    [-20, 20], each log correction and log w to [log 1e-8, 20]). (k, lambda) are the ``_pos`` pair where A >= 0,
+    else the ``_neg`` pair.
+
+    Args:
+        advantages: (B, 1) or (B, T); log_ratio: (B, T) logp - old_logp; mask: (B, T) 0/1.
+        importance_sampling_ratio: (B, T) or (B, 1) pi_old / pi_sampler per token, or None.
+
+    Returns:
+        (B, 1) float32 weights (NaN and inf set to 0; (B, T) when advantages are per token).
+    """
+    low = math.log(1e-8)
+    log_w = (torch.clamp(log_ratio, -20.0, 20.0) * mask).sum(-1, keepdim=True)
+    if importance_sampling_ratio is not None:
+        log_w = log_w + torch.clamp(torch.log(importance_sampling_ratio), low, 20.0).sum(-1, keepdim=True)
+    log_w = torch.clamp(log_w, low, 20.0)
+    positive = advantages >= 0
+    k = torch.where(positive, k_pos, k_neg)
+    lam = torch.where(positive, lambda_pos, lambda_neg).clamp(min=1e-4)
+    return torch.exp(lam + k * log_w - lam * torch.exp(log_w)).nan_to_num(nan=0.0, posinf=0.0, neginf=0.0)
+
+
 def grpo_token_loss(
     per_token_logps: torch.Tensor,
     old_per_token_logps: torch.Tensor,
@@ -260,13 +288,21 @@ def grpo_token_loss(
     epsilon_low: float,
     epsilon_high: float,
     delta: Optional[float] = None,
+    sapo_temperature_pos: float = 1.0,
+    sapo_temperature_neg: float = 1.05,
+    vespo_weights: Optional[torch.Tensor] = None,
 ) -> Tuple[torch.Tensor, torch.Tensor]:
     """Token losses of TRL's GRPO family before masking and aggregation, as TRL 1.16 computes them.
 
-    - grpo, bnpo, dr_grpo, dapo: -min(r·A, clip(r, 1 - epsilon_low, 1 + epsilon_high)·A), the clipped
+    - grpo, bnpo, dr_grpo, dapo, luspo: -min(r·A, clip(r, 1 - epsilon_low, 1 + epsilon_high)·A), the clipped
       surrogate of GRPO ("DeepSeekMath", eq. 3) with DAPO's decoupled clip ("DAPO: An Open-Source LLM
-      Reinforcement Learning System at Scale"); ``delta`` caps r first (two-sided clipping);
-    - cispo: -sg(min(r, epsilon_high))·A·logp ("MiniMax-M1").
+      Reinforcement Learning System at Scale"); ``delta`` caps r first (two-sided clipping); luspo differs in
+      its aggregation only ("Length-Unbiased Sequence Policy Optimization": a sum over each sequence's tokens);
+    - cispo: -sg(min(r, epsilon_high))·A·logp ("MiniMax-M1");
+    - sapo: -(4 / tau)·sigmoid(tau·(r - 1))·A, a soft gate in place of the clip, tau = ``sapo_temperature_pos``
+      where A > 0, else ``sapo_temperature_neg`` ("Soft Adaptive Policy Optimization");
+    - vespo: -phi·A·logp with ``vespo_weights`` phi from :func:`vespo_gamma_weights` ("VESPO: Variational
+      Sequence-Level Soft Policy Optimization").
 
     r is :func:`trl_importance_ratio` at ``importance_sampling_level``.
 
@@ -275,14 +311,25 @@ def grpo_token_loss(
         old_per_token_logps: (B, T) float32 under the policy that sampled them.
         advantages: (B, 1) or (B, T) float32.
         mask: (B, T) int64 or float, 1 on completion tokens that count.
+        vespo_weights: (B, 1) float32, needed by vespo only.
 
     Returns:
         ``(per_token_loss, ratio)``: ratio r is (B, T) at token level and (B, 1) at sequence level; the
-        loss has r's shape, or (B, T) for cispo. Both float32.
+        loss has r's shape, or (B, T) for cispo and vespo. Both float32.
+
+    Raises:
+        ValueError: vespo without ``vespo_weights``.
     """
     ratio = trl_importance_ratio(per_token_logps, old_per_token_logps, mask, importance_sampling_level)
     if loss_type == "cispo":
         return -torch.clamp(ratio, max=epsilon_high).detach() * advantages * per_token_logps, ratio
+    if loss_type == "sapo":
+        tau = torch.where(advantages > 0, sapo_temperature_pos, sapo_temperature_neg)
+        return -torch.sigmoid(tau * (ratio - 1)) * 4 / tau * advantages, ratio
+    if loss_type == "vespo":
+        if vespo_weights is None:
+            raise ValueError("loss_type='vespo' needs vespo_weights (vespo_gamma_weights of the batch)")
+        return -vespo_weights * advantages * per_token_logps, ratio
     clipped = torch.clamp(ratio, 1 - epsilon_low, 1 + epsilon_high)
     capped = ratio if delta is None else torch.clamp(ratio, max=delta)
     return -torch.min(capped * advantages, clipped * advantages), ratio
