@@ -21,8 +21,11 @@ from rlfuse.algos.configs import (
     REDDropConfig,
     REDWeightConfig,
     REINFORCEConfig,
+    LUSPOConfig,
     ROVERConfig,
+    SAPOConfig,
     TOPRConfig,
+    VESPOConfig,
     get_config,
 )
 from rlfuse.algos.fused import policy_loss_from_logits
@@ -33,7 +36,8 @@ from rlfuse.algos.policy_loss import policy_loss
 __all__ = [
     "ALGO_CONFIGS", "AsymREConfig", "CISPOConfig", "DAPOConfig", "FusedLinearPolicyLoss", "DrGRPOConfig", "GMPOConfig",
     "GRPOConfig", "GSPOConfig", "OPMDConfig", "PolicyLossConfig", "RECConfig", "RECISConfig", "RECRingConfig",
-    "REDDropConfig", "REDWeightConfig", "REINFORCEConfig", "ROVERConfig", "TOPRConfig", "aggregate_loss",
+    "REDDropConfig", "REDWeightConfig", "REINFORCEConfig", "ROVERConfig", "TOPRConfig", "SAPOConfig", "LUSPOConfig",
+    "VESPOConfig", "aggregate_loss",
     "balanced_drop_advantages", "compute_advantages", "get_config", "group_advantages", "kl_penalty", "masked_mean",
     "policy_loss", "policy_loss_from_logits",
 ]

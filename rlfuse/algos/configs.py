@@ -15,7 +15,7 @@ from typing import Literal, Optional
 LossAggMode = Literal["token-mean", "seq-mean-token-mean", "seq-mean-token-sum", "seq-mean-token-sum-norm"]
 LOSS_AGG_MODES = ("token-mean", "seq-mean-token-mean", "seq-mean-token-sum", "seq-mean-token-sum-norm")
 KL_ESTIMATORS = ("k1", "k2", "k3")
-LOSS_TYPES = ("ppo_clip", "topr", "rover", "rec", "cispo", "gmpo")
+LOSS_TYPES = ("ppo_clip", "topr", "rover", "rec", "cispo", "gmpo", "sapo", "vespo")
 CLIP_MODES = ("none", "one-side", "two-side", "ring", "gspo-one-side")
 WEIGHTS = ("none", "importance_sampling", "truncated_importance_sampling", "gspo_importance_sampling", "advantage")
 REGULARIZERS = ("none", "k2", "forward-kl")
@@ -28,8 +28,9 @@ class PolicyLossConfig:
 
     Attributes:
         algo: the algorithm's name, as ``rlfuse train --algo`` spells it.
-        loss_type: which token loss: ``ppo_clip`` (GRPO, Dr. GRPO, DAPO, GSPO), ``topr``, ``rover``, ``rec``
-            (REINFORCE, REC, OPMD, AsymRE, RED), ``cispo`` or ``gmpo``; see :mod:`rlfuse.algos.losses`.
+        loss_type: which token loss: ``ppo_clip`` (GRPO, Dr. GRPO, DAPO, GSPO, LUSPO), ``topr``, ``rover``, ``rec``
+            (REINFORCE, REC, OPMD, AsymRE, RED), ``cispo``, ``gmpo``, ``sapo`` or ``vespo``; see
+            :mod:`rlfuse.algos.losses`.
         epsilon_low, epsilon_high: the ratio clip range [1 - epsilon_low, 1 + epsilon_high]. For ``cispo`` only
             the upper end 1 + epsilon_high caps the weight; for ``gmpo`` they bound the log-ratio to
             [-epsilon_low, epsilon_high].
@@ -62,6 +63,10 @@ class PolicyLossConfig:
         regularizer_coef: the regularizer's weight (>= 0).
         drop: ``balance`` zeroes the advantage of randomly chosen below-mean samples of a group until they are
             no more than the others, then re-centers on the kept samples (RED-Drop); ``none``.
+        sapo_temperature_pos, sapo_temperature_neg: ``sapo`` only; the gate's temperature tau where A > 0, and
+            where A <= 0 (> 0).
+        vespo_k_pos, vespo_lambda_pos, vespo_k_neg, vespo_lambda_neg: ``vespo`` only; the gamma weight's power
+            k (>= 0) and decay lambda (> 0) where A >= 0, and where A < 0.
     """
 
     algo: str = "grpo"
@@ -86,6 +91,12 @@ class PolicyLossConfig:
     regularizer: str = "none"
     regularizer_coef: float = 0.0
     drop: str = "none"
+    sapo_temperature_pos: float = 1.0
+    sapo_temperature_neg: float = 1.05
+    vespo_k_pos: float = 2.0
+    vespo_lambda_pos: float = 3.0
+    vespo_k_neg: float = 3.0
+    vespo_lambda_neg: float = 2.0
 
     def __post_init__(self) -> None:
         _check_choice("loss_type", self.loss_type, LOSS_TYPES)
@@ -99,7 +110,8 @@ class PolicyLossConfig:
         _check_choice("regularizer", self.regularizer, REGULARIZERS)
         _check_choice("drop", self.drop, DROPS)
         for name in ("epsilon_low", "epsilon_high", "beta", "rho", "baseline", "incorrect_reward", "epsilon_low_prime",
-                     "epsilon_high_prime", "weight_temperature", "regularizer_coef"):
+                     "epsilon_high_prime", "weight_temperature", "regularizer_coef", "sapo_temperature_pos",
+                     "sapo_temperature_neg", "vespo_k_pos", "vespo_lambda_pos", "vespo_k_neg", "vespo_lambda_neg"):
             value = getattr(self, name)
             if not isinstance(value, (int, float)) or not math.isfinite(value):
                 raise ValueError(f"{name} must be a finite number, got {value!r}")
@@ -112,6 +124,20 @@ class PolicyLossConfig:
         if self.clip_ratio_c is not None and not self.clip_ratio_c > 1:
             raise ValueError(f"clip_ratio_c must be > 1 (or None to disable the dual clip), got {self.clip_ratio_c}")
         self._check_offpolicy_dials()
+        self._check_soft_dials()
+
+    def _check_soft_dials(self) -> None:
+        if not (self.sapo_temperature_pos > 0 and self.sapo_temperature_neg > 0):
+            raise ValueError("sapo_temperature_pos and sapo_temperature_neg must be > 0, got "
+                             f"{self.sapo_temperature_pos}, {self.sapo_temperature_neg}")
+        if self.vespo_k_pos < 0 or self.vespo_k_neg < 0:
+            raise ValueError(f"vespo_k_pos and vespo_k_neg must be >= 0, got {self.vespo_k_pos}, {self.vespo_k_neg}")
+        if not (self.vespo_lambda_pos > 0 and self.vespo_lambda_neg > 0):
+            raise ValueError("vespo_lambda_pos and vespo_lambda_neg must be > 0, got "
+                             f"{self.vespo_lambda_pos}, {self.vespo_lambda_neg}")
+        if self.loss_type == "vespo" and self.importance_sampling_level != "token":
+            raise ValueError("loss_type='vespo' forms its own sequence weight from the token log-ratios; set "
+                             f"importance_sampling_level='token' (got {self.importance_sampling_level!r})")
 
     def _check_offpolicy_dials(self) -> None:
         if not 0 < self.epsilon_low_prime <= 1:
@@ -330,6 +356,39 @@ class GMPOConfig(PolicyLossConfig):
     epsilon_high: float = 0.4
 
 
+@dataclass(frozen=True)
+class SAPOConfig(PolicyLossConfig):
+    """SAPO ("Soft Adaptive Policy Optimization"), as TRL's ``sapo``: -(4 / tau)·sigmoid(tau·(r - 1))·A, a smooth
+    gate in place of PPO's hard clip, with a temperature per advantage sign. Defaults: tau 1.0 where A > 0 and
+    1.05 where A <= 0 (TRL's), token ratios, GRPO advantages, seq-mean-token-mean (TRL's normalizer for sapo)."""
+
+    algo: str = "sapo"
+    loss_type: str = "sapo"
+
+
+@dataclass(frozen=True)
+class LUSPOConfig(GSPOConfig):
+    """LUSPO ("Length-Unbiased Sequence Policy Optimization: Revealing and Controlling Response Length Variation
+    in RLVR"): GSPO's clipped sequence ratio, each sequence's loss summed over its tokens instead of averaged,
+    so that a sequence weighs by its length (TRL's ``luspo``: (l·m).sum(-1).mean()). Defaults: GSPO's ratio and
+    clip range, seq-mean-token-sum."""
+
+    algo: str = "luspo"
+    loss_agg_mode: str = "seq-mean-token-sum"
+
+
+@dataclass(frozen=True)
+class VESPOConfig(PolicyLossConfig):
+    """VESPO ("VESPO: Variational Sequence-Level Soft Policy Optimization"), as TRL's ``vespo``: -sg(phi(w))·A·logp,
+    phi(w) = exp(lambda + k·log w - lambda·w) a gamma-shaped weight of the sequence ratio w = prod_t r_t with
+    phi(1) = 1. Defaults: (k, lambda) = (2, 3) where A >= 0, (3, 2) where A < 0 (TRL's), GRPO advantages,
+    token-mean (TRL's normalizer for vespo)."""
+
+    algo: str = "vespo"
+    loss_type: str = "vespo"
+    loss_agg_mode: str = "token-mean"
+
+
 ALGO_CONFIGS = {
     "grpo": GRPOConfig,
     "dr_grpo": DrGRPOConfig,
@@ -347,6 +406,9 @@ ALGO_CONFIGS = {
     "red_weight": REDWeightConfig,
     "cispo": CISPOConfig,
     "gmpo": GMPOConfig,
+    "sapo": SAPOConfig,
+    "luspo": LUSPOConfig,
+    "vespo": VESPOConfig,
 }
 
 

@@ -1,5 +1,5 @@
-"""Token-level policy losses of GRPO, Dr. GRPO, DAPO, GSPO, TOPR, ROVER, the REC family, CISPO and GMPO, their KL
-penalty and aggregation.
+"""Token-level policy losses of GRPO, Dr. GRPO, DAPO, GSPO, LUSPO, TOPR, ROVER, the REC family, CISPO, GMPO, SAPO
+and VESPO, their KL penalty and aggregation.
 
 Pure PyTorch, the reference every fused kernel must match. Shapes: B sequences, T completion positions.
 Each token loss is registered by ``config.loss_type`` in :data:`TOKEN_LOSSES`.
@@ -7,6 +7,7 @@ Each token loss is registered by ``config.loss_type`` in :data:`TOKEN_LOSSES`.
 
 from __future__ import annotations
 
+import math
 from typing import Callable, Dict, Optional, Tuple
 
 import torch
@@ -232,6 +233,42 @@ def gmpo_token_loss(logps, old_logps, advantages, mask, config, vocab_mean, old_
     return (-advantages * geometric).expand_as(logps), clipped, torch.exp(log_ratio).detach()
 
 
+def sapo_token_loss(logps, old_logps, advantages, mask, config, vocab_mean, old_vocab_mean) -> TokenLossOut:
+    """SAPO: -(4 / tau)·sigmoid(tau·(r - 1))·A ("Soft Adaptive Policy Optimization"; TRL's ``sapo``).
+
+    The gate's gradient, sigmoid'(tau·(r - 1))·4·r·d logp, is r·d logp at r = 1 and fades smoothly as r leaves 1,
+    where PPO's clip cuts it off. tau is ``sapo_temperature_pos`` where A > 0, else ``sapo_temperature_neg``.
+    r is the token ratio exp(logp - old_logp), or at ``importance_sampling_level="sequence"`` the
+    length-normalized sequence ratio exp(mean_t(logp_t - old_logp_t)), its gradient through the mean, as TRL's.
+    ``clipped`` marks tokens whose gate has faded below half its peak (|tau·(r - 1)| > log(3 + 2·sqrt 2)).
+    """
+    log_ratio = logps - old_logps
+    if config.importance_sampling_level == "sequence":
+        log_ratio = sequence_log_ratio(log_ratio, mask, normalize=True)
+    ratio = torch.exp(log_ratio)
+    tau = torch.where(advantages > 0, config.sapo_temperature_pos, config.sapo_temperature_neg).to(logps.dtype)
+    gate = torch.sigmoid(tau * (ratio - 1.0))
+    faded = (tau * (ratio.detach() - 1.0)).abs() > math.log(3.0 + 2.0 * math.sqrt(2.0))
+    return -gate * 4.0 / tau * advantages, faded.expand_as(logps), ratio.detach().expand_as(logps)
+
+
+def vespo_token_loss(logps, old_logps, advantages, mask, config, vocab_mean, old_vocab_mean) -> TokenLossOut:
+    """VESPO: -sg(phi(w))·A·logp ("VESPO: Variational Sequence-Level Soft Policy Optimization"; TRL's ``vespo``).
+
+    w = exp(sum_t clamp(logp_t - old_logp_t, -20, 20)) is the sequence ratio, log w clamped to [log 1e-8, 20];
+    phi(w) = exp(lambda + k·log w - lambda·w), (k, lambda) the ``vespo_*_pos`` pair where A >= 0, else the
+    ``_neg`` pair; phi(1) = 1 and phi fades as w leaves 1 on either side. ``clipped`` marks the tokens of
+    sequences whose weight is below 1/2; ``ratio`` is the token ratio.
+    """
+    log_ratio = (logps - old_logps).detach()
+    log_w = torch.where(mask, log_ratio.clamp(-20.0, 20.0), 0.0).sum(-1, keepdim=True).clamp(math.log(1e-8), 20.0)
+    positive = advantages >= 0
+    k = torch.where(positive, config.vespo_k_pos, config.vespo_k_neg).to(logps.dtype)
+    lam = torch.where(positive, config.vespo_lambda_pos, config.vespo_lambda_neg).to(logps.dtype)
+    phi = torch.exp(lam + k * log_w - lam * torch.exp(log_w)).nan_to_num(nan=0.0, posinf=0.0, neginf=0.0)
+    return -phi * advantages * logps, (phi < 0.5).expand_as(logps), torch.exp(log_ratio)
+
+
 TOKEN_LOSSES: Dict[str, Callable[..., TokenLossOut]] = {
     "ppo_clip": ppo_clip_token_loss,
     "topr": topr_token_loss,
@@ -239,4 +276,6 @@ TOKEN_LOSSES: Dict[str, Callable[..., TokenLossOut]] = {
     "rec": rec_token_loss,
     "cispo": cispo_token_loss,
     "gmpo": gmpo_token_loss,
+    "sapo": sapo_token_loss,
+    "vespo": vespo_token_loss,
 }

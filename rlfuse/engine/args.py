@@ -14,7 +14,7 @@ from rlfuse.engine.data import DATASETS
 from rlfuse.engine.precision import MixedPrecision
 
 Algo = Literal["grpo", "dr_grpo", "dapo", "gspo", "topr", "rover", "reinforce", "rec", "rec_is", "rec_ring", "opmd",
-               "asymre", "red_drop", "red_weight", "cispo", "gmpo"]
+               "asymre", "red_drop", "red_weight", "cispo", "gmpo", "sapo", "luspo", "vespo"]
 LossAggMode = Literal["token-mean", "seq-mean-token-mean", "seq-mean-token-sum", "seq-mean-token-sum-norm"]
 
 

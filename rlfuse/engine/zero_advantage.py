@@ -19,7 +19,7 @@ import torch
 from rlfuse.algos import PolicyLossConfig
 from rlfuse.engine.rollout import RolloutBatch
 
-ADVANTAGE_WEIGHTED = ("ppo_clip", "cispo", "gmpo", "rec")
+ADVANTAGE_WEIGHTED = ("ppo_clip", "cispo", "gmpo", "rec", "sapo", "vespo")
 
 
 def zero_advantage_has_zero_gradient(config: PolicyLossConfig) -> bool:

@@ -304,9 +304,11 @@ def _offpolicy_loss(algo: str):
     return loss_fn
 
 
-# The off-policy family ("Group-Relative REINFORCE Is Secretly an Off-Policy Algorithm"), CISPO and GMPO.
+# The off-policy family ("Group-Relative REINFORCE Is Secretly an Off-Policy Algorithm"), CISPO, GMPO, SAPO, LUSPO
+# and VESPO.
 VERL_POLICY_LOSSES.update({f"rlfuse_{algo}": _offpolicy_loss(algo) for algo in (
-    "reinforce", "rec", "rec_is", "rec_ring", "opmd", "asymre", "red_drop", "red_weight", "cispo", "gmpo")})
+    "reinforce", "rec", "rec_is", "rec_ring", "opmd", "asymre", "red_drop", "red_weight", "cispo", "gmpo", "sapo",
+    "luspo", "vespo")})
 
 
 def register(install: bool = True) -> Tuple[str, ...]:
