@@ -181,3 +181,23 @@ def test_token_local_losses_launch_one_kernel_over_the_logits(algo, launches, de
     assert len(over_logits) == launches, over_logits
     assert is_token_local(config) == (launches == 1)
     assert passes_over_logits(config) == (2 if launches == 1 else 3)
+
+
+def test_kernel_params_come_from_the_config_field_by_field():
+    """Every scalar the kernel takes is a PolicyLossConfig field of the same name and default, read by name: a
+    setting is declared once."""
+    import dataclasses
+
+    from rlfuse.algos import get_config
+    from rlfuse.algos.configs import PolicyLossConfig
+    from rlfuse.algos.fused import token_loss_params
+    from rlfuse.kernels.token_loss_triton import TokenLossParams
+
+    fields = {f.name: f.default for f in dataclasses.fields(PolicyLossConfig)}
+    missing = [name for name in TokenLossParams._fields if name not in fields]
+    assert not missing, f"kernel parameters without a config field: {missing}"
+    for name, default in TokenLossParams._field_defaults.items():
+        assert fields[name] == default, name
+    config = get_config("rec_ring", beta=0.3, kl_estimator="k2", clip_ratio_c=2.5, epsilon_high_prime=3.0)
+    params = token_loss_params(config)
+    assert all(getattr(params, name) == getattr(config, name) for name in TokenLossParams._fields)

@@ -90,6 +90,14 @@ def policy_loss_from_logits(
     return fused_logprob_loss(logits, targets, loss_fn, temperature, inplace_backward)
 
 
+def token_loss_params(config: PolicyLossConfig) -> "TokenLossParams":  # noqa: F821 (imported lazily)
+    """The kernel's scalars of ``config``: each field of :class:`rlfuse.kernels.token_loss_triton.TokenLossParams`
+    read from the config field of the same name, so a setting is declared once, in :class:`PolicyLossConfig`."""
+    from rlfuse.kernels.token_loss_triton import TokenLossParams
+
+    return TokenLossParams(**{name: getattr(config, name) for name in TokenLossParams._fields})
+
+
 def is_token_local(config: PolicyLossConfig) -> bool:
     """Whether ``config``'s loss gradient at a token needs only that token's log-prob plus constants known
     before the forward (old and reference log-probs, advantage, aggregation weight): the single-kernel path.
@@ -113,13 +121,10 @@ def passes_over_logits(config: PolicyLossConfig) -> int:
 
 def _token_local_loss(logits, targets, old_logps, advantages, mask, config, ref_logps, temperature,
                       inplace_backward):
-    from rlfuse.kernels.token_loss_triton import TokenLossParams, fused_token_loss
+    from rlfuse.kernels.token_loss_triton import fused_token_loss
 
     adv = (advantages.unsqueeze(-1) if advantages.dim() == 1 else advantages).expand(targets.shape)
-    params = TokenLossParams(config.loss_type, config.epsilon_low, config.epsilon_high, config.clip_ratio_c,
-                             config.beta, config.kl_estimator, config.clip_mode, config.weight, config.regularizer,
-                             config.epsilon_low_prime, config.epsilon_high_prime, config.weight_temperature,
-                             config.regularizer_coef)
+    params = token_loss_params(config)
     loss, per_token = fused_token_loss(logits, targets, old_logps, adv, aggregation_weights(mask, config.loss_agg_mode),
                                        params, ref_logps=ref_logps, temperature=temperature,
                                        inplace_backward=inplace_backward)
