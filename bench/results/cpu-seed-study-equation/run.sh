@@ -2,7 +2,9 @@
 # The five-seed study of `make train`'s recipe under the equation-checked reward, on the 2-core CPU.
 #   bash bench/results/cpu-seed-study-equation/run.sh            # everything, in this order:
 # 1. seed 0 alone with both cores: `make train`'s own command (its timing is make train's);
-# 2. seeds 1-4, two at a time with one thread each, the same command;
+# 2. seeds 1-4, two at a time with one thread each, the same command without its 50-problem evaluations (step 3
+#    evaluates every checkpoint on all 300 problems; greedy evaluation draws no random numbers, so training is
+#    the same with or without it);
 # 3. greedy `rlfuse eval` on all 300 SVAMP test problems of the base model and of each seed's final checkpoint,
 #    all through the same code with the same numerics (--mixed-precision auto, 128 tokens, batch 8).
 # Outputs go to $R (default runs/study-equation): seed<N>/ (the run), seed<N>.log, time-seed<N>.txt,
@@ -16,10 +18,11 @@ train() {
   local seed=$1
   [ -f "$R/seed$seed/done" ] && return 0
   rm -rf "$R/seed$seed"
+  local evaluation="--eval-every 30 --eval-prompts 50 --eval-on-start"
+  [ "$seed" = 0 ] || evaluation="--eval-every 0"
   /usr/bin/time -v -o "$R/time-seed$seed.txt" .venv/bin/rlfuse train --algo grpo --model smollm2-135m \
     --data data/svamp-train-learnable.jsonl --eval-data svamp --num-generations 8 --learning-rate 2e-5 \
-    --steps 30 --eval-every 30 --eval-prompts 50 --eval-on-start --seed "$seed" --output-dir "$R/seed$seed" \
-    > "$R/seed$seed.log" 2>&1
+    --steps 30 $evaluation --seed "$seed" --output-dir "$R/seed$seed" > "$R/seed$seed.log" 2>&1
   touch "$R/seed$seed/done"
 }
 evaluate() {
