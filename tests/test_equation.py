@@ -92,6 +92,21 @@ def test_a_wrong_step_anywhere_earns_nothing():
     assert not paid("14 - 2 = 12\n12 - 10 = 2\n3 + 3 = 7\n#### 2")
 
 
+def test_a_derivation_without_its_final_answer_line_earns_nothing_where_a_gold_equation_exists():
+    """The rule pays a final `#### N` equal to the gold: a right derivation that never states it is not paid by
+    the equation rule, while GSM8K-style data (no gold equation) still pays a correct answer without the line."""
+    from rlfuse.engine.data import Example
+    from rlfuse.engine.rewards import score
+
+    work = "Dave had 14 - 2 = 12 tickets.\nAfter the toys he has 12 - 10 = 2 tickets."
+    svamp = Example(ARCADE, "2", equation=ARCADE_EQUATION)
+    result = score([work, work + "\n#### 2", work + "\n#### 2\nDone."], [svamp] * 3)
+    assert result.correct == [True, True, True]
+    assert result.derived == [False, True, False] and result.rewards == [0.0, 1.1, 0.0]
+    gsm8k = Example(ARCADE, "2")
+    assert score([work], [gsm8k]).rewards == [1.0]
+
+
 # Genuine derivations are paid.
 
 @pytest.mark.parametrize("completion", [

@@ -8,7 +8,8 @@ completion cut at the length limit earns the incorrect reward: it never gave its
 questions, a correct answer is paid only when the completion derives it, since a guessed frequent answer is
 also "correct" often enough to be learned: by the problem's gold equation where the data gives one (SVAMP,
 "Are NLP Models really able to Solve Simple Math Word Problems?"; :mod:`rlfuse.engine.equation`: right steps
-that compose to the gold equation up to commutativity and associativity), else by grounded arithmetic steps
+that compose to the gold equation up to commutativity and associativity, and a final ``#### N`` line that gives
+the answer), else by grounded arithmetic steps
 (:mod:`rlfuse.engine.derivation`, GSM8K, whose worked solutions have no single equation). :func:`score` is the
 one entry point that training (the ``math`` reward), ``rlfuse eval`` and the tests share.
 """
@@ -129,7 +130,8 @@ def gsm8k_rewards(
     ``incorrect_reward``, so guessing a frequent answer (on SVAMP, ``2`` is right for 9% of the test problems)
     is not paid. With ``equations`` too, a completion whose problem has a gold equation (not None) must derive
     the answer by it instead (:func:`rlfuse.engine.equation.derived_by_equation`): a template that ignores the
-    question, identity steps and a wrong operation that hits the gold value are not paid.
+    question, identity steps and a wrong operation that hits the gold value are not paid; and it must end with
+    its ``#### N`` line ("correct, no final line" earns ``incorrect_reward`` there).
 
     Args:
         completions: the decoded completions.
@@ -156,9 +158,11 @@ def gsm8k_rewards(
         equations = [None] * len(completions) if equations is None else list(equations)
         if len(equations) != len(completions):
             raise ValueError(f"{len(completions)} completions but {len(equations)} equations; they must pair up")
-        derived = [ok and (derived_by_equation(text, question, equation, gold) if equation
+        # Where a gold equation exists the final `#### N` line is part of the rule: the answer is the one it gives.
+        derived = [ok and ((f and derived_by_equation(text, question, equation, gold)) if equation
                            else derivation_shown(text, question, gold))
-                   for ok, text, question, gold, equation in zip(correct, completions, questions, golds, equations)]
+                   for ok, f, text, question, gold, equation in zip(correct, formatted, completions, questions, golds,
+                                                                   equations)]
         paid = [p and d for p, d in zip(paid, derived)]
     rewards = [(correct_reward + (format_reward if f else 0.0)) if p else incorrect_reward
                for p, f in zip(paid, formatted)]
