@@ -25,6 +25,21 @@ def flags(result, key):
     return [int(bool(p[key])) for p in result["problems"]]
 
 
+def rescore(result, examples):
+    """Recompute each problem's ``greedy_paid`` from its stored completion under today's paid rule
+    (``rlfuse.engine.rewards.score``), keeping the rule the run was evaluated with as ``greedy_paid_as_run``."""
+    from rlfuse.engine.rewards import score
+
+    problems = result["problems"]
+    if [p["gold"] for p in problems] != [e.gold for e in examples[: len(problems)]]:
+        raise ValueError("an evaluation was scored on other problems than the test split's first ones")
+    scored = score([p["greedy_completion"] for p in problems], examples[: len(problems)],
+                   truncated=[p["greedy_truncated"] for p in problems])
+    for problem, paid in zip(problems, scored.derived):
+        problem["greedy_paid_as_run"], problem["greedy_paid"] = problem["greedy_paid"], bool(paid)
+    return result
+
+
 def seed_level(gains):
     """Mean gain over seeds with its t-interval (the seed is the unit) and the exact one-sided sign-flip p:
     the share of the 2^s sign assignments whose mean is at least the observed one."""
@@ -59,7 +74,8 @@ def per_epoch(records, size):
 
 def describe(result):
     greedy = result["greedy"]
-    return {"paid": sum(flags(result, "greedy_paid")), "correct": sum(flags(result, "greedy_correct")),
+    return {"paid": sum(flags(result, "greedy_paid")), "paid_as_run": sum(flags(result, "greedy_paid_as_run")),
+            "correct": sum(flags(result, "greedy_correct")),
             "top_answer": result["top_answer"], "top_answer_share": greedy["top_answer_share"],
             "format_rate": greedy["format_rate"], "truncated_rate": greedy["truncated_rate"],
             "completion_len_mean": greedy["completion_len_mean"]}
@@ -79,7 +95,7 @@ def plot(epochs, base_paid, seed_paid, majority, n, path):
             for e in range(longest)]
     axes[0].plot(range(1, longest + 1), mean, color="black", linewidth=2, label="mean")
     axes[0].set_xlabel("epoch over the training problems (the last may be partial)")
-    axes[0].set_title("training: paid share of the sampled completions")
+    axes[0].set_title("training: paid share of the samples (the rule as run)")
     axes[0].set_xticks(range(1, longest + 1))
     for (seed, paid), color in zip(seed_paid.items(), (f"C{i}" for i in range(10))):
         axes[1].plot([0, 1], [base_paid / n, paid / n], marker="o", color=color, alpha=0.6, label=f"seed {seed}")
@@ -87,7 +103,7 @@ def plot(epochs, base_paid, seed_paid, majority, n, path):
                  linewidth=2, label="mean")
     axes[1].axhline(majority, color="grey", linestyle="--", label="one constant answer (answer only)")
     axes[1].set_xticks([0, 1], ["base", "after training"])
-    axes[1].set_title(f"test: greedy pass@1, paid rule ({n} problems)")
+    axes[1].set_title(f"test: greedy pass@1, paid rule with the answer line ({n} problems)")
     for ax in axes:
         ax.grid(alpha=0.3)
         ax.legend(fontsize=8)
@@ -99,8 +115,11 @@ def plot(epochs, base_paid, seed_paid, majority, n, path):
 def main() -> None:
     runs, out = Path(sys.argv[1]), Path(sys.argv[2])
     seeds = [int(s) for s in (sys.argv[3] if len(sys.argv) > 3 else "0,1,2,3,4").split(",")]
-    base = json.loads((runs / "eval-base.json").read_text())
-    evals = {s: json.loads((runs / f"eval-seed{s}.json").read_text()) for s in seeds}
+    from rlfuse.engine.data import load_examples
+
+    examples = load_examples("svamp", "test")
+    base = rescore(json.loads((runs / "eval-base.json").read_text()), examples)
+    evals = {s: rescore(json.loads((runs / f"eval-seed{s}.json").read_text()), examples) for s in seeds}
     golds = [p["gold"] for p in base["problems"]]
     if any([p["gold"] for p in e["problems"]] != golds for e in evals.values()):
         raise ValueError("the evaluations are not of the same problems")
@@ -111,7 +130,7 @@ def main() -> None:
     summary = {"problems": n, "majority_baseline": majority_baseline(golds), "training_problems": size,
                "base": describe(base), "seeds": {s: describe(e) for s, e in evals.items()},
                "paid_share_per_epoch": epochs}
-    for key, name in (("greedy_paid", "paid"), ("greedy_correct", "answer_only")):
+    for key, name in (("greedy_paid", "paid"), ("greedy_paid_as_run", "paid_as_run"), ("greedy_correct", "answer_only")):
         base_flags = flags(base, key)
         seed_flags = [flags(evals[s], key) for s in seeds]
         summary[f"gain_{name}"] = {
@@ -120,13 +139,15 @@ def main() -> None:
     (out / "summary.json").write_text(json.dumps(summary, indent=1) + "\n")
     plot(epochs, summary["base"]["paid"], {s: summary["seeds"][s]["paid"] for s in seeds},
          summary["majority_baseline"], n, out / "seeds.png")
-    print(f"| model | paid / {n} | answer only / {n} | top answer (share) | format | truncated | length |")
-    print("|---|---|---|---|---|---|---|")
+    print(f"| model | paid / {n} | paid as run / {n} | answer only / {n} | top answer (share) | format | truncated "
+          "| length |")
+    print("|---|---|---|---|---|---|---|---|")
     for name, d in [("base", summary["base"])] + [(f"seed {s}", summary["seeds"][s]) for s in seeds]:
-        print(f"| {name} | {d['paid']} | {d['correct']} | `{d['top_answer']}` ({d['top_answer_share']:.2f}) | "
+        print(f"| {name} | {d['paid']} | {d['paid_as_run']} | {d['correct']} | `{d['top_answer']}` "
+              f"({d['top_answer_share']:.2f}) | "
               f"{d['format_rate']:.2f} | {d['truncated_rate']:.2f} | {d['completion_len_mean']:.1f} |")
     print(f"\nmajority-answer baseline: {summary['majority_baseline']:.3f}\n")
-    for name in ("paid", "answer_only"):
+    for name in ("paid", "paid_as_run", "answer_only"):
         s, p = summary[f"gain_{name}"]["seed_level"], summary[f"gain_{name}"]["problem_paired"]
         print(f"{name}: seed-level gain {s['mean']:+.4f}, 95% t-interval [{s['ci95'][0]:+.4f}, {s['ci95'][1]:+.4f}]"
               f" (sd {s['sd']:.4f}, one-sided sign-flip p {s['sign_flip_p_one_sided']:.3f}); problem-paired "
