@@ -142,7 +142,7 @@ def test_rover_vocab_means_match_materialized_logits(rover_topr_trainer, monkeyp
     attention = torch.cat([batch["prompt_mask"], batch["completion_mask"]], 1)
     with torch.no_grad():
         _, expected = materialized(trainer.model, batch)
-        out = trainer._token_outputs(trainer.model, ids, attention, T, batch_size=4)
+        out, _ = trainer._token_outputs(trainer.model, ids, attention, T, batch_size=4)
         fallback = copy.deepcopy(trainer.model)
         trl_head.add_rlfuse_head(fallback, fused=False)
         targets = batch["completion_ids"].masked_fill(batch["completion_mask"] == 0, -100)

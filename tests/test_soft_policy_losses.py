@@ -6,7 +6,8 @@ import pytest
 import torch
 
 from rlfuse.algos import LUSPOConfig, SAPOConfig, VESPOConfig, get_config, policy_loss
-from rlfuse.integrations.trl_losses import grpo_token_loss, vespo_gamma_weights
+from rlfuse.algos.losses import vespo_weights
+from rlfuse.integrations.trl_losses import grpo_token_loss
 
 B, T = 6, 9
 
@@ -27,7 +28,7 @@ def trl_loss(loss_type, logps, old, advantages, mask, level, **kwargs):
     m = mask.to(logps.dtype)
     weights = None
     if loss_type == "vespo":
-        weights = vespo_gamma_weights(advantages, logps - old, m)
+        weights = vespo_weights(advantages, logps - old, m)
     token_loss, _ = grpo_token_loss(logps, old, advantages, m, loss_type=loss_type, importance_sampling_level=level,
                                     vespo_weights=weights, **kwargs)
     if loss_type == "sapo":  # TRL's grpo normalizer, over sequences with a token (rlfuse's sequence mean)
@@ -92,11 +93,11 @@ def test_vespo_weights_are_trl_s_own():
     m = mask.to(torch.float64)
     ratio = torch.exp(0.2 * torch.randn(B, T, dtype=torch.float64))
     for sampler_ratio in (None, ratio):
-        ours = vespo_gamma_weights(advantages, logps.detach() - old, m, sampler_ratio, 1.5, 2.5, 2.0, 1.5)
+        ours = vespo_weights(advantages, logps.detach() - old, m, sampler_ratio, 1.5, 2.5, 2.0, 1.5)
         theirs = trl.GRPOTrainer.get_gamma_weights(advantages, logps.detach() - old, m, sampler_ratio,
                                                    k_pos=1.5, lambda_pos=2.5, k_neg=2.0, lambda_neg=1.5)
         torch.testing.assert_close(ours, theirs, rtol=1e-12, atol=0)
-    equal = vespo_gamma_weights(advantages, torch.zeros(B, T, dtype=torch.float64), m)
+    equal = vespo_weights(advantages, torch.zeros(B, T, dtype=torch.float64), m)
     torch.testing.assert_close(equal, torch.ones_like(equal))  # phi(1) = 1
 
 

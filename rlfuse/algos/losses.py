@@ -233,39 +233,68 @@ def gmpo_token_loss(logps, old_logps, advantages, mask, config, vocab_mean, old_
     return (-advantages * geometric).expand_as(logps), clipped, torch.exp(log_ratio).detach()
 
 
+def sapo_gate_loss(ratio: torch.Tensor, advantages: torch.Tensor, temperature_pos: float,
+                   temperature_neg: float) -> torch.Tensor:
+    """SAPO's token loss -(4 / tau)·sigmoid(tau·(r - 1))·A for ratios ``r`` (with grad), tau = ``temperature_pos``
+    where A > 0, else ``temperature_neg`` ("Soft Adaptive Policy Optimization"). Shapes broadcast."""
+    tau = torch.where(advantages > 0, temperature_pos, temperature_neg).to(ratio.dtype)
+    return -torch.sigmoid(tau * (ratio - 1.0)) * 4.0 / tau * advantages
+
+
+@torch.no_grad()
+def vespo_weights(advantages: torch.Tensor, log_ratio: torch.Tensor, mask: torch.Tensor,
+                  sampler_ratio: Optional[torch.Tensor] = None, k_pos: float = 2.0, lambda_pos: float = 3.0,
+                  k_neg: float = 3.0, lambda_neg: float = 2.0) -> torch.Tensor:
+    """VESPO's sequence weight phi(w) = exp(lambda + k·log w - lambda·w), detached: a gamma-shaped weight with
+    phi(1) = 1 on the sequence ratio w = exp(sum_t (logp_t - old_logp_t)), times the product of ``sampler_ratio``
+    (pi_old / pi_sampler per token) when given ("VESPO: Variational Sequence-Level Soft Policy Optimization";
+    the clamps of TRL 1.16's ``get_gamma_weights``: each token's log-ratio to [-20, 20], each log sampler ratio
+    and log w to [log 1e-8, 20]). (k, lambda) are the ``_pos`` pair where A >= 0, else the ``_neg`` pair.
+
+    Args:
+        advantages: (B, 1) or (B, T); log_ratio: (B, T); mask: (B, T) bool or 0/1.
+        sampler_ratio: (B, T) or (B, 1), or None.
+
+    Returns:
+        (B, 1) weights in log_ratio's dtype ((B, T) for per-token advantages); NaN and inf set to 0.
+    """
+    low = math.log(1e-8)
+    log_w = torch.where(mask.bool(), log_ratio.clamp(-20.0, 20.0), 0.0).sum(-1, keepdim=True)
+    if sampler_ratio is not None:
+        log_w = log_w + torch.clamp(torch.log(sampler_ratio), low, 20.0).sum(-1, keepdim=True)
+    log_w = log_w.clamp(low, 20.0)
+    positive = advantages >= 0
+    k = torch.where(positive, k_pos, k_neg).to(log_w.dtype)
+    lam = torch.where(positive, lambda_pos, lambda_neg).clamp(min=1e-4).to(log_w.dtype)
+    return torch.exp(lam + k * log_w - lam * torch.exp(log_w)).nan_to_num(nan=0.0, posinf=0.0, neginf=0.0)
+
+
 def sapo_token_loss(logps, old_logps, advantages, mask, config, vocab_mean, old_vocab_mean) -> TokenLossOut:
-    """SAPO: -(4 / tau)·sigmoid(tau·(r - 1))·A ("Soft Adaptive Policy Optimization"; TRL's ``sapo``).
+    """SAPO: :func:`sapo_gate_loss` ("Soft Adaptive Policy Optimization"; TRL's ``sapo``).
 
     The gate's gradient, sigmoid'(tau·(r - 1))·4·r·d logp, is r·d logp at r = 1 and fades smoothly as r leaves 1,
-    where PPO's clip cuts it off. tau is ``sapo_temperature_pos`` where A > 0, else ``sapo_temperature_neg``.
-    r is the token ratio exp(logp - old_logp), or at ``importance_sampling_level="sequence"`` the
-    length-normalized sequence ratio exp(mean_t(logp_t - old_logp_t)), its gradient through the mean, as TRL's.
-    ``clipped`` marks tokens whose gate has faded below half its peak (|tau·(r - 1)| > log(3 + 2·sqrt 2)).
+    where PPO's clip cuts it off. r is the token ratio exp(logp - old_logp), or at
+    ``importance_sampling_level="sequence"`` the length-normalized sequence ratio exp(mean_t(logp_t - old_logp_t)),
+    its gradient through the mean, as TRL's. ``clipped`` marks tokens whose gate has faded below half its peak
+    (|tau·(r - 1)| > log(3 + 2·sqrt 2)).
     """
     log_ratio = logps - old_logps
     if config.importance_sampling_level == "sequence":
         log_ratio = sequence_log_ratio(log_ratio, mask, normalize=True)
     ratio = torch.exp(log_ratio)
-    tau = torch.where(advantages > 0, config.sapo_temperature_pos, config.sapo_temperature_neg).to(logps.dtype)
-    gate = torch.sigmoid(tau * (ratio - 1.0))
+    loss = sapo_gate_loss(ratio, advantages, config.sapo_temperature_pos, config.sapo_temperature_neg)
+    tau = torch.where(advantages > 0, config.sapo_temperature_pos, config.sapo_temperature_neg)
     faded = (tau * (ratio.detach() - 1.0)).abs() > math.log(3.0 + 2.0 * math.sqrt(2.0))
-    return -gate * 4.0 / tau * advantages, faded.expand_as(logps), ratio.detach().expand_as(logps)
+    return loss, faded.expand_as(logps), ratio.detach().expand_as(logps)
 
 
 def vespo_token_loss(logps, old_logps, advantages, mask, config, vocab_mean, old_vocab_mean) -> TokenLossOut:
-    """VESPO: -sg(phi(w))·A·logp ("VESPO: Variational Sequence-Level Soft Policy Optimization"; TRL's ``vespo``).
-
-    w = exp(sum_t clamp(logp_t - old_logp_t, -20, 20)) is the sequence ratio, log w clamped to [log 1e-8, 20];
-    phi(w) = exp(lambda + k·log w - lambda·w), (k, lambda) the ``vespo_*_pos`` pair where A >= 0, else the
-    ``_neg`` pair; phi(1) = 1 and phi fades as w leaves 1 on either side. ``clipped`` marks the tokens of
-    sequences whose weight is below 1/2; ``ratio`` is the token ratio.
-    """
+    """VESPO: -sg(phi(w))·A·logp, phi from :func:`vespo_weights` with the config's (k, lambda) pairs ("VESPO:
+    Variational Sequence-Level Soft Policy Optimization"; TRL's ``vespo``). ``clipped`` marks the tokens of
+    sequences whose weight is below 1/2; ``ratio`` is the token ratio."""
     log_ratio = (logps - old_logps).detach()
-    log_w = torch.where(mask, log_ratio.clamp(-20.0, 20.0), 0.0).sum(-1, keepdim=True).clamp(math.log(1e-8), 20.0)
-    positive = advantages >= 0
-    k = torch.where(positive, config.vespo_k_pos, config.vespo_k_neg).to(logps.dtype)
-    lam = torch.where(positive, config.vespo_lambda_pos, config.vespo_lambda_neg).to(logps.dtype)
-    phi = torch.exp(lam + k * log_w - lam * torch.exp(log_w)).nan_to_num(nan=0.0, posinf=0.0, neginf=0.0)
+    phi = vespo_weights(advantages, log_ratio, mask, None, config.vespo_k_pos, config.vespo_lambda_pos,
+                        config.vespo_k_neg, config.vespo_lambda_neg)
     return -phi * advantages * logps, (phi < 0.5).expand_as(logps), torch.exp(log_ratio)
 
 

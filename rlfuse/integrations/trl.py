@@ -28,12 +28,12 @@ from accelerate.utils import is_peft_model
 from packaging.version import Version
 from trl.trainer.utils import nanmax, nanmin
 
-from rlfuse.algos.losses import kl_penalty
+from rlfuse.algos.losses import kl_penalty, vespo_weights
 from rlfuse.integrations.trl_head import add_rlfuse_head, head_reproduces_logits, plain_lm_head
 from rlfuse.integrations.trl_entropy import EntropyBonus
 from rlfuse.integrations.trl_losses import (
     LOSS_TYPES, RLFUSE_LOSS_TYPES, TRL_LOSS_TYPES, check_grpo_config, grpo_token_loss, rlfuse_loss_metrics,
-    rlfuse_token_loss, trl_aggregation, trl_importance_ratio, vespo_gamma_weights,
+    rlfuse_token_loss, trl_aggregation, trl_importance_ratio,
 )
 from rlfuse.kernels import IGNORE_INDEX, TokenLogprobs
 
@@ -127,9 +127,8 @@ class FusedGRPOTrainer(trl.GRPOTrainer):
     def _token_outputs(self, model, input_ids, attention_mask, logits_to_keep, batch_size=None,
                        router_aux=False):
         """:class:`rlfuse.kernels.TokenLogprobs` of the last ``logits_to_keep`` tokens, via :func:`add_rlfuse_head`:
-        ``logps``, ``entropy`` and (rover only) ``vocab_mean``, each (B, T) float32, 0 at padding; with
-        ``router_aux`` returns ``(token_logprobs, aux_loss)``, the MoE load-balancing loss averaged over the
-        forward chunks as TRL averages it."""
+        ``logps``, ``entropy`` and (rover only) ``vocab_mean``, each (B, T) float32, 0 at padding, and the MoE
+        load-balancing loss averaged over the forward chunks as TRL averages it (None unless ``router_aux``)."""
         batch_size = batch_size or input_ids.size(0)
         vocab_mean = self.loss_type == "rover"
         parts, aux = [], []
@@ -145,7 +144,7 @@ class FusedGRPOTrainer(trl.GRPOTrainer):
                 aux.append(chunk_aux)
             parts.append(out)
         out = TokenLogprobs(*(None if part[0] is None else torch.cat(part) for part in zip(*parts)))
-        return (out, torch.stack(aux).mean()) if router_aux else out
+        return out, torch.stack(aux).mean() if router_aux else None
 
     def _get_per_token_logps_and_entropies(self, model, input_ids, attention_mask, logits_to_keep, batch_size=None,
                                            compute_entropy=False, compute_aux_loss=False, **multimodal_inputs):
@@ -165,8 +164,7 @@ class FusedGRPOTrainer(trl.GRPOTrainer):
                 model, input_ids, attention_mask, logits_to_keep, batch_size, compute_entropy, compute_aux_loss,
                 **multimodal_inputs)
         out, aux = self._token_outputs(model, input_ids, attention_mask, logits_to_keep, batch_size,
-                                       router_aux=True) if compute_aux_loss else (
-            self._token_outputs(model, input_ids, attention_mask, logits_to_keep, batch_size), None)
+                                       router_aux=compute_aux_loss)
         if self._recorded_passes is not None and not torch.is_grad_enabled():
             self._recorded_passes.append(out)
         return out.logps, out.entropy if compute_entropy else None, aux
@@ -202,8 +200,7 @@ class FusedGRPOTrainer(trl.GRPOTrainer):
         attention_mask = torch.cat([inputs["prompt_mask"], completion_mask], dim=1)
         mask = completion_mask if "tool_mask" not in inputs else completion_mask * inputs["tool_mask"]
         out, aux_loss = self._token_outputs(model, input_ids, attention_mask, completion_ids.size(1),
-                                            router_aux=True) if self.aux_loss_enabled else (
-            self._token_outputs(model, input_ids, attention_mask, completion_ids.size(1)), None)
+                                            router_aux=self.aux_loss_enabled)
         per_token_logps, entropies = out.logps, out.entropy
         advantages = inputs["advantages"]
         advantages = advantages.unsqueeze(1) if advantages.dim() == 1 else advantages
@@ -211,7 +208,7 @@ class FusedGRPOTrainer(trl.GRPOTrainer):
         on_policy = old_per_token_logps is None
         old_per_token_logps = per_token_logps.detach() if on_policy else old_per_token_logps
 
-        own_metrics, clipped, vespo_weights = {}, None, None
+        own_metrics, clipped, phi = {}, None, None
         if self.loss_type in RLFUSE_LOSS_TYPES:
             old_vocab_mean = out.vocab_mean.detach() if on_policy and out.vocab_mean is not None else None
             per_token_loss, clipped, _ = rlfuse_token_loss(
@@ -225,7 +222,7 @@ class FusedGRPOTrainer(trl.GRPOTrainer):
         else:
             if self.loss_type == "vespo":
                 args = self.args
-                vespo_weights = vespo_gamma_weights(
+                phi = vespo_weights(
                     advantages, per_token_logps - old_per_token_logps, mask, inputs.get("importance_sampling_ratio"),
                     args.vespo_k_pos, args.vespo_lambda_pos, args.vespo_k_neg, args.vespo_lambda_neg)
             per_token_loss, ratio = grpo_token_loss(
@@ -233,7 +230,7 @@ class FusedGRPOTrainer(trl.GRPOTrainer):
                 importance_sampling_level=self.importance_sampling_level, epsilon_low=self.epsilon_low,
                 epsilon_high=self.epsilon_high, delta=self.args.delta,
                 sapo_temperature_pos=self.args.sapo_temperature_pos,
-                sapo_temperature_neg=self.args.sapo_temperature_neg, vespo_weights=vespo_weights)
+                sapo_temperature_neg=self.args.sapo_temperature_neg, vespo_weights=phi)
         if self.off_policy_mask_threshold is not None:
             sampling_logps = inputs.get("sampling_per_token_logps", old_per_token_logps)
             per_token_loss = per_token_loss * self.get_off_policy_mask(
@@ -261,7 +258,7 @@ class FusedGRPOTrainer(trl.GRPOTrainer):
             loss = loss + self.router_aux_loss_coef * aux_loss / accumulation
             self._metrics[mode]["aux_loss"].append(self.accelerator.gather_for_metrics(aux_loss).mean().item())
         self._log_loss_metrics(mode, mask, ratio, advantages, entropies, per_token_kl, own_metrics, clipped,
-                               vespo_weights)
+                               phi)
         return loss
 
     def _aggregate(self, per_token_loss, mask, inputs, mode):
@@ -287,7 +284,7 @@ class FusedGRPOTrainer(trl.GRPOTrainer):
         return loss / (self.current_gradient_accumulation_steps if mode == "train" else 1.0), loss.detach()
 
     def _log_loss_metrics(self, mode, mask, ratio, advantages, entropies, per_token_kl, own_metrics=None,
-                          clipped=None, vespo_weights=None) -> None:
+                          clipped=None, phi=None) -> None:
         def masked_seq_mean(x):
             return x.squeeze(1) if x.shape[1] == 1 else (x * mask).sum(-1) / mask.sum(-1)
 
@@ -315,7 +312,7 @@ class FusedGRPOTrainer(trl.GRPOTrainer):
             metrics["cispo_clip_ratio"].append(global_masked_mean(clipped.float()))
             return
         elif self.loss_type == "vespo":
-            metrics["vespo/phi_seq_mean"].append(global_masked_mean(vespo_weights))
+            metrics["vespo/phi_seq_mean"].append(global_masked_mean(phi))
             return
         elif self.loss_type == "sapo":  # a soft gate: no clip to report
             return

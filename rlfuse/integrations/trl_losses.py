@@ -12,13 +12,12 @@ objects are read by attribute only.
 from __future__ import annotations
 
 import dataclasses
-import math
 from typing import Dict, Optional, Tuple
 
 import torch
 
 from rlfuse.algos.configs import PolicyLossConfig, get_config
-from rlfuse.algos.losses import TOKEN_LOSSES, sequence_log_ratio
+from rlfuse.algos.losses import TOKEN_LOSSES, sapo_gate_loss, sequence_log_ratio
 
 TRL_LOSS_TYPES = ("grpo", "bnpo", "dr_grpo", "dapo", "cispo", "sapo", "luspo", "vespo")
 # rlfuse's presets that TRL's inputs suffice for (rlfuse.algos.ALGO_CONFIGS names).
@@ -248,35 +247,6 @@ def trl_importance_ratio(per_token_logps: torch.Tensor, old_per_token_logps: tor
     return torch.exp(log_ratio)
 
 
-@torch.no_grad()
-def vespo_gamma_weights(advantages: torch.Tensor, log_ratio: torch.Tensor, mask: torch.Tensor,
-                        importance_sampling_ratio: Optional[torch.Tensor] = None, k_pos: float = 2.0,
-                        lambda_pos: float = 3.0, k_neg: float = 3.0, lambda_neg: float = 2.0) -> torch.Tensor:
-    """VESPO's sequence weight phi(w) = exp(lambda + k·log w - lambda·w), detached: a gamma-shaped weight with
-    phi(1) = 1 on the sequence ratio w = exp(sum_t (logp_t - old_logp_t)), times the sampler correction's
-    product when ``importance_sampling_ratio`` is given ("VESPO: Variational Sequence-Level Soft Policy
-    Optimization"; TRL 1.16's ``get_gamma_weights``, whose clamps it keeps: each token's log-ratio to
-    [-20, 20], each log correction and log w to [log 1e-8, 20]). (k, lambda) are the ``_pos`` pair where A >= 0,
-    else the ``_neg`` pair.
-
-    Args:
-        advantages: (B, 1) or (B, T); log_ratio: (B, T) logp - old_logp; mask: (B, T) 0/1.
-        importance_sampling_ratio: (B, T) or (B, 1) pi_old / pi_sampler per token, or None.
-
-    Returns:
-        (B, 1) float32 weights (NaN and inf set to 0; (B, T) when advantages are per token).
-    """
-    low = math.log(1e-8)
-    log_w = (torch.clamp(log_ratio, -20.0, 20.0) * mask).sum(-1, keepdim=True)
-    if importance_sampling_ratio is not None:
-        log_w = log_w + torch.clamp(torch.log(importance_sampling_ratio), low, 20.0).sum(-1, keepdim=True)
-    log_w = torch.clamp(log_w, low, 20.0)
-    positive = advantages >= 0
-    k = torch.where(positive, k_pos, k_neg)
-    lam = torch.where(positive, lambda_pos, lambda_neg).clamp(min=1e-4)
-    return torch.exp(lam + k * log_w - lam * torch.exp(log_w)).nan_to_num(nan=0.0, posinf=0.0, neginf=0.0)
-
-
 def grpo_token_loss(
     per_token_logps: torch.Tensor,
     old_per_token_logps: torch.Tensor,
@@ -301,8 +271,8 @@ def grpo_token_loss(
     - cispo: -sg(min(r, epsilon_high))·A·logp ("MiniMax-M1");
     - sapo: -(4 / tau)·sigmoid(tau·(r - 1))·A, a soft gate in place of the clip, tau = ``sapo_temperature_pos``
       where A > 0, else ``sapo_temperature_neg`` ("Soft Adaptive Policy Optimization");
-    - vespo: -phi·A·logp with ``vespo_weights`` phi from :func:`vespo_gamma_weights` ("VESPO: Variational
-      Sequence-Level Soft Policy Optimization").
+    - vespo: -phi·A·logp with ``vespo_weights`` phi from :func:`rlfuse.algos.losses.vespo_weights` ("VESPO:
+      Variational Sequence-Level Soft Policy Optimization").
 
     r is :func:`trl_importance_ratio` at ``importance_sampling_level``.
 
@@ -324,11 +294,10 @@ def grpo_token_loss(
     if loss_type == "cispo":
         return -torch.clamp(ratio, max=epsilon_high).detach() * advantages * per_token_logps, ratio
     if loss_type == "sapo":
-        tau = torch.where(advantages > 0, sapo_temperature_pos, sapo_temperature_neg)
-        return -torch.sigmoid(tau * (ratio - 1)) * 4 / tau * advantages, ratio
+        return sapo_gate_loss(ratio, advantages, sapo_temperature_pos, sapo_temperature_neg), ratio
     if loss_type == "vespo":
         if vespo_weights is None:
-            raise ValueError("loss_type='vespo' needs vespo_weights (vespo_gamma_weights of the batch)")
+            raise ValueError("loss_type='vespo' needs vespo_weights (rlfuse.algos.losses.vespo_weights of the batch)")
         return -vespo_weights * advantages * per_token_logps, ratio
     clipped = torch.clamp(ratio, 1 - epsilon_low, 1 + epsilon_high)
     capped = ratio if delta is None else torch.clamp(ratio, max=delta)
