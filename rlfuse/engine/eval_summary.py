@@ -22,7 +22,7 @@ def _evaluations(folder: Path) -> List[Tuple[int, Dict[str, object]]]:
         result = json.loads(path.read_text())
         if "pass@1" in result and "problems" in result:
             found.append((int(result["step"]), result))
-    return sorted(found, key=lambda item: item[0])
+    return found  # the file names are zero-padded steps, so glob order is step order
 
 
 def paired_counts(first: Dict[str, object], last: Dict[str, object], key: str = "greedy_paid") -> Tuple[int, int]:

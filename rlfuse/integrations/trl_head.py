@@ -85,16 +85,16 @@ def _fused_head_logprobs(model, hidden, targets, temperature, cast_lm_head_to_fp
                          _scatter(out.vocab_mean, keep) if vocab_mean else None)
 
 
-def router_aux_loss(model, router_logits, attention_mask) -> Optional[torch.Tensor]:
-    """A Mixture-of-Experts model's load-balancing loss of ``router_logits`` (its backbone's, one per layer), by the
-    model's own ``load_balancing_loss_func`` with its ``num_experts`` and ``num_experts_per_tok``, as its
-    ``forward`` computes ``aux_loss`` ("Switch Transformers", eqs. 4-6). None when the model's module has no such
-    function: the caller then runs the model's own forward."""
+def router_aux_loss_func(model):
+    """``f(router_logits, attention_mask)``: a Mixture-of-Experts model's load-balancing loss of its backbone's
+    router logits (one per layer), by the model's own ``load_balancing_loss_func`` with its ``num_experts`` and
+    ``num_experts_per_tok``, as its ``forward`` computes ``aux_loss`` ("Switch Transformers", eqs. 4-6). None when
+    the model's module has no such function: the caller then runs the model's own forward."""
     loss_func = getattr(sys.modules.get(type(model).__module__), "load_balancing_loss_func", None)
     experts, top_k = getattr(model, "num_experts", None), getattr(model, "num_experts_per_tok", None)
     if loss_func is None or experts is None or top_k is None:
         return None
-    return loss_func(router_logits, experts, top_k, attention_mask)
+    return lambda router_logits, attention_mask: loss_func(router_logits, experts, top_k, attention_mask)
 
 
 def add_rlfuse_head(model, cast_lm_head_to_fp32: bool = False, fused: Optional[bool] = None) -> None:
@@ -109,7 +109,7 @@ def add_rlfuse_head(model, cast_lm_head_to_fp32: bool = False, fused: Optional[b
     and ``vocab_mean``, mean_v log_softmax(logits / T)_v (B, T) float32, when called with
     ``rlfuse_vocab_mean=True`` (else None). With ``rlfuse_router_aux=True`` (a Mixture-of-Experts model) it
     returns ``(token_logprobs, aux_loss)``, the router's load-balancing loss (scalar) of the same forward:
-    :func:`router_aux_loss` of the backbone's router logits, or the model's own ``aux_loss`` on the unfused path.
+    :func:`router_aux_loss_func` of the backbone's router logits, or the model's own ``aux_loss`` on the unfused path.
     Without ``rlfuse_targets`` the forward is the original one.
     """
     if fused is None:
@@ -128,15 +128,14 @@ def add_rlfuse_head(model, cast_lm_head_to_fp32: bool = False, fused: Optional[b
         if rlfuse_router_aux:
             kwargs["output_router_logits"] = True
         num = rlfuse_targets.size(1)
-        if fused and plain_lm_head(self):
+        aux_func = router_aux_loss_func(self) if rlfuse_router_aux else None
+        if fused and plain_lm_head(self) and (aux_func is not None or not rlfuse_router_aux):
             outputs = self.base_model(*args, **kwargs)
             out = _fused_head_logprobs(self, outputs.last_hidden_state[:, -num - 1 : -1], rlfuse_targets,
                                        rlfuse_temperature, cast_lm_head_to_fp32, rlfuse_vocab_mean)
             if not rlfuse_router_aux:
                 return out
-            aux = router_aux_loss(self, outputs.router_logits, kwargs.get("attention_mask"))
-            if aux is not None:
-                return out, aux
+            return out, aux_func(outputs.router_logits, kwargs.get("attention_mask"))
         outputs = original_forward(*args, logits_to_keep=num + 1, **kwargs)
         out = token_logprobs(outputs.logits[:, :-1], rlfuse_targets.to(outputs.logits.device), rlfuse_temperature,
                              return_entropy=True, return_vocab_mean=rlfuse_vocab_mean)
