@@ -1,6 +1,6 @@
 #!/bin/bash
 # The five-seed study of `make train`'s recipe under the equation-checked reward, on the 2-core CPU.
-#   bash bench/results/cpu-seed-study-equation/run.sh            # everything, in this order:
+#   bash bench/studies/seed_study.sh            # everything, in this order:
 # 1. seed 0 alone with both cores: `make train`'s own command (its timing is make train's);
 # 2. seeds 1-4, two at a time with one thread each, the same command without its 50-problem evaluations (step 3
 #    evaluates every checkpoint on all 300 problems; greedy evaluation draws no random numbers, so training is
@@ -10,7 +10,7 @@
 # Outputs go to $R (default runs/study-equation): seed<N>/ (the run), seed<N>.log, time-seed<N>.txt,
 # eval-base.json, eval-seed<N>.json, time-eval-<name>.txt. A finished step is not redone.
 set -euo pipefail
-cd "$(dirname "$0")/../../.."   # the repository root
+cd "$(dirname "$0")/../.."   # the repository root
 R=${R:-runs/study-equation}
 mkdir -p "$R"
 # make train's command (Makefile), with the seed and the output folder.
@@ -39,4 +39,4 @@ export OMP_NUM_THREADS=1
 printf '%s\n' "train 1 && evaluate seed1 $R/seed1" "train 2 && evaluate seed2 $R/seed2" \
   "train 3 && evaluate seed3 $R/seed3" "train 4 && evaluate seed4 $R/seed4" \
   "evaluate base smollm2-135m" "evaluate seed0 $R/seed0" | xargs -P 2 -I{} bash -c {}
-echo "study done: $R"
+echo "study done: $R; summary: python -m bench.studies.seed_study $R OUT_DIR"
