@@ -266,7 +266,7 @@ def test_conversational_prompts_without_a_chat_template_fail_before_training(gpt
 
 
 def test_the_example_runs_from_the_command_line_and_from_python(smollm2_dir, tmp_path, monkeypatch, capsys):
-    """The README's two forms of examples/custom_reward.py, one short step each."""
+    """docs/cli.md's two forms of examples/custom_reward.py, one short step each."""
     import importlib.util
     import sys
 
