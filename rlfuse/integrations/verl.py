@@ -23,23 +23,20 @@ never need verl, and ``import rlfuse`` never imports this module.
 
 from __future__ import annotations
 
-import contextvars
 import sys
 from typing import Any, Dict, Optional, Tuple
 
 import torch
 
 from rlfuse.algos.configs import LOSS_AGG_MODES, PolicyLossConfig, get_config
-from rlfuse.algos.losses import TOKEN_LOSSES
+from rlfuse.algos.losses import TOKEN_LOSSES, masked_mean
 from rlfuse.algos.policy_loss import check_policy_loss_inputs
+from rlfuse.integrations.verl_actor import VOCAB_MEANS, install_actor
 
 VERL_LOSS_AGG_MODES = (
     "token-mean", "token-sum", "seq-mean-token-sum", "seq-mean-token-sum-norm", "seq-mean-token-mean",
 )
 DUAL_CLIP_ALGOS = ("grpo", "dapo")  # verl's vanilla always dual-clips; GSPO (like verl's gspo) never does
-# (vocab_mean, old_vocab_mean), each (B, T) float32, set by verl_actor's ppo_loss around verl's call of rlfuse_rover,
-# whose registry signature has no place for them.
-VOCAB_MEANS: contextvars.ContextVar = contextvars.ContextVar("rlfuse_verl_vocab_means", default=None)
 
 
 def _read(config: Any, name: str, default: Any) -> Any:
@@ -121,10 +118,6 @@ def _check_local(dp_size: int, name: str) -> None:
         raise ValueError(f"dp_size={dp_size} > 1 needs the global {name} in config.global_batch_info")
 
 
-def _masked_mean(values: torch.Tensor, mask: torch.Tensor) -> float:
-    return (torch.where(mask, values, 0.0).sum() / mask.sum().clamp(min=1)).item()
-
-
 def verl_policy_loss(
     algo: str,
     old_log_prob: torch.Tensor,
@@ -200,9 +193,9 @@ def _verl_metrics(cfg, logps, old_logps, adv, mask, clipped, ratio) -> Dict[str,
         if cfg.clip_ratio_c is not None:
             lower = (adv < 0) & (torch.maximum(unclipped, clipped_loss) > -adv * cfg.clip_ratio_c)
     return {
-        "actor/pg_clipfrac": _masked_mean(clipped.to(logps.dtype), mask),
-        "actor/ppo_kl": _masked_mean(old_logps - logps, mask),
-        "actor/pg_clipfrac_lower": _masked_mean(lower.to(logps.dtype), mask),
+        "actor/pg_clipfrac": masked_mean(clipped.to(logps.dtype), mask).item(),
+        "actor/ppo_kl": masked_mean(old_logps - logps, mask).item(),
+        "actor/pg_clipfrac_lower": masked_mean(lower.to(logps.dtype), mask).item(),
     }
 
 
@@ -246,7 +239,7 @@ def rlfuse_rover(old_log_prob, log_prob, advantages, response_mask, loss_agg_mod
                  rollout_is_weights=None, *, vocab_mean=None, old_vocab_mean=None):
     """ROVER's (Q - sg(target))² ("Random Policy Valuation is Enough for LLM Reasoning with Verifiable Rewards").
 
-    Needs ``vocab_mean`` and ``old_vocab_mean`` (B, T); when not passed they are read from :data:`VOCAB_MEANS`,
+    Needs ``vocab_mean`` and ``old_vocab_mean`` (B, T); when not passed they are read from :data:`rlfuse.integrations.verl_actor.VOCAB_MEANS`,
     which the actor wrapper of :mod:`rlfuse.integrations.verl_actor` sets around verl's call. Without either it
     raises ``ValueError`` rather than compute another loss. Arguments: :func:`verl_policy_loss`.
     """
@@ -328,8 +321,7 @@ def register(install: bool = True) -> Tuple[str, ...]:
         register_policy_loss(name)(fn)
     register_adv_est("rlfuse_topr")(rlfuse_topr_advantage)
     if install:
-        from rlfuse.integrations.verl_actor import install_actor
-        from rlfuse.integrations.verl_backend import install_backend
+        from rlfuse.integrations.verl_backend import install_backend  # imports verl at its top
 
         install_backend()
         install_actor()

@@ -13,7 +13,7 @@ from the loaded modules by :func:`install_actor` (verl's files are not edited), 
    legacy ``RayPPOTrainer._compute_old_log_prob`` as a (B, response_length) float32 tensor;
 3. loss: when ``actor.policy_loss.loss_mode=rlfuse_rover``, ``ppo_loss`` pads the current ``vocab_mean`` to
    the response and passes both means to :func:`rlfuse.integrations.verl.rlfuse_rover` through
-   :data:`rlfuse.integrations.verl.VOCAB_MEANS`; every other loss mode gets verl's ``ppo_loss`` unchanged.
+   :data:`rlfuse.integrations.verl_actor.VOCAB_MEANS`; every other loss mode gets verl's ``ppo_loss`` unchanged.
 
 Each wrapper is selected by configuration: without the rlfuse backend no ``vocab_mean`` exists, and without
 ``rlfuse_rover`` the loss is verl's.
@@ -21,6 +21,7 @@ Each wrapper is selected by configuration: without the rlfuse backend no ``vocab
 
 from __future__ import annotations
 
+import contextvars
 import functools
 import importlib
 import sys
@@ -28,6 +29,9 @@ import sys
 import torch
 
 ROVER_LOSS_MODE = "rlfuse_rover"
+# (vocab_mean, old_vocab_mean), each (B, T) float32, set by ppo_loss below around verl's call of rlfuse_rover
+# (rlfuse.integrations.verl), whose registry signature has no place for them.
+VOCAB_MEANS: contextvars.ContextVar = contextvars.ContextVar("rlfuse_verl_vocab_means", default=None)
 
 
 def _mark(wrapper, original):
@@ -142,7 +146,7 @@ def wrap_ppo_loss(original):
 
     For ``config.policy_loss.loss_mode == "rlfuse_rover"`` it pads ``model_output["vocab_mean"]`` to the
     response (B, R) as verl pads ``log_probs``, reads ``data["old_vocab_mean"]`` (B, R), and runs verl's
-    ``ppo_loss`` with both set in :data:`rlfuse.integrations.verl.VOCAB_MEANS`; other modes call verl's.
+    ``ppo_loss`` with both set in :data:`rlfuse.integrations.verl_actor.VOCAB_MEANS`; other modes call verl's.
 
     Raises:
         ValueError: ``rlfuse_rover`` without the rlfuse backend's ``vocab_mean``, or a batch without
@@ -154,8 +158,6 @@ def wrap_ppo_loss(original):
         if config.policy_loss.get("loss_mode", "vanilla") != ROVER_LOSS_MODE:
             return original(config, model_output, data, dp_group)
         from verl.workers.utils.padding import no_padding_2_padding
-
-        from rlfuse.integrations.verl import VOCAB_MEANS
 
         if model_output.get("vocab_mean") is None:
             raise ValueError(
