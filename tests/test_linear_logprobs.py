@@ -231,3 +231,23 @@ def test_autocast_does_not_round_the_logits(backend, device):
         mixed = linear_token_logprobs(h, w, targets, return_entropy=True)
     torch.testing.assert_close(mixed.logps, plain.logps, rtol=0, atol=0)
     torch.testing.assert_close(mixed.entropy, plain.entropy, rtol=0, atol=0)
+
+
+def test_a_per_call_temperature_is_the_modules_temperature():
+    """The trainer passes the temperature with each call, as to the logits loss: the same loss as a module built
+    with it, and a different one from the module's own default."""
+    torch.manual_seed(0)
+    B, T, H, V = 2, 5, 8, 13
+    h = torch.randn(B, T, H, dtype=torch.float64)
+    w = torch.randn(V, H, dtype=torch.float64)
+    targets = torch.randint(0, V, (B, T))
+    mask = torch.ones(B, T, dtype=torch.bool)
+    mask[1, 3:] = False
+    old = -torch.rand(B, T, dtype=torch.float64)
+    advantages = torch.tensor([0.5, -1.0], dtype=torch.float64)
+    config = get_config("dapo")
+    built = FusedLinearPolicyLoss(config, temperature=0.6)(h, w, targets, old, advantages, mask)[0]
+    per_call = FusedLinearPolicyLoss(config)(h, w, targets, old, advantages, mask, temperature=0.6)[0]
+    default = FusedLinearPolicyLoss(config)(h, w, targets, old, advantages, mask)[0]
+    torch.testing.assert_close(per_call, built, rtol=0, atol=0)
+    assert not torch.allclose(per_call, default)

@@ -54,6 +54,7 @@ class FusedLinearPolicyLoss(torch.nn.Module):
         ref_logps: Optional[torch.Tensor] = None,
         old_vocab_mean: Optional[torch.Tensor] = None,
         bias: Optional[torch.Tensor] = None,
+        temperature: Optional[float] = None,
     ) -> Tuple[torch.Tensor, Dict[str, Optional[torch.Tensor]]]:
         """Compute ``(loss, metrics)``.
 
@@ -67,6 +68,8 @@ class FusedLinearPolicyLoss(torch.nn.Module):
                 ``old_logps=None`` means on-policy (one update per batch): the current log-probs, detached.
             old_vocab_mean: (B, T) float32, ROVER only; None means on-policy, like ``old_logps``.
             bias: optional (V,) LM-head bias.
+            temperature: the sampling temperature for this call, as ``policy_loss_from_logits`` takes it;
+                None uses the module's.
 
         Returns:
             A scalar float32 loss with gradients to hidden states, weight and bias, and detached metrics
@@ -77,7 +80,8 @@ class FusedLinearPolicyLoss(torch.nn.Module):
         """
         rover = self.config.loss_type == "rover"
         targets = masked_targets(targets, completion_mask)  # padding forms no logits
-        out = linear_token_logprobs(hidden_states, lm_head_weight, targets, bias, self.temperature,
+        temperature = self.temperature if temperature is None else temperature
+        out = linear_token_logprobs(hidden_states, lm_head_weight, targets, bias, temperature,
                                     return_entropy=True, return_vocab_mean=rover, chunk_size=self.chunk_size)
         if old_logps is None:
             old_logps = out.logps.detach()

@@ -141,7 +141,7 @@ class Trainer:
         self.trainable = [p for p in self.model.parameters() if p.requires_grad]
         self.optimizer = torch.optim.AdamW(self.trainable, lr=args.learning_rate, weight_decay=0.0)
         self.rollout = self._make_rollout()
-        self.fused_linear_loss = FusedLinearPolicyLoss(self.config, temperature=args.temperature)
+        self.fused_linear_loss = FusedLinearPolicyLoss(self.config)  # the temperature comes with each call
         self.replay = ReplayBuffer(args.replay_staleness)
         self.log = MetricsLog(self.output_dir)
         self.start_step, self.nonfinite_streak = 0, 0
@@ -427,14 +427,15 @@ class Trainer:
 
     def _loss(self, batch: RolloutBatch, advantages, old_logps, ref_logps, old_vocab_mean):
         """The policy loss and its metrics (with ``entropy``) through ``--loss-impl``."""
-        config, temperature = self.config, self.args.temperature
+        config, temperature = self.config, self.args.temperature  # both paths take it per call
         rover = config.loss_type == "rover"
         forward = dict(decoder=self.decoder, num_generations=self.args.num_generations,
                        checkpoint=self.args.gradient_checkpointing)
         if self.args.loss_impl == "fused_linear":
             hidden, weight, bias = completion_hidden_states(self.model, batch, **forward)
             return self.fused_linear_loss(hidden, weight, batch.completion_ids, old_logps, advantages,
-                                          batch.completion_mask, ref_logps, old_vocab_mean, bias)
+                                          batch.completion_mask, ref_logps, old_vocab_mean, bias,
+                                          temperature=temperature)
         out = completion_logprobs(self.model, batch, temperature, True, rover, **forward)
         # Entropy is only logged and V̄ enters ROVER's target under stop-gradient: detaching both frees
         # their (B, T, V) autograd buffers before the backward.
