@@ -239,8 +239,8 @@ def rlfuse_rover(old_log_prob, log_prob, advantages, response_mask, loss_agg_mod
                  rollout_is_weights=None, *, vocab_mean=None, old_vocab_mean=None):
     """ROVER's (Q - sg(target))² ("Random Policy Valuation is Enough for LLM Reasoning with Verifiable Rewards").
 
-    Needs ``vocab_mean`` and ``old_vocab_mean`` (B, T); when not passed they are read from :data:`rlfuse.integrations.verl_actor.VOCAB_MEANS`,
-    which the actor wrapper of :mod:`rlfuse.integrations.verl_actor` sets around verl's call. Without either it
+    Needs ``vocab_mean`` and ``old_vocab_mean`` (B, T); when not passed they are read from
+    :data:`rlfuse.integrations.verl_actor.VOCAB_MEANS`, which that module's actor wrapper sets around verl's call. Without either it
     raises ``ValueError`` rather than compute another loss. Arguments: :func:`verl_policy_loss`.
     """
     if vocab_mean is None and old_vocab_mean is None and VOCAB_MEANS.get() is not None:
