@@ -37,6 +37,7 @@ from rlfuse.engine.rollout import HFRollout, RolloutBatch, batch_truncated
 from rlfuse.engine.run_lock import RunLock
 from rlfuse.engine.sampler import SharedPrefixSampler
 from rlfuse.engine.scoring import evaluate_rewards, score
+from rlfuse.engine.step_state import SampledBatch, StepUpdate
 from rlfuse.engine.zero_advantage import informative_rows, kept_share, select_rows, zero_advantage_has_zero_gradient
 from rlfuse.kernels import TokenLogprobs
 
@@ -330,99 +331,123 @@ class Trainer:
             return self._step(step)
 
     def _step(self, step: int) -> Dict[str, object]:
-        args, config = self.args, self.config
+        """One step as its phases: sample, score, advantages, behaviour log-probs, update (with replay), record."""
         reset_peak_memory(self.device)
         start = time.perf_counter()
+        sampled = self._sample(step)
+        advantages = compute_advantages(sampled.rewards, self.args.num_generations, self.config).to(self.device)
+        times = {"time_rollout": time.perf_counter() - start}
+        start = time.perf_counter()
+        old, ref_logps = self._behaviour_logprobs(sampled.batch)
+        times["time_logprobs"] = time.perf_counter() - start
+        start = time.perf_counter()
+        update = self._update(step, sampled.batch, advantages, old, ref_logps)
+        times["time_update"] = time.perf_counter() - start
+        if self.args.replay_staleness and not update.skipped:
+            self.replay.add(ReplayItem(step, sampled.batch, advantages, old.logps, old.vocab_mean, ref_logps))
+        return self._step_record(step, sampled, update, times)
+
+    def _sample(self, step: int) -> SampledBatch:
+        """The step's prompts, G completions each, and their scores (the reward functions run here)."""
+        args = self.args
         rows = step_examples(self.train_rows, step, args.prompts_per_step, args.seed)
         prompts = [prompt_token_ids(self.tokenizer, row.prompt) for row in rows]
         batch = self.rollout.generate(prompts, args.num_generations, args.max_new_tokens, args.temperature)
         texts = self.tokenizer.batch_decode(batch.completion_ids, skip_special_tokens=True)
         truncated = batch_truncated(batch, self.rollout.stop_ids)
         scores = score(self.rewards, rows, args.num_generations, texts, batch, truncated, step, args.steps)
-        rewards = torch.tensor(scores.total, dtype=torch.float32)
-        advantages = compute_advantages(rewards, args.num_generations, config).to(self.device)
-        time_rollout = time.perf_counter() - start
+        return SampledBatch(batch, truncated, scores, torch.tensor(scores.total, dtype=torch.float32))
 
-        start = time.perf_counter()
-        rover = config.loss_type == "rover"
+    def _behaviour_logprobs(self, batch: RolloutBatch):
+        """(old, ref_logps): the behaviour policy's :class:`TokenLogprobs` when an update or the replay needs
+        them (the sampler's recorded ones, free, unless ``--recompute-old-logps``), else None; the reference's
+        (B, T) log-probs when ``beta`` > 0, else None."""
+        args = self.args
         old = ref_logps = None
         needs_old = args.num_iterations > 1 or args.replay_staleness > 0  # replay keeps the behaviour log-probs
         if needs_old and batch.logps is not None and not args.recompute_old_logps:
             old = TokenLogprobs(batch.logps, None, batch.vocab_mean)  # recorded by the sampler: free
         elif needs_old:
-            old = self._logprobs(self.model, batch, self.decoder, return_vocab_mean=rover)
+            old = self._logprobs(self.model, batch, self.decoder, return_vocab_mean=self.config.loss_type == "rover")
         if self.config.beta > 0:
             ref_logps = self._ref_logps(batch)
-        time_logprobs = time.perf_counter() - start
+        return old, ref_logps
 
-        start = time.perf_counter()
+    def _update(self, step: int, batch: RolloutBatch, advantages, old, ref_logps) -> StepUpdate:
+        """``--num-iterations`` optimizer steps on the fresh batch (its informative groups) and the replayed ones;
+        an update whose loss or gradient norm is not finite is skipped."""
+        args = self.args
         replayed = list(self.replay)
         scale = 1 / (1 + len(replayed))  # the fresh batch and each replayed one weigh the same
         keep = torch.ones(advantages.shape[0], dtype=torch.bool, device=self.device)
-        if args.skip_zero_advantage_groups and zero_advantage_has_zero_gradient(config):
+        if args.skip_zero_advantage_groups and zero_advantage_has_zero_gradient(self.config):
             keep = informative_rows(advantages, args.num_generations)
-        share = kept_share(batch.completion_mask, keep, config.loss_agg_mode)
+        update = StepUpdate(keep, kept_share(batch.completion_mask, keep, self.config.loss_agg_mode))
         trained = batch if bool(keep.all()) else select_rows(batch, keep)
-        metrics = dict.fromkeys(("kl", "clip_frac", "ratio_mean", "entropy"))
-        skipped = 0
         for _ in range(args.num_iterations):
-            # None means on-policy: one update per batch, so the sampling policy is the current one.
-            old_logps = None if old is None or args.num_iterations == 1 else old.logps[keep]
-            old_vocab_mean = None if old_logps is None or old.vocab_mean is None else old.vocab_mean[keep]
             self.optimizer.zero_grad(set_to_none=True)
-            if bool(keep.any()):
-                loss, metrics = self._loss(trained, advantages[keep], old_logps,
-                                           None if ref_logps is None else ref_logps[keep], old_vocab_mean)
-                loss = loss * share
-                (loss * scale if replayed else loss).backward()
-            else:  # no group can move the policy: the gradient is 0, and the optimizer still steps on it
-                loss = torch.zeros((), device=self.device)
-                for param in self.trainable:
-                    param.grad = torch.zeros_like(param)
-            replay_record = replay_backward(replayed, step, self._replay_loss, scale)
-            grad_norm = torch.nn.utils.clip_grad_norm_(self.trainable, args.max_grad_norm)
-            if not (math.isfinite(loss.item()) and math.isfinite(grad_norm.item())):
+            update.loss, update.metrics = self._fresh_backward(trained, advantages, old, ref_logps, update,
+                                                               scale if replayed else None)
+            update.replay_record = replay_backward(replayed, step, self._replay_loss, scale)
+            update.grad_norm = torch.nn.utils.clip_grad_norm_(self.trainable, args.max_grad_norm)
+            if not (math.isfinite(update.loss.item()) and math.isfinite(update.grad_norm.item())):
                 # Skipped, as Megatron and DeepSpeed skip such steps: AdamW would spread the NaN to every weight.
                 self.optimizer.zero_grad(set_to_none=True)
-                skipped += 1
+                update.skipped += 1
                 continue
             self.optimizer.step()
-        time_update = time.perf_counter() - start
-        if args.replay_staleness and not skipped:
-            self.replay.add(ReplayItem(step, batch, advantages, old.logps, old.vocab_mean, ref_logps))
+        return update
 
-        mask = batch.completion_mask
-        elapsed = time_rollout + time_logprobs + time_update
+    def _fresh_backward(self, batch: RolloutBatch, advantages, old, ref_logps, update: StepUpdate,
+                        scale: Optional[float]):
+        """Backward of the fresh batch's loss on the rows ``update.keep`` (times ``scale`` when batches are
+        replayed beside it); returns (loss, metrics). With no row kept the gradient is 0, and the optimizer still
+        steps on it."""
+        keep = update.keep
+        if not bool(keep.any()):
+            for param in self.trainable:
+                param.grad = torch.zeros_like(param)
+            return torch.zeros((), device=self.device), update.metrics
+        # None means on-policy: one update per batch, so the sampling policy is the current one.
+        old_logps = None if old is None or self.args.num_iterations == 1 else old.logps[keep]
+        old_vocab_mean = None if old_logps is None or old.vocab_mean is None else old.vocab_mean[keep]
+        loss, metrics = self._loss(batch, advantages[keep], old_logps,
+                                   None if ref_logps is None else ref_logps[keep], old_vocab_mean)
+        loss = loss * update.share
+        (loss * scale if scale is not None else loss).backward()
+        return loss, metrics
+
+    def _step_record(self, step: int, sampled: SampledBatch, update: StepUpdate, times: Dict[str, float]):
+        """The step's metrics record (``metrics.jsonl``)."""
+        rewards, mask, metrics = sampled.rewards, sampled.batch.completion_mask, update.metrics
         record = {
             "step": step,
-            "loss": loss.item(),
+            "loss": update.loss.item(),
             "reward_mean": rewards.mean().item(),
             "reward_std": rewards.std().item() if rewards.numel() > 1 else 0.0,
-            **{f"reward/{name}": mean for name, mean in scores.means.items()},
-            **scores.logged,
+            **{f"reward/{name}": mean for name, mean in sampled.scores.means.items()},
+            **sampled.scores.logged,
             "completion_len_mean": mask.sum(1).float().mean().item(),
-            "truncated_rate": truncated.float().mean().item(),
-            "kl": metrics["kl"].item() if metrics["kl"] is not None and config.beta > 0 else None,
+            "truncated_rate": sampled.truncated.float().mean().item(),
+            "kl": metrics["kl"].item() if metrics["kl"] is not None and self.config.beta > 0 else None,
             "clip_frac": _item(metrics["clip_frac"]),
             "ratio_mean": _item(metrics["ratio_mean"]),
             "entropy": _item(metrics["entropy"]),
-            "trained_groups_frac": keep.float().mean().item(),
-            "grad_norm": grad_norm.item(),
-            "nonfinite_skipped": skipped,
-            "tokens_per_s": batch.num_completion_tokens / elapsed,
-            "time_rollout": time_rollout,
-            "time_logprobs": time_logprobs,
-            "time_update": time_update,
+            "trained_groups_frac": update.keep.float().mean().item(),
+            "grad_norm": update.grad_norm.item(),
+            "nonfinite_skipped": update.skipped,
+            "tokens_per_s": sampled.batch.num_completion_tokens / sum(times.values()),
+            **times,
             "peak_mem_gb": peak_memory_gb(self.device),
         }
         if self.math_reward is not None and self.math_reward.last is not None:
-            scored = self.math_reward.last
-            record["accuracy"] = float(np.mean(solved(scored.correct, truncated.tolist())))
+            scored, truncated = self.math_reward.last, sampled.truncated.tolist()
+            record["accuracy"] = float(np.mean(solved(scored.correct, truncated)))
             record["format_rate"] = float(np.mean(scored.formatted))
             if scored.derived is not None:
-                record["derived_rate"] = float(np.mean(solved(scored.derived, truncated.tolist())))
-        if args.replay_staleness:
-            record.update(replay_record)
+                record["derived_rate"] = float(np.mean(solved(scored.derived, truncated)))
+        if self.args.replay_staleness:
+            record.update(update.replay_record)
         return record
 
     def _loss(self, batch: RolloutBatch, advantages, old_logps, ref_logps, old_vocab_mean):
