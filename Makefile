@@ -21,6 +21,8 @@ $(STAMP): pyproject.toml setup.py Makefile
 	# what importing its policy-loss registry needs.
 	$(PY) -m pip install --quiet --no-deps verl==0.9.1 ray==2.60.0 tensordict==0.10.0 "pyvers>=0.1,<0.2"
 	$(PY) -m pip install --quiet cloudpickle orjson omegaconf codetiming msgpack protobuf jsonschema
+	# Triton 3.6, the GPU image's, beside the environment's own: the compile gate checks every launch with both.
+	$(PY) -m pip install --quiet --no-deps --upgrade --target $(VENV)/triton-3.6 triton==3.6.0
 	touch $(STAMP)
 
 train: setup

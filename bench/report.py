@@ -385,7 +385,7 @@ def render_markdown(results: Results, plots: Dict[Tuple[str, bool, str, str], Pa
 def compiled_markdown(reports: List[Dict]) -> List[str]:
     """A section per ``bench.compiled`` report: registers, spills, shared memory and tensor cores of every
     kernel configuration, compiled ahead of time for sm_80 and sm_90a, not run on them."""
-    from bench.compiled import format_table
+    from bench.compiled import SPILL_BYTES_OUTSIDE_LOOPS, format_table
 
     lines: List[str] = []
     for report in reports:
@@ -395,7 +395,9 @@ def compiled_markdown(reports: List[Dict]) -> List[str]:
                   f"ptxas {ptxas})", "",
                   "Static figures from `python -m bench.compiled`: every kernel at every launch configuration its "
                   "wrapper picks at real model shapes, compiled ahead of time without a GPU. They say nothing about "
-                  "speed. Registers are per thread; spill bytes are stores plus loads.", "",
+                  "speed. Registers are per thread; spill bytes are stores plus loads. The gate fails on a spill "
+                  "inside an innermost loop (where tiles stream) and on more than "
+                  f"{SPILL_BYTES_OUTSIDE_LOOPS} B of spill stores outside them.", "",
                   format_table(report["records"]), "",
                   f"Gate: {'passed' if not failures else f'{len(failures)} failure(s)'}.", ""]
     return lines

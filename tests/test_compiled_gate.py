@@ -16,8 +16,8 @@ from pathlib import Path
 
 import pytest
 
-from bench.compiled import (KERNEL_MODULES, blocks_per_sm, gate_failures, parse_ptxas, tensor_core_op,
-                            tensor_core_shapes, uses_tma)
+from bench.compiled import (KERNEL_MODULES, SPILL_BYTES_OUTSIDE_LOOPS, blocks_per_sm, gate_failures, parse_ptxas,
+                            sass_spills, tensor_core_op, tensor_core_shapes, uses_tma)
 
 ROOT = Path(__file__).resolve().parents[1]
 
@@ -38,6 +38,33 @@ def test_parse_ptxas_reads_registers_and_spills():
     assert parse_ptxas(PTXAS_CLEAN)["spill_stores"] == 0
     with pytest.raises(ValueError, match="no register count"):
         parse_ptxas("ptxas fatal   : Unsupported .version 9.4")
+
+
+# SASS as ``nvdisasm -c`` prints it: a persistent loop (.L_x_0) around a streaming loop (.L_x_1).
+SASS = """        /*0000*/                   MOV R1, c[0x0][0x28] ;
+        /*0010*/                   STL [R1+0x8], R0 ;
+.L_x_0:
+        /*0020*/                   LDG.E R2, [R4.64] ;
+        /*0030*/                   STL [R1], R2 ;
+.L_x_1:
+        /*0040*/                   LDG.E.128 R8, [R6.64] ;
+        /*0050*/                   {STEP}
+        /*0060*/              @P0 BRA `(.L_x_1) ;
+        /*0070*/                   LDL.LU R2, [R1] ;
+        /*0080*/              @P1 BRA `(.L_x_0) ;
+.L_x_2:
+        /*0090*/                   BRA `(.L_x_2);
+"""
+
+
+def test_sass_spills_tell_streaming_loops_from_the_rest():
+    # Spills once per program and once per persistent-loop iteration: none in the innermost loop.
+    assert sass_spills(SASS.replace("{STEP}", "FADD R3, R3, R8 ;")) == {"spill_instructions": 3,
+                                                                         "loop_spill_instructions": 0}
+    # A spill reload inside the loop over tiles is counted there.
+    assert sass_spills(SASS.replace("{STEP}", "LDL R3, [R1+0x4] ;")) == {"spill_instructions": 4,
+                                                                          "loop_spill_instructions": 1}
+    assert sass_spills("") == {"spill_instructions": 0, "loop_spill_instructions": 0}
 
 
 def test_tensor_core_detection():
@@ -76,7 +103,11 @@ def _record(**changes):
 
 def test_gate_rules_catch_each_failure():
     assert gate_failures([_record()]) == []
-    assert "spills" in gate_failures([_record(spill_stores=8)])[0]
+    assert "spills" in gate_failures([_record(spill_stores=8)])[0]  # no SASS count: any spill fails
+    assert "innermost loop" in gate_failures([_record(spill_stores=4, loop_spill_instructions=1)])[0]
+    assert gate_failures([_record(spill_stores=12, spill_loads=12, loop_spill_instructions=0)]) == []
+    over = SPILL_BYTES_OUTSIDE_LOOPS + 4
+    assert "outside loops" in gate_failures([_record(spill_stores=over, loop_spill_instructions=0)])[0]
     assert "shared memory" in gate_failures([_record(shared_bytes=200_000)])[0]
     assert gate_failures([_record(shared_bytes=200_000, arch=90, gpu="sm_90a")]) == []
     assert "tensor-core" in gate_failures([_record(tensor_core_op=None)])[0]
@@ -101,13 +132,32 @@ def test_every_triton_module_is_in_the_report():
     assert triton_modules <= set(KERNEL_MODULES)
 
 
-def test_gate_every_kernel_compiles_without_spills(tmp_path):
-    out = tmp_path / "compiled.json"
+#: The Triton of the GPU image the kernels are measured on (pyproject's lower bound), which ``make setup``
+#: installs beside the environment's own: the gate compiles every launch with both.
+GPU_IMAGE_TRITON = ("3.6.0", Path(sys.prefix) / "triton-3.6")
+
+
+def _compiler_env(triton_build: str) -> dict:
+    """The environment for a ``bench.compiled`` subprocess: no interpreter, and for ``gpu-image`` Triton 3.6
+    first on the path."""
     env = {k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"}
+    if triton_build == "gpu-image":
+        version, path = GPU_IMAGE_TRITON
+        if not (path / "triton" / "__init__.py").is_file():
+            pytest.fail(f"Triton {version} is not installed at {path}: run `make setup`")
+        env["PYTHONPATH"] = os.pathsep.join([str(path), str(ROOT), env.get("PYTHONPATH", "")])
+    return env
+
+
+@pytest.mark.parametrize("triton_build", ["environment", "gpu-image"])
+def test_gate_passes_on_every_launch(tmp_path, triton_build):
+    out = tmp_path / "compiled.json"
     proc = subprocess.run([sys.executable, "-m", "bench.compiled", "--gate", "--out", str(out)], cwd=ROOT,
-                          env=env, capture_output=True, text=True, timeout=1500)
+                          env=_compiler_env(triton_build), capture_output=True, text=True, timeout=1500)
     assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-5000:]
     report = json.loads(out.read_text())
+    if triton_build == "gpu-image":
+        assert report["triton_version"] == GPU_IMAGE_TRITON[0]
     records = report["records"]
     assert report["gate_failures"] == []
     assert report["triton_version"] and report["ptxas_version"]
@@ -119,7 +169,7 @@ def test_gate_every_kernel_compiles_without_spills(tmp_path):
                     assert (kernel, gpu, dtype) in compiled, (kernel, gpu, dtype)
     for r in records:
         assert r["triton_version"] == report["triton_version"]
-        assert r["spill_stores"] == 0 and r["spill_loads"] == 0, r
+        assert r["loop_spill_instructions"] == 0 and r["spill_stores"] <= SPILL_BYTES_OUTSIDE_LOOPS, r
         assert r["blocks_per_sm"] >= 1 and r["occupancy_limiter"] in ("registers", "warps", "shared", "blocks")
         assert isinstance(r["tma"], bool) and r["shapes"]
         if r["multiplies_matrices"] and r["dtype"] != "fp32":
@@ -152,12 +202,12 @@ def test_gate_fails_on_a_kernel_that_spills(tmp_path):
     assert record["spill_stores"] > 0 and record["kernel"].endswith("_spilling_kernel")
 
 
-def test_every_kernel_compiles_with_integer_arguments_equal_to_one():
+@pytest.mark.parametrize("triton_build", ["environment", "gpu-image"])
+def test_every_kernel_compiles_with_integer_arguments_equal_to_one(triton_build):
     """Triton makes an integer argument equal to 1 a constant at launch; a kernel that calls ``.to`` on one
     compiles for other values and fails on the GPU for 1 (the interpreter does not specialize)."""
-    env = {k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"}
     proc = subprocess.run([sys.executable, "-m", "bench.compiled", "--ones", "--archs", "90", "--dtypes", "bf16"],
-                          cwd=ROOT, env=env, capture_output=True, text=True, timeout=900)
+                          cwd=ROOT, env=_compiler_env(triton_build), capture_output=True, text=True, timeout=900)
     assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
 
 

@@ -333,12 +333,17 @@ def linear_dlogits_config(target: Optional[Target], dtype: torch.dtype, n_rows: 
 def linear_dhidden_config(target: Optional[Target], dtype: torch.dtype, n_rows: int, hidden: int,
                           vocab: int) -> LaunchConfig:
     """d(hidden) += d(logits chunk) @ W[chunk]: each program owns a (BLOCK_M, BLOCK_K) tile of the output
-    and reduces over the chunk's vocabulary in BLOCK_N slices."""
+    and reduces over the chunk's vocabulary in BLOCK_N slices.
+
+    fp32 takes 32-wide output tiles, and bf16/fp16 on sm_80 64-deep slices: with 64-wide fp32 tiles and
+    128-deep sm_80 slices, Triton 3.6 (the GPU image's) spilled 4-16 bytes where Triton 3.9 did not. Both
+    versions compile every launch of these tiles without spills (``python -m bench.compiled --gate``)."""
     if target is None:
         return LaunchConfig({"BLOCK_M": 16, "BLOCK_N": 32, "BLOCK_K": 16}, num_warps=1)
     if dtype == torch.float32:
-        return LaunchConfig({"BLOCK_M": 64, "BLOCK_N": 32, "BLOCK_K": 64}, num_warps=4, num_stages=3)
-    return LaunchConfig({"BLOCK_M": 128, "BLOCK_N": 128, "BLOCK_K": 64}, num_warps=8, num_stages=3)
+        return LaunchConfig({"BLOCK_M": 64, "BLOCK_N": 32, "BLOCK_K": 32}, num_warps=4, num_stages=3)
+    depth = 128 if target.capability >= 90 else 64
+    return LaunchConfig({"BLOCK_M": 128, "BLOCK_N": depth, "BLOCK_K": 64}, num_warps=8, num_stages=3)
 
 
 #: Bytes of the (N, vocabulary chunk) gradient buffer the fused-linear backward allocates per chunk.
