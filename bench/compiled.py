@@ -330,7 +330,8 @@ def run(jobs: List[dict], workers: int) -> List[dict]:
 
 def main(argv=None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    parser.add_argument("--out", type=Path, default=None, help="JSON path (default bench/results/compiled-triton<v>.json)")
+    parser.add_argument("--out", type=Path, default=None,
+                        help="JSON path (default bench/results/compiled-triton<v>.json)")
     parser.add_argument("--gate", action="store_true", help="exit 1 if any kernel fails the gate")
     parser.add_argument("--workers", type=int, default=os.cpu_count() or 1)
     parser.add_argument("--dtypes", nargs="+", default=list(DTYPES), choices=list(DTYPES))
