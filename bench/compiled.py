@@ -208,12 +208,43 @@ def blocks_per_sm(arch: int, registers: int, num_warps: int, shared_bytes: int) 
             "warps_per_sm": limits[limiter] * num_warps}
 
 
+def gpu_name_of(arch: int) -> str:
+    """ptxas's name for a capability: ``sm_80``, and ``sm_90a`` for Hopper (wgmma and TMA need the ``a``)."""
+    return "sm_90a" if arch == 90 else f"sm_{arch}"
+
+
+def ptxas_figures(ptx: str, arch: int, kernel: str = "kernel") -> Dict[str, int]:
+    """Assemble ``ptx`` with the ``ptxas`` inside the triton wheel (``-v``): registers, spill and stack bytes
+    (:func:`parse_ptxas`), and where ptxas spills, where in the SASS (:func:`sass_spills`, via ``nvdisasm``).
+
+    Raises:
+        RuntimeError: ptxas fails (``kernel`` names it in the message).
+    """
+    from triton import knobs
+    from triton.backends.nvidia.compiler import get_ptxas
+
+    gpu_name = gpu_name_of(arch)
+    with tempfile.TemporaryDirectory() as folder:
+        path, cubin = Path(folder) / "kernel.ptx", Path(folder) / "kernel.cubin"
+        path.write_text(ptx)
+        out = subprocess.run([get_ptxas(arch).path, "-v", f"--gpu-name={gpu_name}", str(path), "-o", str(cubin)],
+                             capture_output=True, text=True)
+        if out.returncode != 0:
+            raise RuntimeError(f"ptxas failed on {kernel} for {gpu_name}: {out.stderr[-2000:]}")
+        figures = parse_ptxas(out.stdout + out.stderr)
+        if figures["spill_stores"] or figures["spill_loads"]:
+            sass = subprocess.run([knobs.nvidia.nvdisasm.path, "-c", str(cubin)], capture_output=True, text=True,
+                                  check=True).stdout
+            figures.update(sass_spills(sass))
+        else:
+            figures.update(spill_instructions=0, loop_spill_instructions=0)
+    return figures
+
+
 def compile_one(job: dict) -> dict:
     """Compile one job for its GPU, run ptxas -v on its PTX, and return the job with the static figures."""
     import triton
-    from triton import knobs
     from triton.backends.compiler import GPUTarget
-    from triton.backends.nvidia.compiler import get_ptxas
     from triton.compiler import ASTSource
 
     kernel = _kernel(job["module"], job["kernel"].rsplit(".", 1)[1])
@@ -225,21 +256,8 @@ def compile_one(job: dict) -> dict:
     compiled = triton.compile(ASTSource(kernel, job["signature"], constexprs, attrs),
                               target=GPUTarget("cuda", arch, 32), options=dict(job["options"]))
     ptx = compiled.asm["ptx"]
-    gpu_name = "sm_90a" if arch == 90 else f"sm_{arch}"
-    with tempfile.TemporaryDirectory() as folder:
-        path = Path(folder) / "kernel.ptx"
-        path.write_text(ptx)
-        out = subprocess.run([get_ptxas(arch).path, "-v", f"--gpu-name={gpu_name}", str(path), "-o",
-                              str(Path(folder) / "kernel.cubin")], capture_output=True, text=True)
-        if out.returncode != 0:
-            raise RuntimeError(f"ptxas failed on {job['kernel']} for {gpu_name}: {out.stderr[-2000:]}")
-        figures = parse_ptxas(out.stdout + out.stderr)
-        if figures["spill_stores"] or figures["spill_loads"]:
-            sass = subprocess.run([knobs.nvidia.nvdisasm.path, "-c", str(Path(folder) / "kernel.cubin")],
-                                  capture_output=True, text=True, check=True).stdout
-            figures.update(sass_spills(sass))
-        else:
-            figures.update(spill_instructions=0, loop_spill_instructions=0)
+    gpu_name = gpu_name_of(arch)
+    figures = ptxas_figures(ptx, arch, job["kernel"])
     shared = int(compiled.metadata.shared)
     shapes = tensor_core_shapes(ptx)
     return {**job, "gpu": gpu_name, "triton_version": triton.__version__, **figures, "shared_bytes": shared,
@@ -286,6 +304,20 @@ def compile_ones(jobs: List[dict]) -> List[str]:
     return errors
 
 
+def resource_failures(r: dict) -> List[str]:
+    """The gate's rules on one compiled kernel's resources (spills and shared memory), as reasons."""
+    reasons = []
+    if r.get("loop_spill_instructions", 1 if r["spill_stores"] or r["spill_loads"] else 0):
+        reasons.append(f"spills inside an innermost loop ({r['spill_stores']} B stores, {r['spill_loads']} B loads)")
+    elif r["spill_stores"] > SPILL_BYTES_OUTSIDE_LOOPS:
+        reasons.append(f"spills {r['spill_stores']} B stores, {r['spill_loads']} B loads "
+                       f"(over {SPILL_BYTES_OUTSIDE_LOOPS} B outside loops)")
+    limit = SHARED_LIMIT.get(r["arch"])
+    if limit is not None and r["shared_bytes"] > limit:
+        reasons.append(f"{r['shared_bytes']} B shared memory > {limit}")
+    return reasons
+
+
 def gate_failures(records: List[dict]) -> List[str]:
     """Why each record fails the gate: a spill inside an innermost loop, or more than
     :data:`SPILL_BYTES_OUTSIDE_LOOPS` spilled outside them; shared memory over the arch's limit; a matrix
@@ -294,14 +326,7 @@ def gate_failures(records: List[dict]) -> List[str]:
     failures = []
     for r in records:
         where = f"{r['kernel']} {r['gpu']} {r['dtype']} warps={r['num_warps']} {r['constexprs']}"
-        if r.get("loop_spill_instructions", 1 if r["spill_stores"] or r["spill_loads"] else 0):
-            failures.append(f"{where}: spills inside an innermost loop ({r['spill_stores']} B stores, "
-                            f"{r['spill_loads']} B loads)")
-        elif r["spill_stores"] > SPILL_BYTES_OUTSIDE_LOOPS:
-            failures.append(f"{where}: spills {r['spill_stores']} B stores, {r['spill_loads']} B loads "
-                            f"(over {SPILL_BYTES_OUTSIDE_LOOPS} B outside loops)")
-        if r["shared_bytes"] > SHARED_LIMIT[r["arch"]]:
-            failures.append(f"{where}: {r['shared_bytes']} B shared memory > {SHARED_LIMIT[r['arch']]}")
+        failures += [f"{where}: {why}" for why in resource_failures(r)]
         wants_tensor_cores = r["dtype"] != "fp32" or r["constexprs"].get("PRECISION") == "tf32"
         if r["multiplies_matrices"] and wants_tensor_cores and r["tensor_core_op"] is None:
             failures.append(f"{where}: multiplies matrices without tensor-core instructions")
