@@ -8,12 +8,14 @@
 #   3. row_sweep:   the logits kernels' configurations (rows per program, tiles, warps, the L2-capped grid);
 #   4. e2e:         whole GRPO steps (`bench.e2e`, random rewards so every step updates) on a randomly
 #                   initialized Qwen2.5-0.5B-shaped model, rlfuse against TRL, in one JSON;
-#   5. tests:       the kernel and loss tests with compiled kernels (`pytest --device cuda`);
-#   6. compile_bench: torch.compile's peers, with what time is left.
+#   5. gpu_compiled: every rlfuse kernel steps 1-4 compiled (a fresh TRITON_CACHE_DIR), with registers, spills
+#                   and shared memory, set against the compile gate's static report (`bench.gpu_compiled`);
+#   6. tests:       the kernel and loss tests with compiled kernels (`pytest --device cuda`);
+#   7. compile_bench: torch.compile's peers, with what time is left.
 # Each step has its own time limit and writes its JSON into $OUT/parts as it goes, and parts.tgz is repacked
 # after each step: a step that runs out of time loses only itself. $OUT gets log.txt (everything printed)
 # and parts.tgz (parts/suite-<benchmark>-<shape>.json, one pytest-benchmark file per shape;
-# parts/linear-sweep-*.json, parts/row-sweep-*.json, parts/e2e-*.json).
+# parts/linear-sweep-*.json, parts/row-sweep-*.json, parts/e2e-*.json, parts/gpu-compiled.json).
 # Missing pure-Python packages come as wheels (WHEELS, installed with --no-index) and the
 # random model's tokenizer as a saved folder (TOKENIZER): bench/gpu_prepare.sh makes both. See docs/gpu.md.
 #
@@ -49,7 +51,10 @@ cap() {  # the limit $1 cut to the time left; fails when under 10 s are left
     echo $(( $1 < left ? $1 : left ))
 }
 T_LINEAR_SWEEP=${T_LINEAR_SWEEP:-110}; T_ROW_SWEEP=${T_ROW_SWEEP:-75}; T_E2E=${T_E2E:-100}; T_TESTS=${T_TESTS:-120}
-STEPS=${STEPS:-bench linear_sweep row_sweep e2e tests compile_bench}
+T_GPU_COMPILED=${T_GPU_COMPILED:-40}
+STEPS=${STEPS:-bench linear_sweep row_sweep e2e gpu_compiled tests compile_bench}
+# Every kernel this lease compiles lands here, and only those (step gpu_compiled reads it).
+export TRITON_CACHE_DIR=${LEASE_TRITON_CACHE:-$(mktemp -d /tmp/rlfuse-lease-triton-cache.XXXXXX)}
 
 if ls "$WHEELS"/*.whl >/dev/null 2>&1 && [ "$DRY" != 1 ]; then
     stamp "installing $(ls "$WHEELS"/*.whl | wc -l) wheels into /tmp/site"
@@ -142,7 +147,21 @@ step_e2e() {  # 4. rlfuse against TRL, whole steps; rlfuse alone if TRL is missi
     pack
 }
 
-step_tests() {  # 5. correctness with compiled kernels
+step_gpu_compiled() {  # 5. what steps 1-4 compiled, against the static report of the same Triton
+    local limit
+    limit=$(cap "$T_GPU_COMPILED") || return 0
+    stamp "gpu_compiled (limit ${limit}s)"
+    if [ "$DRY" = 1 ]; then  # the interpreter compiles nothing: fill the cache ahead of time, for sm_90a
+        env -u TRITON_INTERPRET "$PY" -m bench.compiled --modules rlfuse.kernels.advantages_triton \
+            rlfuse.kernels.logprobs_triton --archs 90 --dtypes bf16 --shapes smollm2-135m \
+            --out "$OUT/compiled-dry.json" >> "$OUT/log.txt" 2>&1
+    fi
+    timeout -k 5 "$limit" env -u TRITON_INTERPRET "$PY" -m bench.gpu_compiled "$TRITON_CACHE_DIR" \
+        --out "$OUT/parts/gpu-compiled.json" 2>&1 | tee -a "$OUT/log.txt" | tail -n 30
+    pack
+}
+
+step_tests() {  # 6. correctness with compiled kernels
     local limit
     limit=$(cap "$T_TESTS") || return 0
     stamp "pytest kernels and losses (limit ${limit}s)"
@@ -156,7 +175,7 @@ step_tests() {  # 5. correctness with compiled kernels
     pack
 }
 
-step_compile_bench() {  # 6. torch.compile's peers
+step_compile_bench() {  # 7. torch.compile's peers
     [ "$DRY" = 1 ] && return 0
     bench 40 logprobs "8192x151936 and torch-compile"; bench 40 policy_loss "32x1024x151936 and torch-compile"
     bench 50 linear "8192x4096x128256 and torch-compile"

@@ -28,7 +28,7 @@ def test_lease_script_dry_run_writes_json_after_every_step(tmp_path, device):
         payloads = {Path(name).name: archive.extractfile(name).read() for name in names
                     if name.endswith(".json") or name.endswith(".xml")}
     for prefix in ("suite-logprobs-", "suite-policy_loss-", "suite-linear-", "linear-sweep-smoke-", "row-sweep-smoke-",
-                   "e2e-", "tests.xml"):
+                   "e2e-", "gpu-compiled", "tests.xml"):
         assert any(name.startswith(prefix) for name in payloads), (prefix, names)
     for name, data in payloads.items():
         if name.endswith(".json"):
@@ -37,3 +37,7 @@ def test_lease_script_dry_run_writes_json_after_every_step(tmp_path, device):
             assert rows, name
             assert not any("error" in row for row in rows if isinstance(row, dict)), (name, rows)
     assert b'failures="0"' in payloads["tests.xml"] and b'errors="0"' in payloads["tests.xml"]
+    # The kernels compiled into the lease's cache are the committed static report's, register for register.
+    compiled = json.loads(payloads["gpu-compiled.json"])
+    assert compiled["summary"]["rlfuse_kernels"] > 0 and compiled["summary"]["gate_failures"] == []
+    assert compiled["static_report"] and compiled["summary"]["rlfuse_not_in_static_report"] == []
