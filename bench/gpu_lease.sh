@@ -182,4 +182,5 @@ step_compile_bench() {  # 7. torch.compile's peers
 }
 
 for step in $STEPS; do "step_$step"; done
+[ -n "${LEASE_TRITON_CACHE:-}" ] || rm -rf "$TRITON_CACHE_DIR"  # the folder made above, read by gpu_compiled
 stamp "end"
