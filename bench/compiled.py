@@ -307,7 +307,8 @@ def compile_ones(jobs: List[dict]) -> List[str]:
 def resource_failures(r: dict) -> List[str]:
     """The gate's rules on one compiled kernel's resources (spills and shared memory), as reasons."""
     reasons = []
-    if r.get("loop_spill_instructions", 1 if r["spill_stores"] or r["spill_loads"] else 0):
+    spilled = bool(r["spill_stores"] or r["spill_loads"])
+    if r.get("loop_spill_instructions", spilled):  # without the SASS count, any spill counts as in a loop
         reasons.append(f"spills inside an innermost loop ({r['spill_stores']} B stores, {r['spill_loads']} B loads)")
     elif r["spill_stores"] > SPILL_BYTES_OUTSIDE_LOOPS:
         reasons.append(f"spills {r['spill_stores']} B stores, {r['spill_loads']} B loads "

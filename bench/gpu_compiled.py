@@ -21,11 +21,12 @@ import importlib
 import json
 import os
 import sys
-from pathlib import Path
 from concurrent.futures import ProcessPoolExecutor
+from pathlib import Path
 from typing import List, Optional, Set
 
-from bench.compiled import KERNEL_MODULES, RESULTS, blocks_per_sm, gpu_name_of, ptxas_figures, resource_failures
+from bench.compiled import (KERNEL_MODULES, RESULTS, SHARED_PER_SM, blocks_per_sm, gpu_name_of, ptxas_figures,
+                            resource_failures)
 
 
 def rlfuse_kernel_names() -> Set[str]:
@@ -44,7 +45,7 @@ def _record(meta_path: Path) -> dict:
     name = meta.get("name", meta_path.stem)
     figures = ptxas_figures(meta_path.with_suffix(".ptx").read_text(), arch, name)
     shared = int(meta.get("shared", 0))
-    occupancy = blocks_per_sm(arch, figures["registers"], meta["num_warps"], shared) if arch in (80, 90) else {}
+    occupancy = blocks_per_sm(arch, figures["registers"], meta["num_warps"], shared) if arch in SHARED_PER_SM else {}
     return {"kernel": name, "arch": arch, "gpu": gpu_name_of(arch), "num_warps": meta["num_warps"],
             "num_stages": meta.get("num_stages"), "triton_version": meta.get("triton_version"), **figures,
             "shared_bytes": shared, **occupancy, "cache_entry": meta_path.parent.name}
